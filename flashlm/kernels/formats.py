@@ -1,0 +1,75 @@
+"""Weight block formats (the GGUF ones) and the tensor handle passed to kernels.
+
+A weight matrix of logical shape (rows, cols) is stored row-major; for a block
+format every row is ``cols // block_size`` blocks of ``type_size`` bytes.
+Arrays handed to kernels:
+  F32  -> float32 (rows, cols)
+  F16  -> float16 (rows, cols)
+  BF16 -> uint16  (rows, cols)   (upper half of an f32)
+  quantized -> uint8 (rows, cols // block_size * type_size)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# name: (gguf type id, block size in weights, bytes per block)
+FORMATS: dict[str, tuple[int, int, int]] = {
+    "F32": (0, 1, 4),
+    "F16": (1, 1, 2),
+    "Q4_0": (2, 32, 18),
+    "Q4_1": (3, 32, 20),
+    "Q5_0": (6, 32, 22),
+    "Q5_1": (7, 32, 24),
+    "Q8_0": (8, 32, 34),
+    "Q4_K": (12, 256, 144),
+    "Q5_K": (13, 256, 176),
+    "Q6_K": (14, 256, 210),
+    "BF16": (30, 1, 2),
+}
+FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
+GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items()}
+
+
+def block_size(fmt: str) -> int:
+    return FORMATS[fmt][1]
+
+
+def type_size(fmt: str) -> int:
+    return FORMATS[fmt][2]
+
+
+def row_nbytes(fmt: str, cols: int) -> int:
+    bs, ts = FORMATS[fmt][1], FORMATS[fmt][2]
+    if cols % bs:
+        raise ValueError(f"{fmt}: row length {cols} is not a multiple of the block size {bs}")
+    return cols // bs * ts
+
+
+def tensor_nbytes(fmt: str, shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape[:-1]:
+        n *= s
+    return n * row_nbytes(fmt, shape[-1])
+
+
+def view_as(fmt: str, buf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Reinterpret raw uint8 bytes ``buf`` as the kernel array for ``fmt`` (zero copy)."""
+    if fmt in FLOAT_DTYPES:
+        return buf.view(FLOAT_DTYPES[fmt]).reshape(shape)
+    lead = tuple(shape[:-1])
+    return buf.reshape(lead + (row_nbytes(fmt, shape[-1]),))
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """A weight as stored: ``data`` in the kernel array layout above, ``fmt``, logical ``shape``."""
+
+    data: np.ndarray
+    fmt: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)

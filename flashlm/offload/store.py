@@ -1,0 +1,321 @@
+"""The per-layer weight store: one directory per converted model.
+
+Layout::
+
+    manifest.json      written last: format version, config, tokenizer, tensors, files
+    tokenizer.json     Hugging Face tokenizers file
+    chat_template.jinja  (optional)
+    embed.bin          token_embd.weight
+    layer_000.bin ...  every tensor of decoder block N (``blk.N.*``)
+    head.bin           output_norm.weight, output.weight (unless tied), other globals
+
+Every tensor starts on a 4096-byte boundary, so a layer file can be memory-mapped or
+read with O_DIRECT into an aligned buffer and each tensor is a zero-copy view.
+Tensor names are the GGUF ones (``blk.3.attn_q.weight``); shapes are logical numpy
+shapes (rows, cols); block formats are those of :mod:`flashlm.kernels.formats`.
+
+A store is written into a temporary sibling directory and renamed into place only
+after ``manifest.json`` is complete, so an interrupted import never leaves a
+directory that opens as a store.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from flashlm.errors import StoreError
+from flashlm.kernels.formats import FORMATS, QTensor, tensor_nbytes, view_as
+from flashlm.models.config import ModelConfig
+
+FORMAT_NAME = "flashlm-store"
+FORMAT_VERSION = 1
+ALIGN = 4096
+MANIFEST = "manifest.json"
+_LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+_HASH_CHUNK = 1 << 24
+
+
+def file_for_tensor(name: str) -> str:
+    """The store file that holds tensor ``name``."""
+    m = _LAYER_RE.match(name)
+    if m:
+        return f"layer_{int(m.group(1)):03d}.bin"
+    if name == "token_embd.weight":
+        return "embed.bin"
+    return "head.bin"
+
+
+def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+# ---- writer ----
+
+
+class StoreWriter:
+    """Write a store into a temporary directory; :meth:`commit` renames it into place.
+
+    Example:
+        with StoreWriter(dst) as w:
+            w.add_tensor("blk.0.attn_q.weight", raw_bytes, "Q4_K", (896, 896))
+            w.add_file("tokenizer.json", text)
+            w.commit(config, tokenizer={...})
+    """
+
+    def __init__(self, dst: str | os.PathLike, *, progress: Callable[[int], None] | None = None):
+        self.dst = Path(dst)
+        self.dst.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
+        self.progress = progress
+        self.tensors: dict[str, dict[str, Any]] = {}
+        self._files: dict[str, Any] = {}  # name -> open handle
+        self._hashes: dict[str, Any] = {}
+        self._extra_files: list[str] = []
+        self._done = False
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self._done:
+            self.abort()
+
+    def _handle(self, fname: str):
+        if fname not in self._files:
+            self._files[fname] = open(self.tmp / fname, "wb")
+            self._hashes[fname] = hashlib.sha256()
+        return self._files[fname]
+
+    def _write(self, fname: str, data) -> None:
+        f = self._handle(fname)
+        mv = memoryview(data).cast("B")
+        for i in range(0, len(mv), _HASH_CHUNK):
+            part = mv[i : i + _HASH_CHUNK]
+            f.write(part)
+            self._hashes[fname].update(part)
+            if self.progress:
+                self.progress(len(part))
+
+    def add_tensor(self, name: str, data: np.ndarray | bytes | memoryview, fmt: str, shape: Iterable[int]) -> None:
+        """Append one tensor (its raw stored bytes) to the file it belongs to."""
+        if name in self.tensors:
+            raise StoreError(f"{self.dst}: tensor {name} written twice")
+        if fmt not in FORMATS:
+            raise StoreError(f"{self.dst}: unknown block format {fmt} for {name}")
+        shape = tuple(int(s) for s in shape)
+        buf = np.ascontiguousarray(data) if isinstance(data, np.ndarray) else np.frombuffer(data, np.uint8)
+        nbytes = int(buf.nbytes)
+        expect = tensor_nbytes(fmt, shape)
+        if nbytes != expect:
+            raise StoreError(f"{self.dst}: {name} has {nbytes} bytes, {fmt} {shape} needs {expect}")
+        fname = file_for_tensor(name)
+        f = self._handle(fname)
+        pad = (-f.tell()) % ALIGN
+        if pad:
+            self._write(fname, bytes(pad))
+        offset = f.tell()
+        self._write(fname, buf.reshape(-1).view(np.uint8))
+        self.tensors[name] = {"file": fname, "offset": offset, "nbytes": nbytes, "format": fmt, "shape": list(shape)}
+
+    def add_file(self, name: str, content: str | bytes) -> None:
+        """Add a small side file (tokenizer.json, chat template)."""
+        data = content.encode("utf-8") if isinstance(content, str) else content
+        (self.tmp / name).write_bytes(data)
+        self._extra_files.append(name)
+
+    def commit(self, config: ModelConfig | dict, *, tokenizer: dict[str, Any], source: dict[str, Any] | None = None) -> Path:
+        """Finish the files, write the manifest last, and rename the directory into place."""
+        files: dict[str, dict[str, Any]] = {}
+        for fname, f in self._files.items():
+            pad = (-f.tell()) % ALIGN  # whole pages, so O_DIRECT can read the last tensor
+            if pad:
+                self._write(fname, bytes(pad))
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            files[fname] = {"size": (self.tmp / fname).stat().st_size, "sha256": self._hashes[fname].hexdigest()}
+        for name in self._extra_files:
+            p = self.tmp / name
+            files[name] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        cfg = config.to_dict() if isinstance(config, ModelConfig) else dict(config)
+        manifest = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "config": cfg,
+            "tokenizer": tokenizer,
+            "source": source or {},
+            "files": files,
+            "tensors": self.tensors,
+        }
+        tmp_manifest = self.tmp / (MANIFEST + ".part")
+        tmp_manifest.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp_manifest, self.tmp / MANIFEST)
+        if self.dst.exists():
+            old = self.dst.with_name(f".{self.dst.name}.old-{os.getpid()}")
+            os.replace(self.dst, old)
+            os.replace(self.tmp, self.dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dst)
+        self._done = True
+        return self.dst
+
+    def abort(self) -> None:
+        for f in self._files.values():
+            try:
+                f.close()
+            except OSError:
+                pass
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+
+# ---- reader ----
+
+
+def is_store(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+class Store:
+    """A read-only view of a store directory.
+
+    Opening checks the format version, that every file exists with its recorded size,
+    and that every tensor lies inside its file. Tensors come out as zero-copy
+    :class:`QTensor` views of memory-mapped files (copy-on-write, so kernels see
+    writeable arrays while the files are never modified).
+
+    Example:
+        store = Store("~/.cache/flashlm/models/smollm2-135m")
+        q = store.layer(0)["attn_q.weight"]      # QTensor, fmt "Q4_1", shape (576, 576)
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).expanduser()
+        mpath = self.path / MANIFEST
+        if not mpath.is_file():
+            raise StoreError(f"{self.path}: not a flashlm store (no {MANIFEST}); convert a model with `flashlm convert`")
+        try:
+            m = json.loads(mpath.read_text())
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{mpath}: unreadable manifest ({e}); re-import the model") from None
+        if m.get("format") != FORMAT_NAME:
+            raise StoreError(f"{mpath}: not a flashlm store manifest")
+        version = m.get("version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise StoreError(
+                f"{self.path}: store format version {version} is newer than this flashlm reads "
+                f"({FORMAT_VERSION}); upgrade flashlm or re-import the model"
+            )
+        self.manifest = m
+        self.config = ModelConfig.from_dict(m["config"])
+        self.files: dict[str, dict[str, Any]] = m["files"]
+        self.tensor_info: dict[str, dict[str, Any]] = m["tensors"]
+        for fname, info in self.files.items():
+            p = self.path / fname
+            if not p.is_file():
+                raise StoreError(f"{self.path}: file {fname} is missing; re-import the model")
+            size = p.stat().st_size
+            if size != info["size"]:
+                raise StoreError(
+                    f"{self.path}: file {fname} is {size} bytes, the manifest says {info['size']}; "
+                    "the store is damaged, re-import the model"
+                )
+        for name, t in self.tensor_info.items():
+            finfo = self.files.get(t["file"])
+            if finfo is None:
+                raise StoreError(f"{self.path}: tensor {name} points to unknown file {t['file']}")
+            if t["format"] not in FORMATS:
+                raise StoreError(f"{self.path}: tensor {name} has unknown format {t['format']}")
+            if t["offset"] % ALIGN or t["offset"] + t["nbytes"] > finfo["size"]:
+                raise StoreError(
+                    f"{self.path}: tensor {name} (offset {t['offset']}, {t['nbytes']} bytes) is not "
+                    f"within {t['file']} ({finfo['size']} bytes); the store is corrupt, re-import it"
+                )
+        self._maps: dict[str, np.ndarray] = {}
+        self.n_layers = self.config.num_hidden_layers
+
+    # -- files and tensors --
+
+    def _map(self, fname: str) -> np.ndarray:
+        mm = self._maps.get(fname)
+        if mm is None:
+            mm = np.memmap(self.path / fname, dtype=np.uint8, mode="c")
+            self._maps[fname] = mm
+        return mm
+
+    def has(self, name: str) -> bool:
+        return name in self.tensor_info
+
+    def tensor(self, name: str) -> QTensor:
+        """Zero-copy view of one tensor."""
+        t = self.tensor_info.get(name)
+        if t is None:
+            raise StoreError(f"{self.path}: no tensor named {name}")
+        buf = self._map(t["file"])[t["offset"] : t["offset"] + t["nbytes"]]
+        shape = tuple(t["shape"])
+        return QTensor(view_as(t["format"], buf, shape), t["format"], shape)
+
+    def layer_names(self, i: int) -> list[str]:
+        prefix = f"blk.{i}."
+        return [n for n in self.tensor_info if n.startswith(prefix)]
+
+    def layer(self, i: int) -> dict[str, QTensor]:
+        """All tensors of decoder block ``i``, keyed by short name (``attn_q.weight``)."""
+        if not 0 <= i < self.n_layers:
+            raise StoreError(f"{self.path}: layer {i} out of range (0..{self.n_layers - 1})")
+        prefix = f"blk.{i}."
+        return {n[len(prefix) :]: self.tensor(n) for n in self.layer_names(i)}
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer_{i:03d}.bin"
+
+    def layer_nbytes(self, i: int) -> int:
+        return sum(self.tensor_info[n]["nbytes"] for n in self.layer_names(i))
+
+    @property
+    def tokenizer_info(self) -> dict[str, Any]:
+        return self.manifest["tokenizer"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer"]["file"]
+
+    @property
+    def chat_template(self) -> str | None:
+        name = self.manifest["tokenizer"].get("chat_template_file")
+        if name:
+            return (self.path / name).read_text(encoding="utf-8")
+        return None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f["size"] for f in self.files.values())
+
+    def verify(self, progress: Callable[[int], None] | None = None) -> list[str]:
+        """Re-hash every file; return the names whose checksum does not match."""
+        bad = []
+        for fname, info in self.files.items():
+            if sha256_file(self.path / fname, progress) != info["sha256"]:
+                bad.append(fname)
+        return bad
+
+    def close(self) -> None:
+        self._maps.clear()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.path)!r}, {self.config.model_type}, {self.n_layers} layers)"
