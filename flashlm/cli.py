@@ -40,8 +40,7 @@ def _progress(args: argparse.Namespace) -> bool:
 @command
 def cmd_pull(args: argparse.Namespace) -> int:
     from flashlm.models.pull import pull_model
-    from flashlm.models.registry import catalog, store_path
-    from flashlm.offload.store import is_store
+    from flashlm.models.registry import catalog, is_current, store_path
 
     names = args.names or []
     if args.all:
@@ -49,7 +48,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if not names:
         raise InputError("name a model to pull (known: " + ", ".join(sorted(catalog())) + ") or pass --all")
     for name in names:
-        already = is_store(store_path(name))
+        already = is_current(store_path(name))
         path = pull_model(name, progress=_progress(args))
         print(f"{name}: {'already pulled' if already else 'pulled'} -> {path}")
     return 0

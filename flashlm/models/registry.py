@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from flashlm.errors import ModelNotFoundError
-from flashlm.offload.store import is_store
+from flashlm.models.config import IMPORTER_VERSION
+from flashlm.offload.store import MANIFEST, is_store
 
 _CATALOG = Path(__file__).with_name("catalog.json")
 
@@ -28,6 +29,17 @@ def home() -> Path:
 def catalog() -> dict[str, dict[str, Any]]:
     """Known model names -> their entry in catalog.json (a copy of shared/models.json)."""
     return {m["name"]: m for m in json.loads(_CATALOG.read_text())["models"]}
+
+
+def is_current(path: Path) -> bool:
+    """A store made by this flashlm's importers (older ones are re-imported from their source)."""
+    if not is_store(path):
+        return False
+    try:
+        source = json.loads((path / MANIFEST).read_text()).get("source", {})
+    except (OSError, ValueError):
+        return False
+    return source.get("importer_version", 0) >= IMPORTER_VERSION
 
 
 def store_path(name: str) -> Path:
@@ -83,7 +95,7 @@ def resolve(model: str | os.PathLike, *, progress: bool = True, pull: bool = Tru
     names = catalog()
     if s in names and not Path(s).exists():
         dst = store_path(s)
-        if is_store(dst):
+        if is_current(dst):
             return dst
         if not pull:
             raise ModelNotFoundError(f"model {s} is not pulled yet; run `flashlm pull {s}`")
@@ -97,12 +109,12 @@ def resolve(model: str | os.PathLike, *, progress: bool = True, pull: bool = Tru
         from flashlm.models.gguf_import import import_gguf
 
         dst = home() / "imported" / f"{p.stem}-{content_key(p)}"
-        return dst if is_store(dst) else import_gguf(p, dst, progress=progress)
+        return dst if is_current(dst) else import_gguf(p, dst, progress=progress)
     if p.is_dir() and (p / "config.json").is_file():
         from flashlm.models.hf_import import import_hf
 
         dst = home() / "imported" / f"{p.name}-{content_key(p)}"
-        return dst if is_store(dst) else import_hf(p, dst, progress=progress)
+        return dst if is_current(dst) else import_hf(p, dst, progress=progress)
     if p.exists():
         raise ModelNotFoundError(
             f"{p}: not a model (expected a flashlm store directory, a .gguf file, or an HF directory with config.json)"

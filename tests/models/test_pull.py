@@ -85,3 +85,15 @@ def test_resolve_unknown(tmp_path, flashlm_home):
     (tmp_path / "junk.txt").write_text("x")
     with pytest.raises(ModelNotFoundError, match="not a model"):
         resolve(tmp_path / "junk.txt")
+
+
+def test_store_from_older_importer_is_reimported(tmp_path, flashlm_home):
+    import json
+
+    src = write_tiny_gguf(tmp_path / "m.gguf")
+    a = resolve(src, progress=False)
+    m = json.loads((a / "manifest.json").read_text())
+    m["source"]["importer_version"] = 0
+    (a / "manifest.json").write_text(json.dumps(m))
+    assert resolve(src, progress=False) == a
+    assert json.loads((a / "manifest.json").read_text())["source"]["importer_version"] > 0
