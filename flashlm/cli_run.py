@@ -1,0 +1,291 @@
+"""Generation commands of the CLI: run, chat, perplexity, bench."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from flashlm.errors import InputError
+
+
+def _human(n: float) -> str:
+    return f"{n / 2**20:.0f} MiB"
+
+
+def _add_model_opts(s: argparse.ArgumentParser, ctx: int = 4096) -> None:
+    s.add_argument("model", metavar="MODEL", help="known name, store dir, .gguf file or HF dir")
+    s.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    s.add_argument("--ctx", type=int, default=ctx, help=f"context length per sequence (default {ctx})")
+    s.add_argument("--ram", default=None, help="RAM budget, e.g. 512M or 4G")
+    s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto", help=argparse.SUPPRESS)
+
+
+def _add_sampling_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("-n", "--max-tokens", type=int, default=None, help="tokens to generate (default: until EOS or --ctx)")
+    s.add_argument("--temp", type=float, default=0.8, help="temperature, 0 = greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=40)
+    s.add_argument("--top-p", type=float, default=0.95)
+    s.add_argument("--min-p", type=float, default=0.05)
+    s.add_argument("--repeat-penalty", type=float, default=1.0)
+    s.add_argument("--presence-penalty", type=float, default=0.0)
+    s.add_argument("--frequency-penalty", type=float, default=0.0)
+    s.add_argument("--repeat-last-n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    s.add_argument("--system", default=None, help="system message")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                repeat_penalty=args.repeat_penalty, presence_penalty=args.presence_penalty,
+                frequency_penalty=args.frequency_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed,
+                max_tokens=args.max_tokens, stop=args.stop)
+
+
+def _load(args: argparse.Namespace):
+    from flashlm.api import load
+
+    return load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend,
+                progress=sys.stderr.isatty())
+
+
+def _stats_line(stats) -> str:
+    return (f"prompt {stats.prompt_tokens} tok, {stats.prefill_tok_s:.1f} tok/s | "
+            f"generated {stats.generated_tokens} tok, {stats.decode_tok_s:.1f} tok/s | "
+            f"ttft {stats.ttft_s:.2f} s | peak RSS {_human(stats.peak_rss)}")
+
+
+def _read_messages(path: str) -> list[dict]:
+    from flashlm.runtime.chat_template import validate_messages
+
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"--messages {p}: cannot read ({e.strerror})") from None
+    except ValueError as e:
+        raise InputError(f"--messages {p}: not valid JSON ({e})") from None
+    try:
+        return validate_messages(data)
+    except InputError as e:
+        raise InputError(f"--messages {p}: {e}") from None
+
+
+# ---- run ----
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from flashlm.runtime.sampler import SamplingParams
+
+    sampling = _sampling(args)
+    SamplingParams(**sampling)  # validate before loading anything
+    if args.messages and args.prompt is not None:
+        raise InputError("give either PROMPT or --messages, not both")
+    prompt: Any
+    if args.messages:
+        prompt = _read_messages(args.messages)
+    elif args.prompt is not None:
+        prompt = args.prompt
+    elif not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    else:
+        return cmd_chat(args)
+    if isinstance(prompt, str) and not prompt.strip():
+        raise InputError("the prompt is empty: give some text")
+    llm = _load(args)
+    try:
+        ids = llm.prompt_ids(prompt, raw=args.raw, system=args.system)
+        params = SamplingParams(**sampling)
+        text, tokens = [], []
+        for ev in llm.engine.generate([ids], params):
+            if ev.token is not None and ev.token not in llm.tokenizer.stop_token_ids:
+                tokens.append(ev.token)
+            text.append(ev.text)
+            if not args.json and ev.text:
+                sys.stdout.write(ev.text)
+                sys.stdout.flush()
+        st = llm.stats
+        if args.json:
+            print(json.dumps({"text": "".join(text), "tokens": tokens,
+                              "prompt_tokens": len(ids), "stats": st.as_dict()}, ensure_ascii=False))
+        else:
+            sys.stdout.write("\n")
+            print(_stats_line(st), file=sys.stderr)
+    finally:
+        llm.close()
+    return 0
+
+
+# ---- chat ----
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from flashlm.runtime.sampler import SamplingParams
+
+    params = SamplingParams(**_sampling(args))
+    llm = _load(args)
+    history: list[dict] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"flashlm chat: {args.model}. /reset clears the history, /exit quits, Ctrl-C stops an answer.",
+              file=sys.stderr)
+    try:
+        while True:
+            try:
+                line = input(">>> " if interactive else "")
+            except EOFError:
+                break
+            except KeyboardInterrupt:
+                print("", file=sys.stderr)
+                break
+            cmd = line.strip()
+            if not cmd:
+                continue
+            if cmd in ("/exit", "/quit", "/bye"):
+                break
+            if cmd == "/reset":
+                history = history[:1] if args.system else []
+                print("(history cleared)", file=sys.stderr)
+                continue
+            history.append({"role": "user", "content": line})
+            ids = llm.prompt_ids(history)
+            answer = []
+            gen = llm.engine.generate([ids], params)
+            try:
+                for ev in gen:
+                    answer.append(ev.text)
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+            except KeyboardInterrupt:
+                gen.close()
+                print("\n(stopped)", file=sys.stderr)
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(answer)})
+    finally:
+        llm.close()
+    return 0
+
+
+# ---- perplexity ----
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from flashlm.runtime.perplexity import perplexity
+
+    p = Path(args.file)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{p}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{p}: not UTF-8 text") from None
+    llm = _load(args)
+    try:
+        ids = llm.tokenizer.encode(text, add_special=False, parse_special=False)
+        t0 = time.perf_counter()
+
+        def report(c: int, ppl: float) -> None:
+            if not args.json:
+                print(f"[{c + 1}] {ppl:.4f}", file=sys.stderr, flush=True)
+
+        res = perplexity(llm.model, ids, ctx=args.ctx, chunks=args.chunks, on_chunk=report)
+        dt = time.perf_counter() - t0
+        if args.json:
+            print(json.dumps({**res.as_dict(), "seconds": round(dt, 3)}))
+        else:
+            print(f"perplexity {res.ppl:.4f} over {res.scored_tokens} tokens ({res.chunks} chunks of {res.ctx}), "
+                  f"{res.chunks * res.ctx / dt:.1f} tok/s")
+    finally:
+        llm.close()
+    return 0
+
+
+# ---- bench ----
+
+
+def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1) -> dict[str, Any]:
+    """Prefill and decode speed of a loaded model (greedy, EOS ignored), best of ``repeats``."""
+    from flashlm.runtime.engine import _peak_rss
+
+    model, cfg = llm.model, llm.config
+    rng = np.random.default_rng(0)
+    ids = rng.integers(100, min(cfg.vocab_size, 30000), prompt_tokens)
+    if prompt_tokens + gen_tokens + 1 > llm.engine.ctx:
+        raise InputError(f"-p {prompt_tokens} + -n {gen_tokens} does not fit --ctx {llm.engine.ctx}")
+    cache = model.make_cache(prompt_tokens + gen_tokens + 1)
+    model.forward(ids[:8], None, cache)  # warm-up: compile kernels, map weights
+    for _ in range(2):
+        model.forward(ids[:1], None, cache)
+    best_pf, best_dec = float("inf"), float("inf")
+    for _ in range(repeats):
+        cache.reset()
+        t0 = time.perf_counter()
+        logits = model.forward(ids, None, cache)
+        best_pf = min(best_pf, time.perf_counter() - t0)
+        tok = int(np.argmax(logits))
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            tok = int(np.argmax(model.forward(np.array([tok]), None, cache)))
+        best_dec = min(best_dec, time.perf_counter() - t0)
+    store = llm.store
+    per_token = sum(store.layer_nbytes(i) for i in range(cfg.num_hidden_layers))
+    head = store.tensor_info.get("output.weight") or store.tensor_info["token_embd.weight"]
+    per_token += head["nbytes"]
+    dec_tps = gen_tokens / best_dec
+    return {
+        "model": str(store.path.name), "threads": llm.threads, "prompt_tokens": prompt_tokens,
+        "prefill_tok_s": round(prompt_tokens / best_pf, 2), "gen_tokens": gen_tokens,
+        "decode_tok_s": round(dec_tps, 2), "weight_bytes_per_token": per_token,
+        "decode_weight_GB_s": round(per_token * dec_tps / 1e9, 2), "peak_rss_bytes": _peak_rss(),
+    }
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    llm = _load(args)
+    try:
+        r = bench_model(llm, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats)
+    finally:
+        llm.close()
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['model']}  threads {r['threads']}")
+        print(f"  prefill  {r['prompt_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
+        print(f"  decode   {r['gen_tokens']} tokens: {r['decode_tok_s']:.1f} tok/s, "
+              f"{r['decode_weight_GB_s']:.2f} GB/s of weights ({r['weight_bytes_per_token'] / 2**20:.0f} MiB per token)")
+        print(f"  peak RSS {_human(r['peak_rss_bytes'])}")
+    return 0
+
+
+def add_parsers(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    s = sub.add_parser("run", help="generate a reply to PROMPT (chat if none)")
+    _add_model_opts(s)
+    s.add_argument("prompt", nargs="?", metavar="PROMPT")
+    s.add_argument("--messages", metavar="FILE.json", help="a JSON list of {role, content} messages")
+    s.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    s.add_argument("--json", action="store_true", help="print one JSON object {text, tokens, prompt_tokens, stats}")
+    _add_sampling_opts(s)
+
+    s = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _add_model_opts(s)
+    _add_sampling_opts(s)
+
+    s = sub.add_parser("perplexity", help="perplexity of a text file")
+    _add_model_opts(s, ctx=256)
+    s.add_argument("file", metavar="FILE")
+    s.add_argument("--chunks", type=int, default=None, help="score only the first N chunks")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("bench", help="prefill and decode speed")
+    _add_model_opts(s)
+    s.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    s.add_argument("-n", "--gen-tokens", type=int, default=64)
+    s.add_argument("-r", "--repeats", type=int, default=1)
+    s.add_argument("--json", action="store_true")
+
+    commands.update(run=cmd_run, chat=cmd_chat, perplexity=cmd_perplexity, bench=cmd_bench)

@@ -1,0 +1,221 @@
+"""The engine: prompt ids in, tokens streamed out, for one sequence or a batch.
+
+The Model, the Tokenizer and the Sampler meet only here. Each sequence has its own
+KV cache, sampler (own seeded generator), logits processors, streaming detokenizer
+and stop-string checker. A batch is prefilled one prompt at a time (each prompt is
+one GEMM pass), then decoded together: one ``forward_batch`` step runs the linear
+layers once over a row per live sequence, so the weights stream once per step for
+all of them.
+
+Example:
+    >>> engine = Engine(model, tokenizer)
+    >>> for ev in engine.generate([ids], SamplingParams.greedy(max_tokens=32)):
+    ...     print(ev.text, end="")
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import numpy as np
+import psutil
+
+from flashlm.errors import InputError
+from flashlm.runtime.sampler import SamplingParams
+from flashlm.runtime.tokenizer import StopChecker, Tokenizer
+
+
+@dataclass
+class Stats:
+    """Timings of one generate() call (all sequences together)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    ttft_s: float = 0.0
+    decode_steps: int = 0
+    peak_rss: int = 0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Generated tokens per second after the first (which prefill produces)."""
+        n = self.generated_tokens - 1 if self.generated_tokens else 0
+        return n / self.decode_s if self.decode_s and n > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": self.generated_tokens,
+            "prefill_s": round(self.prefill_s, 4),
+            "prefill_tok_s": round(self.prefill_tok_s, 2),
+            "decode_s": round(self.decode_s, 4),
+            "decode_tok_s": round(self.decode_tok_s, 2),
+            "ttft_s": round(self.ttft_s, 4),
+            "peak_rss_bytes": self.peak_rss,
+        }
+
+
+@dataclass
+class Event:
+    """One generated token of sequence ``seq``; ``text`` is the new printable text."""
+
+    seq: int
+    token: int | None
+    text: str
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS / stop string) or "length"
+
+
+@dataclass
+class _Seq:
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    cache: object
+    sampler: object
+    processors: list
+    detok: object
+    stops: StopChecker
+    tokens: list[int] = field(default_factory=list)
+    done: bool = False
+
+
+def _peak_rss() -> int:
+    info = psutil.Process().memory_info()
+    return int(getattr(info, "peak_wset", 0) or _linux_hwm() or info.rss)
+
+
+def _linux_hwm() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class Engine:
+    """Generation over a Model and a Tokenizer.
+
+    Args:
+        model: a flashlm model (forward, forward_batch, make_cache, config).
+        tokenizer: the runtime Tokenizer (stop tokens, detokenizer).
+        ctx: positions per sequence (prompt + generated); the KV cache size.
+    """
+
+    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096):
+        if ctx < 2:
+            raise InputError(f"--ctx {ctx} is too small: use at least 2")
+        self.model, self.tokenizer, self.ctx = model, tokenizer, int(ctx)
+        self.stats = Stats()
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop the running generate() after the current step (thread-safe)."""
+        self._cancel.set()
+
+    def _check_prompt(self, ids: Sequence[int], i: int) -> list[int]:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise InputError("the prompt is empty: give some text to continue")
+        if len(ids) >= self.ctx:
+            raise InputError(
+                f"the prompt{'' if i == 0 else f' {i}'} is {len(ids)} tokens, which does not fit the context "
+                f"of {self.ctx} with room to generate; raise --ctx (the model allows "
+                f"{self.model.config.max_position_embeddings}) or shorten the prompt"
+            )
+        vocab = self.model.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+        return ids
+
+    def generate(
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> Iterator[Event]:
+        """Generate for each prompt (token ids); yield an Event per new token as it comes.
+
+        Args:
+            prompts: one list of token ids per sequence (different lengths are fine).
+            params: one SamplingParams for all, or one per prompt. Default: greedy.
+        Yields:
+            Event(seq, token, text, finished, finish_reason). The last event of a
+            sequence has finished=True (its text is any held-back tail).
+        """
+        if params is None:
+            params = SamplingParams.greedy()
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise InputError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        checked = [self._check_prompt(p, i) for i, p in enumerate(prompts)]
+        self._cancel.clear()
+        self.stats = st = Stats(prompt_tokens=sum(len(p) for p in checked))
+        seqs = [
+            _Seq(i, ids, p, self.model.make_cache(self.ctx), p.make_sampler(), p.make_logits_processors(),
+                 self.tokenizer.detokenizer(), StopChecker(p.stop))
+            for i, (ids, p) in enumerate(zip(checked, plist))
+        ]
+        stop_ids = set(self.tokenizer.stop_token_ids)
+        t0 = time.perf_counter()
+        # ---- prefill: one pass per prompt; its last logits give the first token ----
+        logits = []
+        for s in seqs:
+            logits.append(self.model.forward(np.asarray(s.prompt, np.int64), None, s.cache))
+            if self._cancel.is_set():
+                break
+        st.prefill_s = time.perf_counter() - t0
+        st.ttft_s = st.prefill_s
+        t1 = time.perf_counter()
+        live = seqs[: len(logits)]
+        while live and not self._cancel.is_set():
+            step_logits = logits
+            next_live = []
+            for s, lg in zip(live, step_logits):
+                yield from self._emit(s, lg, stop_ids)
+                if not s.done:
+                    next_live.append(s)
+            live = next_live
+            if not live or self._cancel.is_set():
+                break
+            logits = list(self.model.forward_batch([(np.asarray([s.tokens[-1]]), None, s.cache) for s in live]))
+            st.decode_steps += 1
+        for s in seqs:  # cancelled or never started: close them
+            if not s.done:
+                s.done = True
+                yield Event(s.index, None, s.stops.feed(s.detok.flush())[0] + s.stops.flush(), True, "cancelled")
+        st.decode_s = time.perf_counter() - t1
+        st.peak_rss = _peak_rss()
+
+    def _emit(self, s: _Seq, logits: np.ndarray, stop_ids: set[int]) -> Iterator[Event]:
+        history = s.prompt + s.tokens
+        for proc in s.processors:
+            logits = proc(history, logits)
+        tok = int(s.sampler(logits))
+        self.stats.generated_tokens += 1
+        if tok in stop_ids:
+            s.done = True
+            tail = s.stops.feed(s.detok.flush())[0] + s.stops.flush()
+            yield Event(s.index, tok, tail, True, "stop")
+            return
+        s.tokens.append(tok)
+        text, stopped = s.stops.feed(s.detok.add(tok))
+        if stopped:
+            s.done = True
+            yield Event(s.index, tok, text, True, "stop")
+            return
+        limit = s.params.max_tokens
+        if (limit is not None and len(s.tokens) >= limit) or s.cache.offset >= s.cache.max_ctx:
+            s.done = True
+            tail = s.stops.feed(s.detok.flush())[0] + s.stops.flush()
+            yield Event(s.index, tok, text + tail, True, "length")
+            return
+        yield Event(s.index, tok, text)
