@@ -1,0 +1,598 @@
+"""Fused dequantize-and-dot GEMV/GEMM for F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1.
+
+The kernels read the stored GGUF block bytes directly (no dequantized copy of the
+matrix), take float32 activations and accumulate in float32. Each format has two
+row-range kernels (the contract other modules code against)::
+
+    gemv_<fmt>(w, x, out, r0, r1)   # out[r] = W[r] . x            for r in [r0, r1)
+    gemm_<fmt>(w, X, out, r0, r1)   # out[i, r] = W[r] . X[i]       for r in [r0, r1)
+
+with ``w`` the weight array of ``formats.view_as`` (uint8 (rows, row_bytes) for the
+block formats, float32 for F32, uint16 for BF16) except **F16, which is passed as
+its uint16 view** (``w.view(np.uint16)``: Numba has no float16 arrays). ``x`` is
+float32 (cols,), ``X`` float32 (n, cols) C-contiguous, ``out`` float32 (rows,) /
+(n, rows). GEMM decodes each row of blocks once into a float32 row buffer and
+reuses it for the n activation rows.
+
+Two implementations per format, both tested against ``gguf.quants.dequantize``:
+- ``*_simd``: the explicit vector IR of ``simd.py`` (chosen when ``HAVE_SIMD``);
+- ``*_plain``: plain Numba loops with 32 lane accumulators (fallback, reference).
+``BASIC_KERNELS[fmt] = (gemv, gemm)`` holds the chosen pair; ``PLAIN_KERNELS`` and
+``SIMD_KERNELS`` both pairs. ``DEQUANT_KERNELS[fmt](w, out, r0, r1)`` decodes rows
+[r0, r1) of ``w`` into ``out`` (rows, cols) float32, bit-identical to gguf's
+dequantizer (same row-range convention as gemv_kquant's ``KQUANT_DEQUANT``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashlm.kernels.config import jit, jit_exact
+from flashlm.kernels import simd
+from flashlm.kernels.simd import HAVE_SIMD, bits_to_f32
+
+# ---- scalar helpers ----
+
+
+@jit_exact
+def f16_to_f32(h):
+    """IEEE half (given as its 16 bits in an integer) to float32, exactly."""
+    h = np.uint32(h)
+    sign = (h & np.uint32(0x8000)) << np.uint32(16)
+    e = (h >> np.uint32(10)) & np.uint32(0x1F)
+    m = h & np.uint32(0x3FF)
+    if e == 0:  # zero or subnormal: m * 2**-24 (exact in float32)
+        v = np.float32(m) * np.float32(5.9604644775390625e-08)
+        return -v if sign else v
+    if e == 31:  # inf / nan
+        return bits_to_f32(sign | np.uint32(0x7F800000) | (m << np.uint32(13)))
+    return bits_to_f32(sign | ((e + np.uint32(112)) << np.uint32(23)) | (m << np.uint32(13)))
+
+
+@jit_exact
+def _f16_at(w, r, o):  # little-endian f16 at byte o of row r
+    return f16_to_f32(np.uint32(w[r, o]) | (np.uint32(w[r, o + 1]) << np.uint32(8)))
+
+
+# ---- plain block decoders: 32 weights of block b of row r -> dst[doff:doff+32], exact ----
+
+
+@jit_exact
+def _blk_q4_0(w, r, b, dst, doff):  # w (rows, nb*18) uint8
+    o = b * 18
+    d = _f16_at(w, r, o)
+    for j in range(16):
+        q = np.int32(w[r, o + 2 + j])
+        dst[doff + j] = d * np.float32((q & 15) - 8)
+        dst[doff + j + 16] = d * np.float32((q >> 4) - 8)
+
+
+@jit_exact
+def _blk_q4_1(w, r, b, dst, doff):  # w (rows, nb*20) uint8
+    o = b * 20
+    d = _f16_at(w, r, o)
+    m = _f16_at(w, r, o + 2)
+    for j in range(16):
+        q = np.int32(w[r, o + 4 + j])
+        dst[doff + j] = d * np.float32(q & 15) + m
+        dst[doff + j + 16] = d * np.float32(q >> 4) + m
+
+
+@jit_exact
+def _qh_at(w, r, o):  # little-endian uint32 at byte o of row r
+    return (np.uint32(w[r, o]) | (np.uint32(w[r, o + 1]) << np.uint32(8))
+            | (np.uint32(w[r, o + 2]) << np.uint32(16)) | (np.uint32(w[r, o + 3]) << np.uint32(24)))
+
+
+@jit_exact
+def _blk_q5_0(w, r, b, dst, doff):  # w (rows, nb*22) uint8
+    o = b * 22
+    d = _f16_at(w, r, o)
+    qh = _qh_at(w, r, o + 2)
+    for j in range(16):
+        q = np.int32(w[r, o + 6 + j])
+        h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+        h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+        dst[doff + j] = d * np.float32(((q & 15) | h0) - 16)
+        dst[doff + j + 16] = d * np.float32(((q >> 4) | h1) - 16)
+
+
+@jit_exact
+def _blk_q5_1(w, r, b, dst, doff):  # w (rows, nb*24) uint8
+    o = b * 24
+    d = _f16_at(w, r, o)
+    m = _f16_at(w, r, o + 2)
+    qh = _qh_at(w, r, o + 4)
+    for j in range(16):
+        q = np.int32(w[r, o + 8 + j])
+        h0 = np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4
+        h1 = np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+        dst[doff + j] = d * np.float32((q & 15) | h0) + m
+        dst[doff + j + 16] = d * np.float32((q >> 4) | h1) + m
+
+
+@jit_exact
+def _blk_q8_0(w, r, b, dst, doff):  # w (rows, nb*34) uint8
+    o = b * 34
+    d = _f16_at(w, r, o)
+    for j in range(32):
+        q = np.int32(w[r, o + 2 + j])
+        dst[doff + j] = d * np.float32(q - 256 if q > 127 else q)
+
+
+# ---- plain element converters for the float formats ----
+
+
+@jit_exact
+def _el_f32(w, r, j):  # w (rows, cols) float32
+    return w[r, j]
+
+
+@jit_exact
+def _el_f16(w, r, j):  # w (rows, cols) uint16 (f16 bits)
+    return f16_to_f32(w[r, j])
+
+
+@jit_exact
+def _el_bf16(w, r, j):  # w (rows, cols) uint16 (upper half of an f32)
+    return bits_to_f32(np.uint32(w[r, j]) << np.uint32(16))
+
+
+# ---- plain drivers (block decoder / converter passed as a first-class function) ----
+
+
+@jit(inline="always")
+def _gemv_blocks_plain(blk, w, x, out, r0, r1):
+    nb = x.shape[0] // 32
+    tmp = np.empty(32, np.float32)
+    acc = np.empty(32, np.float32)
+    for r in range(r0, r1):
+        acc[:] = 0.0
+        for b in range(nb):
+            blk(w, r, b, tmp, 0)
+            xb = b * 32
+            for j in range(32):
+                acc[j] += tmp[j] * x[xb + j]
+        out[r] = np.sum(acc)
+
+
+@jit
+def _dot_plain(a, X, i):  # a (cols,) f32, X (n, cols) f32 -> a . X[i]
+    acc = np.zeros(16, np.float32)
+    cols = a.shape[0]
+    n16 = cols // 16 * 16
+    for j0 in range(0, n16, 16):
+        for k in range(16):
+            acc[k] += a[j0 + k] * X[i, j0 + k]
+    s = np.sum(acc)
+    for j in range(n16, cols):
+        s += a[j] * X[i, j]
+    return s
+
+
+@jit(inline="always")
+def _gemm_blocks_plain(blk, w, X, out, r0, r1):
+    n, cols = X.shape
+    row = np.empty(cols, np.float32)
+    for r in range(r0, r1):
+        for b in range(cols // 32):
+            blk(w, r, b, row, b * 32)
+        for i in range(n):
+            out[i, r] = _dot_plain(row, X, i)
+
+
+@jit(inline="always")
+def _gemv_float_plain(el, w, x, out, r0, r1):
+    cols = x.shape[0]
+    row = np.empty(cols, np.float32)
+    x2 = x.reshape((1, cols))
+    for r in range(r0, r1):
+        for j in range(cols):
+            row[j] = el(w, r, j)
+        out[r] = _dot_plain(row, x2, 0)
+
+
+@jit(inline="always")
+def _gemm_float_plain(el, w, X, out, r0, r1):
+    n, cols = X.shape
+    row = np.empty(cols, np.float32)
+    for r in range(r0, r1):
+        for j in range(cols):
+            row[j] = el(w, r, j)
+        for i in range(n):
+            out[i, r] = _dot_plain(row, X, i)
+
+
+@jit_exact(inline="always")
+def _dequant_blocks_plain(blk, w, out, r0, r1):  # out (rows, cols) float32
+    for r in range(r0, r1):
+        for b in range(out.shape[1] // 32):
+            blk(w, r, b, out[r], b * 32)
+
+
+# ---- SIMD row functions (wrap the intrinsics so they can be passed to drivers) ----
+# dot(w, row byte offset, x, x offset, x block sums, n_units) -> f32;  dec(w, row byte offset, n_units, dst, dst offset)
+
+@jit
+def _dot_q4_0(w, o, x, xo, xs, n):
+    return simd.dot_q4_0(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_q4_0(w, o, n, dst, do):
+    simd.decode_q4_0(w, o, n, dst, do)
+
+
+@jit
+def _dot_q4_1(w, o, x, xo, xs, n):
+    return simd.dot_q4_1(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_q4_1(w, o, n, dst, do):
+    simd.decode_q4_1(w, o, n, dst, do)
+
+
+@jit
+def _dot_q5_0(w, o, x, xo, xs, n):
+    return simd.dot_q5_0(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_q5_0(w, o, n, dst, do):
+    simd.decode_q5_0(w, o, n, dst, do)
+
+
+@jit
+def _dot_q5_1(w, o, x, xo, xs, n):
+    return simd.dot_q5_1(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_q5_1(w, o, n, dst, do):
+    simd.decode_q5_1(w, o, n, dst, do)
+
+
+@jit
+def _dot_q8_0(w, o, x, xo, xs, n):
+    return simd.dot_q8_0(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_q8_0(w, o, n, dst, do):
+    simd.decode_q8_0(w, o, n, dst, do)
+
+
+@jit
+def _dot_f32(w, o, x, xo, xs, n):
+    return simd.dot_f32(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_f32(w, o, n, dst, do):
+    simd.decode_f32(w, o, n, dst, do)
+
+
+@jit
+def _dot_f16(w, o, x, xo, xs, n):
+    return simd.dot_f16(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_f16(w, o, n, dst, do):
+    simd.decode_f16(w, o, n, dst, do)
+
+
+@jit
+def _dot_bf16(w, o, x, xo, xs, n):
+    return simd.dot_bf16(w, o, x, xo, xs, n)
+
+
+@jit_exact
+def _dec_bf16(w, o, n, dst, do):
+    simd.decode_bf16(w, o, n, dst, do)
+
+
+# ---- SIMD drivers ----
+
+
+@jit
+def _dot_row_simd(a, X, i):  # a (cols,) f32, X (n, cols) f32 C-contiguous -> a . X[i]
+    cols = a.shape[0]
+    n16 = cols // 16
+    s = simd.dot_f32(a, 0, X, i * cols, a, n16)
+    for j in range(n16 * 16, cols):
+        s += a[j] * X[i, j]
+    return s
+
+
+@jit(inline="always")
+def _gemv_blocks_simd(dot, w, x, out, r0, r1):
+    nb = x.shape[0] // 32
+    rb = w.strides[0]
+    xs = np.empty(nb, np.float32)  # per-block sums of x, for the min term of Q4_1/Q5_1
+    for b in range(nb):
+        xs[b] = np.sum(x[b * 32:(b + 1) * 32])
+    for r in range(r0, r1):
+        out[r] = dot(w, r * rb, x, 0, xs, nb)
+
+
+@jit(inline="always")
+def _gemm_blocks_simd(dec, w, X, out, r0, r1):
+    n, cols = X.shape
+    rb = w.strides[0]
+    row = np.empty(cols, np.float32)
+    for r in range(r0, r1):
+        dec(w, r * rb, cols // 32, row, 0)
+        for i in range(n):
+            out[i, r] = _dot_row_simd(row, X, i)
+
+
+@jit(inline="always")
+def _gemv_float_simd(dot, el, w, x, out, r0, r1):
+    cols = x.shape[0]
+    n16 = cols // 16
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        s = dot(w, r * rb, x, 0, x, n16)
+        for j in range(n16 * 16, cols):
+            s += el(w, r, j) * x[j]
+        out[r] = s
+
+
+@jit(inline="always")
+def _gemm_float_simd(dec, el, w, X, out, r0, r1):
+    n, cols = X.shape
+    n16 = cols // 16
+    rb = w.strides[0]
+    row = np.empty(cols, np.float32)
+    for r in range(r0, r1):
+        dec(w, r * rb, n16, row, 0)
+        for j in range(n16 * 16, cols):
+            row[j] = el(w, r, j)
+        for i in range(n):
+            out[i, r] = _dot_row_simd(row, X, i)
+
+
+@jit_exact(inline="always")
+def _dequant_blocks_simd(dec, w, out, r0, r1):  # out (rows, cols) float32 C-contiguous
+    cols = out.shape[1]
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        dec(w, r * rb, cols // 32, out, r * cols)
+
+
+# ---- public row-range kernels ----
+# gemv_*(w, x, out, r0, r1): w per module docstring; x (cols,) f32; out (rows,) f32
+# gemm_*(w, X, out, r0, r1): X (n, cols) f32 C-contiguous; out (n, rows) f32
+
+@jit
+def gemv_q4_0_simd(w, x, out, r0, r1):
+    _gemv_blocks_simd(_dot_q4_0, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q4_0_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_dec_q4_0, w, X, out, r0, r1)
+
+
+@jit
+def gemv_q4_0_plain(w, x, out, r0, r1):
+    _gemv_blocks_plain(_blk_q4_0, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q4_0_plain(w, X, out, r0, r1):
+    _gemm_blocks_plain(_blk_q4_0, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_0_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_dec_q4_0, w, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_0_plain(w, out, r0, r1):
+    _dequant_blocks_plain(_blk_q4_0, w, out, r0, r1)
+
+
+@jit
+def gemv_q4_1_simd(w, x, out, r0, r1):
+    _gemv_blocks_simd(_dot_q4_1, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q4_1_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_dec_q4_1, w, X, out, r0, r1)
+
+
+@jit
+def gemv_q4_1_plain(w, x, out, r0, r1):
+    _gemv_blocks_plain(_blk_q4_1, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q4_1_plain(w, X, out, r0, r1):
+    _gemm_blocks_plain(_blk_q4_1, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_1_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_dec_q4_1, w, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_1_plain(w, out, r0, r1):
+    _dequant_blocks_plain(_blk_q4_1, w, out, r0, r1)
+
+
+@jit
+def gemv_q5_0_simd(w, x, out, r0, r1):
+    _gemv_blocks_simd(_dot_q5_0, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q5_0_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_dec_q5_0, w, X, out, r0, r1)
+
+
+@jit
+def gemv_q5_0_plain(w, x, out, r0, r1):
+    _gemv_blocks_plain(_blk_q5_0, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q5_0_plain(w, X, out, r0, r1):
+    _gemm_blocks_plain(_blk_q5_0, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q5_0_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_dec_q5_0, w, out, r0, r1)
+
+
+@jit_exact
+def dequant_q5_0_plain(w, out, r0, r1):
+    _dequant_blocks_plain(_blk_q5_0, w, out, r0, r1)
+
+
+@jit
+def gemv_q5_1_simd(w, x, out, r0, r1):
+    _gemv_blocks_simd(_dot_q5_1, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q5_1_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_dec_q5_1, w, X, out, r0, r1)
+
+
+@jit
+def gemv_q5_1_plain(w, x, out, r0, r1):
+    _gemv_blocks_plain(_blk_q5_1, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q5_1_plain(w, X, out, r0, r1):
+    _gemm_blocks_plain(_blk_q5_1, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q5_1_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_dec_q5_1, w, out, r0, r1)
+
+
+@jit_exact
+def dequant_q5_1_plain(w, out, r0, r1):
+    _dequant_blocks_plain(_blk_q5_1, w, out, r0, r1)
+
+
+@jit
+def gemv_q8_0_simd(w, x, out, r0, r1):
+    _gemv_blocks_simd(_dot_q8_0, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q8_0_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_dec_q8_0, w, X, out, r0, r1)
+
+
+@jit
+def gemv_q8_0_plain(w, x, out, r0, r1):
+    _gemv_blocks_plain(_blk_q8_0, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q8_0_plain(w, X, out, r0, r1):
+    _gemm_blocks_plain(_blk_q8_0, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q8_0_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_dec_q8_0, w, out, r0, r1)
+
+
+@jit_exact
+def dequant_q8_0_plain(w, out, r0, r1):
+    _dequant_blocks_plain(_blk_q8_0, w, out, r0, r1)
+
+
+@jit
+def gemv_f32_simd(w, x, out, r0, r1):
+    _gemv_float_simd(_dot_f32, _el_f32, w, x, out, r0, r1)
+
+
+@jit
+def gemm_f32_simd(w, X, out, r0, r1):
+    _gemm_float_simd(_dec_f32, _el_f32, w, X, out, r0, r1)
+
+
+@jit
+def gemv_f32_plain(w, x, out, r0, r1):
+    _gemv_float_plain(_el_f32, w, x, out, r0, r1)
+
+
+@jit
+def gemm_f32_plain(w, X, out, r0, r1):
+    _gemm_float_plain(_el_f32, w, X, out, r0, r1)
+
+
+@jit
+def gemv_f16_simd(w, x, out, r0, r1):
+    _gemv_float_simd(_dot_f16, _el_f16, w, x, out, r0, r1)
+
+
+@jit
+def gemm_f16_simd(w, X, out, r0, r1):
+    _gemm_float_simd(_dec_f16, _el_f16, w, X, out, r0, r1)
+
+
+@jit
+def gemv_f16_plain(w, x, out, r0, r1):
+    _gemv_float_plain(_el_f16, w, x, out, r0, r1)
+
+
+@jit
+def gemm_f16_plain(w, X, out, r0, r1):
+    _gemm_float_plain(_el_f16, w, X, out, r0, r1)
+
+
+@jit
+def gemv_bf16_simd(w, x, out, r0, r1):
+    _gemv_float_simd(_dot_bf16, _el_bf16, w, x, out, r0, r1)
+
+
+@jit
+def gemm_bf16_simd(w, X, out, r0, r1):
+    _gemm_float_simd(_dec_bf16, _el_bf16, w, X, out, r0, r1)
+
+
+@jit
+def gemv_bf16_plain(w, x, out, r0, r1):
+    _gemv_float_plain(_el_bf16, w, x, out, r0, r1)
+
+
+@jit
+def gemm_bf16_plain(w, X, out, r0, r1):
+    _gemm_float_plain(_el_bf16, w, X, out, r0, r1)
+
+
+# ---- tables ----
+
+_FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+SIMD_KERNELS = {f: (globals()[f"gemv_{f.lower()}_simd"], globals()[f"gemm_{f.lower()}_simd"]) for f in _FMTS}
+PLAIN_KERNELS = {f: (globals()[f"gemv_{f.lower()}_plain"], globals()[f"gemm_{f.lower()}_plain"]) for f in _FMTS}
+BASIC_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
+
+gemv_f32, gemm_f32 = BASIC_KERNELS["F32"]
+gemv_f16, gemm_f16 = BASIC_KERNELS["F16"]
+gemv_bf16, gemm_bf16 = BASIC_KERNELS["BF16"]
+gemv_q8_0, gemm_q8_0 = BASIC_KERNELS["Q8_0"]
+gemv_q4_0, gemm_q4_0 = BASIC_KERNELS["Q4_0"]
+gemv_q4_1, gemm_q4_1 = BASIC_KERNELS["Q4_1"]
+gemv_q5_0, gemm_q5_0 = BASIC_KERNELS["Q5_0"]
+gemv_q5_1, gemm_q5_1 = BASIC_KERNELS["Q5_1"]
+
+_QFMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+DEQUANT_SIMD = {f: globals()[f"dequant_{f.lower()}_simd"] for f in _QFMTS}
+DEQUANT_PLAIN = {f: globals()[f"dequant_{f.lower()}_plain"] for f in _QFMTS}
+DEQUANT_KERNELS = DEQUANT_SIMD if HAVE_SIMD else DEQUANT_PLAIN

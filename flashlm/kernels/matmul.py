@@ -1,0 +1,182 @@
+"""Public matmul over stored weights: GEMV, GEMM, or dequantize-a-tile + BLAS.
+
+``matmul(x, w)`` computes ``x @ W.T`` for a weight ``W`` of logical shape
+(rows=out_features, cols=in_features) kept in its GGUF block format:
+
+- one activation row: the fused GEMV kernel of the format;
+- ``n`` rows with ``n < BLAS_MIN_ROWS[fmt]``: the fused GEMM kernel (each row of
+  blocks decoded once into a float32 buffer and dotted with the n rows);
+- ``n >= BLAS_MIN_ROWS[fmt]``: tiles of ``TILE_ROWS`` weight rows are dequantized
+  (in parallel on the pool) and multiplied with numpy's BLAS; never the whole
+  matrix at once.
+
+Kernels come from ``gemv_basic.BASIC_KERNELS`` and, when present,
+``gemv_kquant.KQUANT_KERNELS`` (same ``(gemv, gemm)`` row-range contract). For
+``dequantize`` of K-quants, ``gemv_kquant.KQUANT_DEQUANT[fmt](w, out, r0, r1)`` is
+used when it exists, else ``gguf.quants.dequantize``.
+
+BLAS_MIN_ROWS was chosen by measurement (``python perf/bench_matmul.py --extra``,
+"fused GEMM vs dequantize-tile + BLAS", 2 threads, 2-core EPYC shared with three
+other busy processes). Fused GEMM / tile+BLAS in ms, 1536x8960:
+  Q8_0 n=8 22.4/32.9, n=16 40.5/39.9, n=32 86/845, n=64 198/639;
+  Q4_1 n=8 26.1/61.3, n=64 118/636;  Q5_0 n=8 14.0/21.4, n=64 131/872;
+  4864x896: Q8_0 n=16 13.2/55.1, Q4_1 n=32 16.7/16.7, Q5_0 n=64 29.9/28.9.
+OpenBLAS's own 2 threads collapse when the cores are oversubscribed (numpy
+``X @ W.T`` 64x8960 @ 8960x1536 took 231-275 ms with 2 BLAS threads, 42 ms with
+OPENBLAS_NUM_THREADS=1), so the fused GEMM won at every n <= 64 here. The BLAS path
+is kept for long prefill chunks (n >= 128), where its O(n) compute advantage
+(about 234 GFLOP/s on a quiet machine, KERNELS.md) must win; re-measure on a quiet
+machine before lowering the threshold.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flashlm.kernels.formats import FORMATS, QTensor
+from flashlm.kernels.gemv_basic import BASIC_KERNELS, DEQUANT_KERNELS, HAVE_SIMD
+
+try:  # K-quants, written separately
+    from flashlm.kernels import gemv_kquant as _kq
+except ImportError:  # not there yet
+    _kq = None
+
+KERNELS: dict[str, tuple] = dict(BASIC_KERNELS)
+DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS)
+if _kq is not None:
+    KERNELS.update(getattr(_kq, "KQUANT_KERNELS", {}))
+    DEQUANT.update(getattr(_kq, "KQUANT_DEQUANT", {}))
+
+# Batch size from which dequantize-tile + BLAS beats the fused GEMM (measured).
+BLAS_MIN_ROWS: dict[str, int] = {fmt: 128 for fmt in FORMATS}
+TILE_ROWS = 256  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
+
+
+class _Serial:
+    """Stand-in pool: run the whole range in the calling thread."""
+
+    n_threads = 1
+
+    @staticmethod
+    def run(fn, n, *args) -> None:
+        if n > 0:
+            fn(*args, 0, n)
+
+
+_SERIAL = _Serial()
+
+
+def _kernel_array(w: QTensor) -> np.ndarray:
+    data = w.data
+    if w.fmt == "F16":
+        data = data.view(np.uint16)  # Numba has no float16 arrays
+    if data.ndim != 2 or not data.flags.c_contiguous:
+        raise ValueError(f"matmul: weight data must be a C-contiguous 2-D array, got shape "
+                         f"{data.shape} (contiguous={data.flags.c_contiguous})")
+    return data
+
+
+def _dequant_rows(fmt: str, data: np.ndarray, out: np.ndarray, pool=_SERIAL) -> None:
+    """Decode every row of ``data`` into ``out`` (rows, cols) float32."""
+    if fmt == "F32":
+        out[:] = data
+    elif fmt == "F16":
+        out[:] = data.view(np.float16)
+    elif fmt == "BF16":
+        out.view(np.uint32)[:] = data.astype(np.uint32) << 16
+    elif fmt in DEQUANT:
+        pool.run(DEQUANT[fmt], data.shape[0], data, out)
+    else:
+        import gguf
+
+        out[:] = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[fmt])
+
+
+def _blas(fmt: str, data: np.ndarray, X: np.ndarray, out: np.ndarray, pool) -> None:
+    rows, cols = out.shape[1], X.shape[1]
+    step = TILE_ROWS
+    tile = np.empty((min(step, rows), cols), np.float32)
+    for t0 in range(0, rows, step):
+        t1 = min(rows, t0 + step)
+        part = tile[: t1 - t0]
+        _dequant_rows(fmt, data[t0:t1], part, pool)
+        np.matmul(X, part.T, out=out[:, t0:t1])
+
+
+def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None, *, pool=None) -> np.ndarray:
+    """``x @ W.T`` with ``W`` kept in its stored format.
+
+    Args:
+        x: float32 activations, (cols,) or (n, cols).
+        w: the weight, logical shape (rows, cols).
+        out: optional float32 result buffer, (rows,) or (n, rows), C-contiguous.
+        pool: object with ``n_threads`` and ``run(fn, n, *args)`` (e.g.
+            ``flashlm.runtime.threadpool.ThreadPool``); None runs in this thread.
+
+    Returns:
+        float32 array (rows,) for 1-D ``x``, else (n, rows).
+    """
+    if w.fmt not in KERNELS:
+        raise NotImplementedError(f"matmul: no kernel for weight format {w.fmt!r} "
+                                  f"(have {sorted(KERNELS)})")
+    if len(w.shape) != 2:
+        raise ValueError(f"matmul: weight must be 2-D, got shape {w.shape}")
+    rows, cols = w.shape
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise TypeError(f"matmul: x must be a float32 ndarray, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim not in (1, 2) or x.shape[-1] != cols:
+        raise ValueError(f"matmul: x shape {x.shape} does not match weight shape {w.shape} "
+                         f"(need (..., {cols}))")
+    x = np.ascontiguousarray(x)
+    oshape = (rows,) if x.ndim == 1 else (x.shape[0], rows)
+    if out is None:
+        out = np.empty(oshape, np.float32)
+    elif out.shape != oshape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"matmul: out must be C-contiguous float32 of shape {oshape}, got "
+                         f"{out.dtype} {out.shape}")
+    data = _kernel_array(w)
+    pool = _SERIAL if pool is None else pool
+    gemv, gemm = KERNELS[w.fmt]
+    if x.ndim == 1:
+        pool.run(gemv, rows, data, x, out)
+    elif x.shape[0] == 1:
+        pool.run(gemv, rows, data, x[0], out[0])
+    elif x.shape[0] >= BLAS_MIN_ROWS.get(w.fmt, 128):
+        _blas(w.fmt, data, x, out, pool)
+    else:
+        pool.run(gemm, rows, data, x, out)
+    return out
+
+
+def dequantize(w: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
+    """The weight (or some of its rows) as float32, equal to ``gguf.quants.dequantize``.
+
+    Args:
+        w: the weight, logical shape (..., cols).
+        rows: optional integer row indices (any shape), e.g. token ids for an
+            embedding lookup; default all rows.
+
+    Returns:
+        float32 array ``w.shape`` or ``rows.shape + (cols,)``.
+    """
+    cols = w.shape[-1]
+    data = w.data
+    if data.ndim == 1:
+        data = data.reshape(1, -1)
+    data = data.reshape(-1, data.shape[-1])
+    if w.fmt == "F16":
+        data = data.view(np.uint16)
+    if rows is None:
+        lead = tuple(w.shape[:-1])
+    else:
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iu":
+            raise TypeError(f"dequantize: rows must be integers, got {idx.dtype}")
+        lead = idx.shape
+        data = data[idx.reshape(-1)]
+    out = np.empty((data.shape[0], cols), np.float32)
+    _dequant_rows(w.fmt, np.ascontiguousarray(data), out)
+    return out.reshape(lead + (cols,))
+
+
+__all__ = ["BLAS_MIN_ROWS", "HAVE_SIMD", "KERNELS", "dequantize", "matmul"]

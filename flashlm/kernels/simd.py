@@ -1,0 +1,317 @@
+"""Explicit SIMD through Numba intrinsics that emit llvmlite vector IR.
+
+Numba's auto-vectorizer turns a per-block dequantize-and-dot into mostly scalar
+code (1.3-4 GB/s, see /work/shared/KERNELS.md). Here each format describes how to
+turn one stored block into ``<16 x float>`` vectors (``<16 x i8>`` loads, and/lshr
+for nibbles, a per-lane bit test for the 5th bit, ``sitofp``/``uitofp``), and two
+generic code generators build, inside one ``@intrinsic``:
+
+- ``dot_<fmt>(w, woff, x, xoff, xs, n_units) -> float32``: one row's dot product, a
+  loop over the blocks of a row with ``<16 x float>`` accumulators (UNROLL=2
+  independent sets for instruction-level parallelism), one FMA per block for the
+  scale, and a single horizontal sum at the end. For Q4_1/Q5_1 the min term is
+  ``m * xs[b]`` with ``xs`` the per-block sums of ``x`` (float32, computed once per
+  GEMV by the caller; ignored by the other formats);
+- ``decode_<fmt>(w, woff, n_units, dst, doff)``: the row dequantized to float32,
+  computed exactly as ``gguf.quants.dequantize`` does (no FMA contraction), so the
+  result is bit-identical.
+
+``w`` is any array whose data holds the block bytes (``woff`` in bytes), ``x`` and
+``dst`` are float32 arrays (offsets in elements). A unit is one block (32 weights)
+for the quantized formats and 16 weights for F32/F16/BF16; callers handle the tail
+of a float row that is not a multiple of 16. The intrinsics inline into the
+calling ``@njit`` function and are cached with it (``cache=True``). Caveat of
+Numba's cache: it is keyed on the caller's source file, so after editing this
+file delete ``flashlm/kernels/__pycache__`` to force a recompile.
+
+``HAVE_SIMD`` is true when the host CPU has AVX2, FMA and F16C (llvmlite's host
+feature list), Numba compiles for the host CPU (``NUMBA_CPU_NAME`` unset) and
+``FLASHLM_NO_SIMD`` is not set; otherwise the kernels fall back
+to plain Numba loops (the vector IR would still be correct, only slow).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import llvmlite.binding as llb
+from llvmlite import ir
+import numba
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from flashlm.kernels.config import FASTMATH
+
+
+def _host_has_simd() -> bool:
+    if os.environ.get("FLASHLM_NO_SIMD", "") not in ("", "0"):
+        return False
+    if numba.config.CPU_NAME not in (None, "host"):  # compiling for a generic CPU
+        return False
+    try:
+        feats = llb.get_host_cpu_features()
+    except RuntimeError:  # some platforms cannot report features
+        return False
+    return all(feats.get(f, False) for f in ("avx2", "fma", "f16c"))
+
+
+HAVE_SIMD: bool = _host_has_simd()
+
+UNROLL = int(os.environ.get("FLASHLM_UNROLL", "2"))  # independent accumulator sets in the dot loop
+LANES = int(os.environ.get("FLASHLM_LANES", "16"))  # float vector width of the arithmetic
+
+_F32 = ir.FloatType()
+_I8 = ir.IntType(8)
+_I16 = ir.IntType(16)
+_I32 = ir.IntType(32)
+_V16F = ir.VectorType(_F32, 16)
+_V16I8 = ir.VectorType(_I8, 16)
+_V16I16 = ir.VectorType(_I16, 16)
+_V16I32 = ir.VectorType(_I32, 16)
+_FLAGS = tuple(sorted(FASTMATH)) if isinstance(FASTMATH, (set, frozenset)) else ("fast",)
+
+
+# ---- IR helpers ----
+
+def _ptr_at(builder: ir.IRBuilder, base: ir.Value, off: ir.Value | int, ty: ir.Type) -> ir.Value:
+    """``(ty*)(base + off)`` with ``base`` an i8* and ``off`` in bytes."""
+    if isinstance(off, int):
+        off = ir.Constant(ir.IntType(64), off)
+    return builder.bitcast(builder.gep(base, [off]), ty.as_pointer())
+
+
+def _load(builder: ir.IRBuilder, base: ir.Value, off: ir.Value | int, ty: ir.Type) -> ir.Value:
+    return builder.load(_ptr_at(builder, base, off, ty), align=1)
+
+
+def _splat(builder: ir.IRBuilder, val: ir.Value, vty: ir.VectorType) -> ir.Value:
+    v = builder.insert_element(ir.Constant(vty, ir.Undefined), val, ir.Constant(_I32, 0))
+    mask = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(v, ir.Constant(vty, ir.Undefined), mask)
+
+
+def _const_vec(vty: ir.VectorType, vals: list[int] | int) -> ir.Constant:
+    if isinstance(vals, int):
+        vals = [vals] * vty.count
+    return ir.Constant(vty, [ir.Constant(vty.element, v) for v in vals])
+
+
+def _f16_scalar(builder: ir.IRBuilder, p: ir.Value, off: int) -> ir.Value:
+    return builder.fpext(_load(builder, p, off, ir.HalfType()), _F32)
+
+
+def _hsum(builder: ir.IRBuilder, v: ir.Value) -> ir.Value:
+    """Horizontal sum of a float vector by halving shuffles (once per row)."""
+    n = v.type.count
+    while n > 1:
+        half = n // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, half), list(range(half, n))))
+        v = builder.fadd(lo, hi, flags=_FLAGS)
+        n = half
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+# ---- per-format block decoders: (d, m, [<16 x float> quants]) ----
+
+def _nibbles(builder: ir.IRBuilder, p: ir.Value, off: int) -> tuple[ir.Value, ir.Value]:
+    qs = _load(builder, p, off, _V16I8)
+    lo = builder.and_(qs, _const_vec(_V16I8, 0x0F))
+    hi = builder.lshr(qs, _const_vec(_V16I8, 4))
+    return lo, hi
+
+
+def _fifth_bits(builder: ir.IRBuilder, p: ir.Value, off: int) -> tuple[ir.Value, ir.Value]:
+    """The 32 high bits of a Q5 block as two ``<16 x i1>`` (weights 0-15, 16-31)."""
+    qh = _splat(builder, _load(builder, p, off, _I32), _V16I32)
+    lo = builder.icmp_unsigned("!=", builder.and_(qh, _const_vec(_V16I32, [1 << j for j in range(16)])),
+                               _const_vec(_V16I32, 0))
+    hi = builder.icmp_unsigned("!=", builder.and_(qh, _const_vec(_V16I32, [1 << (j + 16) for j in range(16)])),
+                               _const_vec(_V16I32, 0))
+    return lo, hi
+
+
+def _parts_q4_0(b: ir.IRBuilder, p: ir.Value):
+    lo, hi = _nibbles(b, p, 2)
+    eight = _const_vec(_V16I8, 8)
+    return _f16_scalar(b, p, 0), None, [b.sub(q, eight) for q in (lo, hi)], "s"
+
+
+def _parts_q4_1(b: ir.IRBuilder, p: ir.Value):
+    lo, hi = _nibbles(b, p, 4)
+    return _f16_scalar(b, p, 0), _f16_scalar(b, p, 2), [lo, hi], "u"
+
+
+def _parts_q5_0(b: ir.IRBuilder, p: ir.Value):
+    lo, hi = _nibbles(b, p, 6)
+    hlo, hhi = _fifth_bits(b, p, 2)
+    zero, sixteen = _const_vec(_V16I8, 0), _const_vec(_V16I8, 16)
+    qs = [b.sub(q, b.select(h, zero, sixteen)) for q, h in ((lo, hlo), (hi, hhi))]  # q|h<<4 - 16
+    return _f16_scalar(b, p, 0), None, qs, "s"
+
+
+def _parts_q5_1(b: ir.IRBuilder, p: ir.Value):
+    lo, hi = _nibbles(b, p, 8)
+    hlo, hhi = _fifth_bits(b, p, 4)
+    zero, sixteen = _const_vec(_V16I8, 0), _const_vec(_V16I8, 16)
+    qs = [b.or_(q, b.select(h, sixteen, zero)) for q, h in ((lo, hlo), (hi, hhi))]
+    return _f16_scalar(b, p, 0), _f16_scalar(b, p, 2), qs, "u"
+
+
+def _parts_q8_0(b: ir.IRBuilder, p: ir.Value):
+    return _f16_scalar(b, p, 0), None, [_load(b, p, off, _V16I8) for off in (2, 18)], "s"
+
+
+def _parts_f32(b: ir.IRBuilder, p: ir.Value):
+    return None, None, [_load(b, p, 0, _V16F)], "f"
+
+
+def _parts_f16(b: ir.IRBuilder, p: ir.Value):
+    return None, None, [b.fpext(_load(b, p, 0, ir.VectorType(ir.HalfType(), 16)), _V16F)], "f"
+
+
+def _parts_bf16(b: ir.IRBuilder, p: ir.Value):
+    v = b.shl(b.zext(_load(b, p, 0, _V16I16), _V16I32), _const_vec(_V16I32, 16))
+    return None, None, [b.bitcast(v, _V16F)], "f"
+
+
+# name: (weights per unit, bytes per unit, parts)
+SPECS: dict[str, tuple[int, int, Callable]] = {
+    "Q4_0": (32, 18, _parts_q4_0),
+    "Q4_1": (32, 20, _parts_q4_1),
+    "Q5_0": (32, 22, _parts_q5_0),
+    "Q5_1": (32, 24, _parts_q5_1),
+    "Q8_0": (32, 34, _parts_q8_0),
+    "F32": (16, 64, _parts_f32),
+    "F16": (16, 32, _parts_f16),
+    "BF16": (16, 32, _parts_bf16),
+}
+
+
+# ---- code generators ----
+
+def _to_floats(builder: ir.IRBuilder, qs: list, kind: str, lanes: int) -> list:
+    """16-lane quants (i8 signed/unsigned, or float) -> list of <lanes x float>."""
+    out = []
+    vf = ir.VectorType(_F32, lanes)
+    for q in qs:
+        parts = [q] if lanes == 16 else [
+            builder.shuffle_vector(q, q, ir.Constant(ir.VectorType(_I32, lanes), list(range(k, k + lanes))))
+            for k in range(0, 16, lanes)]
+        for h in parts:
+            out.append(h if kind == "f" else builder.sitofp(h, vf) if kind == "s" else builder.uitofp(h, vf))
+    return out
+
+
+def _data_ptr(context, builder, aty, aval) -> ir.Value:
+    arr = context.make_array(aty)(context, builder, value=aval)
+    return builder.bitcast(arr.data, _I8.as_pointer())
+
+
+def _make_dot(fmt: str):
+    unit, ubytes, parts = SPECS[fmt]
+
+    def gen(context, builder, sig, args):
+        w, woff, x, xoff, xs, nunits = args
+        wp = builder.gep(_data_ptr(context, builder, sig.args[0], w), [woff])
+        xp = builder.gep(_data_ptr(context, builder, sig.args[2], x), [builder.mul(xoff, xoff.type(4))])
+        sp = builder.bitcast(_data_ptr(context, builder, sig.args[4], xs), _F32.as_pointer())
+        vf = ir.VectorType(_F32, LANES)
+        zero = ir.Constant(vf, [0.0] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
+        macc = [cgutils.alloca_once_value(builder, _F32(0.0)) for _ in range(UNROLL)]
+
+        def block(k: int, idx: ir.Value):
+            p = builder.gep(wp, [builder.mul(idx, idx.type(ubytes))])
+            xb = builder.gep(xp, [builder.mul(idx, idx.type(unit * 4))])
+            d, m, qs, kind = parts(builder, p)
+            qs = _to_floats(builder, qs, kind, LANES)
+            xv = [_load(builder, xb, 4 * LANES * j, vf) for j in range(len(qs))]
+            t = builder.fmul(qs[0], xv[0], flags=_FLAGS)
+            for q, v in zip(qs[1:], xv[1:]):
+                t = builder.fadd(t, builder.fmul(q, v, flags=_FLAGS), flags=_FLAGS)
+            if d is not None:
+                t = builder.fmul(_splat(builder, d, vf), t, flags=_FLAGS)
+            builder.store(builder.fadd(builder.load(accs[k]), t, flags=_FLAGS), accs[k])
+            if m is not None:  # min term: m * (sum of x over the block), sums precomputed
+                sx = builder.load(builder.gep(sp, [idx]))
+                mt = builder.fmul(m, sx, flags=_FLAGS)
+                builder.store(builder.fadd(builder.load(macc[k]), mt, flags=_FLAGS), macc[k])
+
+        ngroups = builder.sdiv(nunits, nunits.type(UNROLL))
+        with cgutils.for_range(builder, ngroups) as loop:
+            base = builder.mul(loop.index, nunits.type(UNROLL))
+            for k in range(UNROLL):
+                block(k, builder.add(base, base.type(k)))
+        with cgutils.for_range(builder, nunits, start=builder.mul(ngroups, nunits.type(UNROLL))) as loop:
+            block(0, loop.index)
+        total = builder.load(accs[0])
+        for a in accs[1:]:
+            total = builder.fadd(total, builder.load(a), flags=_FLAGS)
+        res = _hsum(builder, total)
+        for a in macc:
+            res = builder.fadd(res, builder.load(a), flags=_FLAGS)
+        return res
+
+    @intrinsic
+    def dot(typingctx, w, woff, x, xoff, xs, nunits):
+        sig = types.float32(w, types.intp, x, types.intp, xs, types.intp)
+        return sig, gen
+
+    dot.__name__ = dot.__qualname__ = f"dot_{fmt.lower()}"
+    return dot
+
+
+def _make_decode(fmt: str):
+    unit, ubytes, parts = SPECS[fmt]
+
+    def gen(context, builder, sig, args):
+        w, woff, nunits, dst, doff = args
+        wp = builder.gep(_data_ptr(context, builder, sig.args[0], w), [woff])
+        dp = builder.gep(_data_ptr(context, builder, sig.args[3], dst), [builder.mul(doff, doff.type(4))])
+        with cgutils.for_range(builder, nunits) as loop:
+            idx = loop.index
+            d, m, qs, kind = parts(builder, builder.gep(wp, [builder.mul(idx, idx.type(ubytes))]))
+            qs = _to_floats(builder, qs, kind, 16)
+            out = builder.gep(dp, [builder.mul(idx, idx.type(unit * 4))])
+            for j, q in enumerate(qs):
+                v = q
+                if d is not None:  # exactly d * q (+ m), as gguf computes it: no FMA
+                    v = builder.fmul(_splat(builder, d, _V16F), q)
+                if m is not None:
+                    v = builder.fadd(v, _splat(builder, m, _V16F))
+                builder.store(v, _ptr_at(builder, out, ir.Constant(ir.IntType(64), 64 * j), _V16F), align=1)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def decode(typingctx, w, woff, nunits, dst, doff):
+        sig = types.void(w, types.intp, types.intp, dst, types.intp)
+        return sig, gen
+
+    decode.__name__ = decode.__qualname__ = f"decode_{fmt.lower()}"
+    return decode
+
+
+@intrinsic
+def bits_to_f32(typingctx, bits):
+    """Reinterpret a uint32 as float32 (plain LLVM bitcast, no vector unit needed)."""
+    def gen(context, builder, sig, args):
+        return builder.bitcast(args[0], _F32)
+
+    if not isinstance(bits, types.Integer):
+        return None
+    return types.float32(types.uint32), gen
+
+
+DOT = {fmt: _make_dot(fmt) for fmt in SPECS}
+DECODE = {fmt: _make_decode(fmt) for fmt in SPECS}
+# Module-level names, so jitted code can refer to them as globals.
+dot_q4_0, dot_q4_1, dot_q5_0, dot_q5_1, dot_q8_0 = (DOT[f] for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
+dot_f32, dot_f16, dot_bf16 = DOT["F32"], DOT["F16"], DOT["BF16"]
+decode_q4_0, decode_q4_1, decode_q5_0, decode_q5_1, decode_q8_0 = (
+    DECODE[f] for f in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"))
+decode_f32, decode_f16, decode_bf16 = DECODE["F32"], DECODE["F16"], DECODE["BF16"]
+
+__all__ = ["DECODE", "DOT", "HAVE_SIMD", "SPECS", "bits_to_f32"]

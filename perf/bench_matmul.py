@@ -1,0 +1,226 @@
+"""Matmul benchmark: GB/s of weight bytes per format and shape, against memory bandwidth
+and numpy f32 ``X @ W.T`` on the dequantized matrix, measured in the same run.
+
+    python perf/bench_matmul.py                    # full table (a few minutes)
+    python perf/bench_matmul.py --quick            # big shapes, GEMV only
+    python perf/bench_matmul.py --extra            # + pool overhead, pool vs prange, GEMM vs BLAS
+    pytest perf/bench_matmul.py --benchmark-only   # pytest-benchmark, a subset
+
+Columns: GB/s = weight bytes / time; %bw = GB/s / bandwidth measured here (a Numba
+read kernel over 256 MB on the same threads); x np = numpy f32 time / our time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numba
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
+
+from _blocks import random_weights, valid_cols  # noqa: E402
+
+from flashlm.kernels import matmul as mm  # noqa: E402
+from flashlm.kernels import simd  # noqa: E402
+from flashlm.kernels.formats import QTensor  # noqa: E402
+from flashlm.runtime.threadpool import ThreadPool  # noqa: E402
+
+FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896),
+          (1536, 8960), (8960, 1536), (576, 1536), (1536, 1536))
+BIG = ((151936, 896), (8960, 1536), (1536, 8960))
+BATCHES = (1, 8, 64)
+
+
+# ---- helpers ----
+
+
+@numba.njit(nogil=True, cache=True, fastmath=True)
+def _read_kernel(a, out, r0, r1):  # a (rows, 4096) float32: sum rows [r0, r1)
+    s = np.float32(0.0)
+    for r in range(r0, r1):
+        for j in range(a.shape[1]):
+            s += a[r, j]
+    out[r0] = s
+
+
+@numba.njit(nogil=True, cache=True, parallel=True)
+def _gemv_q8_0_prange(w, x, out):  # same kernel as gemv_q8_0_simd, rows split by prange
+    nb = x.shape[0] // 32
+    rb = w.strides[0]
+    for r in numba.prange(w.shape[0]):
+        out[r] = simd.dot_q8_0(w, r * rb, x, 0, x, nb)
+
+
+def timeit(fn, min_time: float = 0.25, min_runs: int = 5) -> float:
+    """Median seconds per call after one warm-up call."""
+    fn()
+    times = []
+    t_end = time.perf_counter() + min_time
+    while len(times) < min_runs or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 200:
+            break
+    return float(np.median(times))
+
+
+def bandwidth(pool) -> float:
+    """GB/s reading a 256 MB float32 buffer with ``pool``'s threads (best of 5)."""
+    a = np.ones((256 << 20) // 4 // 4096, np.float32).reshape(-1, 4096)
+    out = np.zeros(a.shape[0], np.float32)
+    best = min(_t(lambda: pool.run(_read_kernel, a.shape[0], a, out)) for _ in range(6))
+    return a.nbytes / best / 1e9
+
+
+def _t(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def make_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> QTensor:
+    w = random_weights(fmt, rows, cols, np.random.default_rng(seed), extreme=False)
+    return QTensor(w, fmt, (rows, cols))
+
+
+# ---- tables ----
+
+
+def main_table(pool, fmts, shapes, batches, bw: float) -> None:
+    print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'%bw':>5s} {'x np':>6s}")
+    for rows, cols in shapes:
+        for fmt in fmts:
+            if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
+                continue
+            qt = make_weight(fmt, rows, cols)
+            Wf = mm.dequantize(qt)
+            for n in batches:
+                X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
+                x = X[0] if n == 1 else X
+                out = np.empty((rows,) if n == 1 else (n, rows), np.float32)
+                t = timeit(lambda: mm.matmul(x, qt, out, pool=pool))
+                t_np = timeit(lambda: x @ Wf.T)
+                gbs = qt.nbytes / t / 1e9
+                print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} "
+                      f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
+            del Wf
+
+
+def pool_overhead(pool) -> None:
+    a = np.zeros((pool.n_threads, 4096), np.float32)
+    out = np.zeros(pool.n_threads, np.float32)
+    _read_kernel(a, out, 0, 1)
+    t_pool = timeit(lambda: pool.run(_read_kernel, 0 + pool.n_threads, a[:, :1], out), 0.3, 200)
+    t_direct = timeit(lambda: _read_kernel(a[:, :1], out, 0, pool.n_threads), 0.3, 200)
+    print(f"\npool.run overhead ({pool.n_threads} threads, near-empty kernel): "
+          f"{t_pool * 1e6:.1f} us per call (direct call {t_direct * 1e6:.1f} us)")
+
+
+def pool_vs_prange(pool) -> None:
+    numba.set_num_threads(pool.n_threads)
+    print(f"\nQ8_0 GEMV, {pool.n_threads} threads: pool vs numba prange "
+          f"(threading layer {numba.config.THREADING_LAYER})")
+    for rows, cols in BIG + ((896, 896), (4864, 896)):
+        qt = make_weight("Q8_0", rows, cols)
+        x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+        out = np.empty(rows, np.float32)
+        gemv = mm.KERNELS["Q8_0"][0]
+        t_pool = timeit(lambda: pool.run(gemv, rows, qt.data, x, out))
+        t_pr = timeit(lambda: _gemv_q8_0_prange(qt.data, x, out))
+        print(f"  {rows:>6d}x{cols:<5d} pool {qt.nbytes / t_pool / 1e9:6.2f} GB/s ({t_pool * 1e6:8.1f} us)"
+              f"   prange {qt.nbytes / t_pr / 1e9:6.2f} GB/s ({t_pr * 1e6:8.1f} us)")
+
+
+def gemm_vs_blas(pool, fmts) -> None:
+    print("\nfused GEMM vs dequantize-tile + BLAS, ms (4864x896 and 1536x8960; * = faster)")
+    saved = dict(mm.BLAS_MIN_ROWS)
+    try:
+        for fmt in fmts:
+            for rows, cols in ((4864, 896), (1536, 8960)):
+                if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
+                    continue
+                qt = make_weight(fmt, rows, cols)
+                cells = []
+                for n in (2, 4, 8, 16, 32, 64):
+                    X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
+                    mm.BLAS_MIN_ROWS[fmt] = 10**9
+                    t_g = timeit(lambda: mm.matmul(X, qt, pool=pool), 0.15, 3)
+                    mm.BLAS_MIN_ROWS[fmt] = 1
+                    t_b = timeit(lambda: mm.matmul(X, qt, pool=pool), 0.15, 3)
+                    cells.append(f"n={n}: {t_g * 1e3:.2f}{'*' if t_g < t_b else ''}/{t_b * 1e3:.2f}"
+                                 f"{'*' if t_b <= t_g else ''}")
+                print(f"  {fmt:5s} {rows}x{cols}  " + "  ".join(cells), flush=True)
+    finally:
+        mm.BLAS_MIN_ROWS.update(saved)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", default=",".join(FMTS))
+    ap.add_argument("--quick", action="store_true", help="big shapes, GEMV only")
+    ap.add_argument("--extra", action="store_true", help="pool overhead, pool vs prange, GEMM vs BLAS")
+    ap.add_argument("--no-table", action="store_true")
+    args = ap.parse_args()
+    fmts = [f for f in args.formats.split(",") if f]
+    print(f"numba {numba.__version__}, SIMD kernels: {simd.HAVE_SIMD}, threads: {args.threads}, "
+          f"formats with kernels: {', '.join(f for f in FMTS if f in mm.KERNELS)}")
+    with ThreadPool(args.threads) as pool, ThreadPool(1) as one:
+        bw1, bw = bandwidth(one), bandwidth(pool)
+        print(f"memory bandwidth (read 256 MB): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
+        if not args.no_table:
+            main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES, bw)
+            print(f"memory bandwidth again: {bandwidth(pool):.1f} GB/s")
+        if args.extra:
+            pool_overhead(pool)
+            pool_vs_prange(pool)
+            gemm_vs_blas(pool, fmts)
+
+
+# ---- pytest-benchmark ----
+
+try:
+    import pytest
+except ImportError:  # script use without pytest
+    pytest = None
+
+if pytest is not None:
+    _CASES = [(f, s) for f in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "Q4_K", "Q6_K")
+              for s in ((4864, 896), (8960, 1536), (151936, 896)) if valid_cols(f, s[1])]
+
+    @pytest.fixture(scope="module")
+    def pool():
+        with ThreadPool(2) as p:
+            yield p
+
+    @pytest.mark.parametrize("n", BATCHES)
+    @pytest.mark.parametrize("fmt,shape", _CASES, ids=[f"{f}-{s[0]}x{s[1]}" for f, s in _CASES])
+    def test_matmul(benchmark, pool, fmt, shape, n) -> None:
+        if fmt not in mm.KERNELS:
+            pytest.skip(f"no {fmt} kernels")
+        if n == 64 and shape[0] > 100000:
+            pytest.skip("batch 64 on the vocab shape is slow; see the script table")
+        qt = make_weight(fmt, *shape)
+        X = np.random.default_rng(1).standard_normal((n, shape[1])).astype(np.float32)
+        x = X[0] if n == 1 else X
+        mm.matmul(x, qt, pool=pool)
+        benchmark(mm.matmul, x, qt, pool=pool)
+        benchmark.extra_info["GB/s"] = qt.nbytes / benchmark.stats.stats.median / 1e9
+
+    def test_bandwidth(benchmark, pool) -> None:
+        a = np.ones((256 << 20) // 4 // 4096, np.float32).reshape(-1, 4096)
+        out = np.zeros(a.shape[0], np.float32)
+        benchmark(pool.run, _read_kernel, a.shape[0], a, out)
+        benchmark.extra_info["GB/s"] = a.nbytes / benchmark.stats.stats.median / 1e9
+
+
+if __name__ == "__main__":
+    main()

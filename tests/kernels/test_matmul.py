@@ -1,0 +1,98 @@
+"""Public matmul / dequantize: every path (GEMV, GEMM, tile + BLAS), with and without a pool."""
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from _blocks import BASIC_FMTS, QUANT_FMTS, TOL, Checker, dequant_ref, random_weights
+
+from flashlm.kernels import matmul as mm
+from flashlm.kernels.matmul import dequantize, matmul
+from flashlm.kernels.formats import QTensor
+from flashlm.runtime.threadpool import ThreadPool
+
+ALL_FMTS = tuple(dict.fromkeys(BASIC_FMTS + QUANT_FMTS))
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with ThreadPool(2) as p:
+        yield p
+
+
+def _weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[QTensor, np.ndarray]:
+    w = random_weights(fmt, rows, cols, np.random.default_rng(seed))
+    return QTensor(w, fmt, (rows, cols)), dequant_ref(w, fmt)
+
+
+@pytest.mark.parametrize("use_pool", [False, True])
+@pytest.mark.parametrize("fmt", BASIC_FMTS)
+def test_matmul_all_paths(fmt: str, use_pool: bool, pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows, cols = 67, 512
+    qt, W = _weight(fmt, rows, cols)
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((20, cols)).astype(np.float32)
+    check = Checker(W, X)
+    p = pool if use_pool else None
+    y = matmul(X[0], qt, pool=p)
+    assert y.shape == (rows,) and y.dtype == np.float32
+    assert check.error(y, 0, 1) < TOL
+    assert check.error(matmul(X[:1], qt, pool=p), 0, 1) < TOL
+    for blas_min in (2, 100):  # force the tile + BLAS path, then the fused GEMM
+        monkeypatch.setitem(mm.BLAS_MIN_ROWS, fmt, blas_min)
+        monkeypatch.setattr(mm, "TILE_ROWS", 16)  # several tiles, last one partial
+        for n in (3, 8, 20):
+            out = np.full((n, rows), np.nan, np.float32)
+            res = matmul(X[:n], qt, out, pool=p)
+            assert res is out
+            assert check.error(out, 0, n) < TOL, (blas_min, n)
+
+
+@pytest.mark.parametrize("fmt", [f for f in QUANT_FMTS if f.endswith("_K")])
+def test_matmul_kquants(fmt: str, pool) -> None:
+    if fmt not in mm.KERNELS:
+        pytest.skip(f"{fmt} kernels (gemv_kquant.py) not available")
+    qt, W = _weight(fmt, 40, 512)
+    X = np.random.default_rng(2).standard_normal((9, 512)).astype(np.float32)
+    check = Checker(W, X)
+    assert check.error(matmul(X[0], qt, pool=pool), 0, 1) < TOL
+    assert check.error(matmul(X[:3], qt), 0, 3) < TOL
+    assert check.error(matmul(X, qt, pool=pool), 0, 9) < TOL
+
+
+@pytest.mark.parametrize("fmt", ALL_FMTS)
+def test_dequantize_equals_gguf(fmt: str) -> None:
+    qt, _ = _weight(fmt, 23, 512, seed=3)
+    full = dequantize(qt)
+    assert full.dtype == np.float32 and full.shape == (23, 512)
+    if fmt in ("F32", "F16", "BF16"):
+        ref = dequant_ref(qt.data, fmt).astype(np.float32)
+    else:
+        ref = gguf.quants.dequantize(qt.data, gguf.GGMLQuantizationType[fmt])
+    np.testing.assert_array_equal(full, ref)
+    idx = np.array([[5, 0], [22, 5]])
+    np.testing.assert_array_equal(dequantize(qt, idx), ref[idx])
+    np.testing.assert_array_equal(dequantize(qt, np.array([7])), ref[[7]])
+
+
+def test_dequantize_1d_f32() -> None:
+    v = np.arange(10, dtype=np.float32)
+    np.testing.assert_array_equal(dequantize(QTensor(v, "F32", (10,))), v)
+
+
+def test_matmul_rejects_bad_input() -> None:
+    qt, _ = _weight("Q8_0", 4, 64)
+    with pytest.raises(TypeError):
+        matmul(np.zeros(64, np.float64), qt)
+    with pytest.raises(ValueError):
+        matmul(np.zeros(32, np.float32), qt)
+    with pytest.raises(ValueError):
+        matmul(np.zeros(64, np.float32), qt, np.zeros(5, np.float32))
+    with pytest.raises(NotImplementedError):
+        matmul(np.zeros(64, np.float32), QTensor(qt.data, "Q2_K", (4, 64)))
+
+
+def test_matmul_non_contiguous_x() -> None:
+    qt, W = _weight("Q4_1", 9, 64)
+    X = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)[:, ::2]
+    assert Checker(W, X).error(matmul(X, qt), 0, 3) < TOL
