@@ -1,0 +1,507 @@
+"""Non-matmul kernels of a transformer forward pass: rmsnorm, rope, silu_mul,
+softmax, attention over a KV cache, and the KV-cache write.
+
+Every op is a private compiled ``_kernel`` plus a public wrapper that checks dtype,
+contiguity and shape. All arrays are float32. Numerics follow Hugging Face
+transformers (the reference the tests compare against): rmsnorm is
+``x * rsqrt(mean(x^2) + eps) * weight``, rope uses HF's float32 ``inv_freq`` and
+cos/sin tables, attention is ``softmax(q k^T / sqrt(D) + causal mask) v``.
+"""
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from flashlm.errors import UnsupportedError
+from flashlm.kernels.config import CACHE, jit
+
+__all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "kv_write", "rope_inv_freq"]
+
+
+# ---- helpers ----
+
+def _check(name: str, a: np.ndarray, ndim: int | None = None) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype != np.float32:
+        raise TypeError(f"{name}: expected a float32 numpy array, got {getattr(a, 'dtype', type(a))}")
+    if ndim is not None and a.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: array must be C-contiguous (use np.ascontiguousarray)")
+
+
+def _out(name: str, out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
+    if out is None:
+        return np.empty(shape, np.float32)
+    _check(name, out)
+    if out.shape != shape:
+        raise ValueError(f"{name}: out has shape {out.shape}, expected {shape}")
+    return out
+
+
+@intrinsic
+def _bits_to_f32(typingctx, x):
+    """Reinterpret the bits of an int32 as a float32 (vectorizes, unlike a view)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return sig, codegen
+
+
+# Deliberately not `jit`: `reassoc` would let LLVM fold the two-step (Cody-Waite)
+# range reduction into one multiply and lose ~20 ulp; `contract` (FMA) only helps.
+@numba.njit(nogil=True, cache=CACHE, fastmath={"contract"})
+def _expf(x):
+    """float32 exp that LLVM can vectorize (Cephes polynomial, about 3 ulp).
+
+    Results above 2.4e38 (x > 88.376) are inf and results below 1.2e-38 are 0
+    (no denormals); inf and nan propagate.
+    """
+    xc = min(max(x, np.float32(-87.33654)), np.float32(88.37626))
+    fx = np.floor(xc * np.float32(1.4426950408889634) + np.float32(0.5))
+    r = xc - fx * np.float32(0.693359375)
+    r = r - fx * np.float32(-2.12194440e-4)
+    y = np.float32(1.9875691500e-4)
+    y = y * r + np.float32(1.3981999507e-3)
+    y = y * r + np.float32(8.3334519073e-3)
+    y = y * r + np.float32(4.1665795894e-2)
+    y = y * r + np.float32(1.6666665459e-1)
+    y = y * r + np.float32(5.0000001201e-1)
+    y = y * (r * r) + r + np.float32(1.0)
+    res = y * _bits_to_f32((np.int32(fx) + np.int32(127)) << np.int32(23))
+    if x < np.float32(-87.33654):
+        res = np.float32(0.0)
+    if x > np.float32(88.37626):
+        res = np.float32(np.inf)
+    if x != x:
+        res = x
+    return res
+
+
+# ---- rmsnorm ----
+
+@jit
+def _rmsnorm(x, w, eps, out):
+    # x (n, d) f32, w (d,) f32, out (n, d) f32; out may be x
+    n, d = x.shape
+    for i in range(n):
+        ss = 0.0  # float64 sum of squares
+        for j in range(d):
+            v = np.float64(x[i, j])
+            ss += v * v
+        r = np.float32(1.0) / np.sqrt(np.float32(ss / d) + eps)
+        for j in range(d):
+            out[i, j] = (x[i, j] * r) * w[j]
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float,
+            out: np.ndarray | None = None) -> np.ndarray:
+    """RMS norm over the last axis: ``x * rsqrt(mean(x^2) + eps) * weight``.
+
+    Args:
+        x: (..., d) float32, C-contiguous (e.g. (n, d), or (n, heads, head_dim)
+            for qwen3's per-head q/k norm).
+        weight: (d,) float32.
+        eps: added to the mean square.
+        out: optional (..., d) float32 result buffer; may be ``x`` (in place).
+    Returns:
+        out, same shape as x.
+    """
+    _check("rmsnorm x", x)
+    _check("rmsnorm weight", weight, 1)
+    d = x.shape[-1] if x.ndim else 0
+    if x.ndim == 0 or weight.shape[0] != d:
+        raise ValueError(f"rmsnorm: x shape {x.shape} does not end in weight length {weight.shape[0]}")
+    out = _out("rmsnorm out", out, x.shape)
+    _rmsnorm(x.reshape(-1, d), weight, np.float32(eps), out.reshape(-1, d))
+    return out
+
+
+# ---- activations ----
+
+@jit(error_model="numpy")  # no ZeroDivisionError branch: it blocks vectorizing
+def _silu_mul(g, u, out):
+    # g, u, out (m,) f32
+    for i in range(g.shape[0]):
+        x = g[i]
+        out[i] = x / (np.float32(1.0) + _expf(-x)) * u[i]
+
+
+def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """SwiGLU activation ``silu(gate) * up`` with ``silu(x) = x / (1 + exp(-x))``.
+
+    Args:
+        gate: (n, f) float32 (any shape, C-contiguous).
+        up: same shape as gate.
+        out: optional result buffer of that shape; may be gate or up.
+    Returns:
+        out.
+    """
+    _check("silu_mul gate", gate)
+    _check("silu_mul up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul: gate shape {gate.shape} != up shape {up.shape}")
+    out = _out("silu_mul out", out, gate.shape)
+    _silu_mul(gate.reshape(-1), up.reshape(-1), out.reshape(-1))
+    return out
+
+
+@jit
+def _softmax(x, out):
+    # x, out (n, m) f32; out may be x
+    n, m = x.shape
+    for i in range(n):
+        mx = x[i, 0]
+        for j in range(1, m):
+            mx = max(mx, x[i, j])
+        s = np.float32(0.0)
+        for j in range(m):
+            e = _expf(x[i, j] - mx)
+            out[i, j] = e
+            s += e
+        inv = np.float32(1.0) / s
+        for j in range(m):
+            out[i, j] *= inv
+
+
+def softmax(x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Numerically stable softmax over the last axis (max subtracted first).
+
+    Args:
+        x: (..., m) float32, C-contiguous, m >= 1.
+        out: optional result buffer of x's shape; may be x.
+    Returns:
+        out.
+    """
+    _check("softmax x", x)
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"softmax: x must have a non-empty last axis, got shape {x.shape}")
+    out = _out("softmax out", out, x.shape)
+    m = x.shape[-1]
+    _softmax(x.reshape(-1, m), out.reshape(-1, m))
+    return out
+
+
+# ---- rope ----
+
+def rope_inv_freq(theta: float, rotary_dim: int, scaling: dict | None = None) -> np.ndarray:
+    """HF's float32 ``inv_freq = 1 / theta ** (arange(0, d, 2) / d)``, with rope scaling.
+
+    Args:
+        theta: rope base (``rope_theta``).
+        rotary_dim: number of rotated dimensions d (even).
+        scaling: HF ``rope_scaling`` dict or None. Types "default", "linear"
+            (``factor``) and "llama3" (``factor``, ``low_freq_factor``,
+            ``high_freq_factor``, ``original_max_position_embeddings``).
+    Returns:
+        (d // 2,) float32.
+    """
+    expo = np.arange(0, rotary_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(rotary_dim)
+    # torch computes theta ** expo in float32; rounding the exact value is within 1 ulp of it
+    inv = np.float32(1.0) / (float(theta) ** expo.astype(np.float64)).astype(np.float32)
+    kind = None if not scaling else scaling.get("rope_type", scaling.get("type"))
+    if kind in (None, "default"):
+        return inv
+    if kind == "linear":
+        return (inv / np.float32(scaling["factor"])).astype(np.float32)
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        low_wl, high_wl = old / low, old / high
+        wavelen = np.float32(2 * math.pi) / inv
+        inv_l = np.where(wavelen > low_wl, inv / np.float32(factor), inv).astype(np.float32)
+        smooth = ((np.float32(old) / wavelen - np.float32(low)) / np.float32(high - low)).astype(np.float32)
+        smoothed = (np.float32(1) - smooth) * inv_l / np.float32(factor) + smooth * inv_l
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return np.where(medium, smoothed, inv_l).astype(np.float32)
+    raise UnsupportedError(
+        f"rope_scaling type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def _cos_sin(inv: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # HF: freqs = pos.float() * inv_freq in float32, then cos/sin in float32
+    freqs = positions.astype(np.float32)[:, None] * inv[None, :]
+    f64 = freqs.astype(np.float64)
+    return np.cos(f64).astype(np.float32), np.sin(f64).astype(np.float32)
+
+
+_TABLE_MAX = 1 << 18  # positions beyond this get cos/sin computed per call
+_tables: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+_tables_lock = threading.Lock()
+
+
+def _rope_table(theta: float, rd: int, scaling: dict | None, need: int) -> tuple[np.ndarray, np.ndarray]:
+    key = (float(theta), rd, repr(sorted(scaling.items())) if scaling else None)
+    with _tables_lock:
+        tab = _tables.get(key)
+        if tab is None or tab[0].shape[0] < need:
+            size = max(1024, 1 << (need - 1).bit_length())
+            tab = _cos_sin(rope_inv_freq(theta, rd, scaling), np.arange(size))
+            _tables[key] = tab
+    return tab
+
+
+@jit
+def _rope(x, pos, cos, sin, rd, neox):
+    # x (n, H, D) f32 in place; pos (n,) int64 rows of cos/sin; cos, sin (P, rd // 2) f32
+    n, nh, _ = x.shape
+    half = rd // 2
+    for i in range(n):
+        p = pos[i]
+        for h in range(nh):
+            if neox:  # pairs (j, j + half): HF rotate_half
+                for j in range(half):
+                    c = cos[p, j]
+                    s = sin[p, j]
+                    x0 = x[i, h, j]
+                    x1 = x[i, h, j + half]
+                    x[i, h, j] = x0 * c - x1 * s
+                    x[i, h, j + half] = x1 * c + x0 * s
+            else:  # pairs (2j, 2j + 1): llama.cpp "norm" mode
+                for j in range(half):
+                    c = cos[p, j]
+                    s = sin[p, j]
+                    x0 = x[i, h, 2 * j]
+                    x1 = x[i, h, 2 * j + 1]
+                    x[i, h, 2 * j] = x0 * c - x1 * s
+                    x[i, h, 2 * j + 1] = x1 * c + x0 * s
+
+
+def rope(x: np.ndarray, positions: np.ndarray, theta: float, layout: str = "neox",
+         rotary_dim: int | None = None, scaling: dict | None = None) -> np.ndarray:
+    """Rotary position embedding, in place.
+
+    Args:
+        x: (n, n_heads, head_dim) float32, C-contiguous; rotated in place.
+        positions: (n,) integer absolute positions (decode: just the positions).
+        theta: rope base.
+        layout: "neox" (HF rotate_half, pairs (i, i + d/2)) or "interleaved"
+            (pairs (2i, 2i + 1), llama GGUF files).
+        rotary_dim: rotate only the first rotary_dim dims (default head_dim).
+        scaling: HF ``rope_scaling`` dict (see :func:`rope_inv_freq`) or None.
+    Returns:
+        x.
+    """
+    _check("rope x", x, 3)
+    n, _, hd = x.shape
+    rd = hd if rotary_dim is None else int(rotary_dim)
+    if rd <= 0 or rd > hd or rd % 2:
+        raise ValueError(f"rope: rotary_dim {rd} must be even and in 2..head_dim ({hd})")
+    if layout not in ("neox", "interleaved"):
+        raise ValueError(f"rope: layout must be 'neox' or 'interleaved', got {layout!r}")
+    pos = np.ascontiguousarray(positions, dtype=np.int64).reshape(-1)
+    if pos.shape[0] != n:
+        raise ValueError(f"rope: {pos.shape[0]} positions for {n} rows of x")
+    if n == 0:
+        return x
+    lo, hi = int(pos.min()), int(pos.max())
+    if lo < 0:
+        raise ValueError(f"rope: negative position {lo}")
+    if hi < _TABLE_MAX:
+        cos, sin = _rope_table(theta, rd, scaling, hi + 1)
+    else:
+        cos, sin = _cos_sin(rope_inv_freq(theta, rd, scaling), pos)
+        pos = np.arange(n, dtype=np.int64)
+    _rope(x, pos, cos, sin, rd, layout == "neox")
+    return x
+
+
+# ---- attention ----
+
+@jit
+def _scores4(qs, k, kvh, r0, t0, t1, s):
+    # s[r0:r0+4, t0:t1] = qs[r0:r0+4] . k[kvh, t0:t1]; qs (R, D), k (Hkv, T, D), s (R, T)
+    # Two keys per step: 8 dot products share each load of q and k.
+    dd = qs.shape[1]
+    t = t0
+    while t < t1:
+        t2 = min(t + 1, t1 - 1)  # second key (a repeat of the first at an odd end)
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        b0 = b1 = b2 = b3 = np.float32(0.0)
+        for d in range(dd):
+            k0 = k[kvh, t, d]
+            k1 = k[kvh, t2, d]
+            q0 = qs[r0, d]
+            q1 = qs[r0 + 1, d]
+            q2 = qs[r0 + 2, d]
+            q3 = qs[r0 + 3, d]
+            a0 += q0 * k0
+            a1 += q1 * k0
+            a2 += q2 * k0
+            a3 += q3 * k0
+            b0 += q0 * k1
+            b1 += q1 * k1
+            b2 += q2 * k1
+            b3 += q3 * k1
+        s[r0, t], s[r0 + 1, t], s[r0 + 2, t], s[r0 + 3, t] = a0, a1, a2, a3
+        s[r0, t2], s[r0 + 1, t2], s[r0 + 2, t2], s[r0 + 3, t2] = b0, b1, b2, b3
+        t += 2
+
+
+@jit
+def _pv4(s, v, kvh, r0, t0, t1, o):
+    # o[r0:r0+4] += s[r0:r0+4, t0:t1] @ v[kvh, t0:t1]; s (R, T), v (Hkv, T, D), o (R, D)
+    # Four keys per step, so each o row is loaded and stored once per four keys.
+    dd = o.shape[1]
+    t = t0
+    while t + 4 <= t1:
+        a0, a1, a2, a3 = s[r0, t], s[r0, t + 1], s[r0, t + 2], s[r0, t + 3]
+        b0, b1, b2, b3 = s[r0 + 1, t], s[r0 + 1, t + 1], s[r0 + 1, t + 2], s[r0 + 1, t + 3]
+        c0, c1, c2, c3 = s[r0 + 2, t], s[r0 + 2, t + 1], s[r0 + 2, t + 2], s[r0 + 2, t + 3]
+        e0, e1, e2, e3 = s[r0 + 3, t], s[r0 + 3, t + 1], s[r0 + 3, t + 2], s[r0 + 3, t + 3]
+        for d in range(dd):
+            v0 = v[kvh, t, d]
+            v1 = v[kvh, t + 1, d]
+            v2 = v[kvh, t + 2, d]
+            v3 = v[kvh, t + 3, d]
+            o[r0, d] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
+            o[r0 + 1, d] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
+            o[r0 + 2, d] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
+            o[r0 + 3, d] += e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3
+        t += 4
+    while t < t1:
+        p0, p1, p2, p3 = s[r0, t], s[r0 + 1, t], s[r0 + 2, t], s[r0 + 3, t]
+        for d in range(dd):
+            vv = v[kvh, t, d]
+            o[r0, d] += p0 * vv
+            o[r0 + 1, d] += p1 * vv
+            o[r0 + 2, d] += p2 * vv
+            o[r0 + 3, d] += p3 * vv
+        t += 1
+
+
+@jit
+def _attention(q, k, v, n_past, out, h0, h1):
+    # q (n, Hq, D), k/v (Hkv, T_max, D), out (n, Hq, D); query heads h0..h1-1.
+    # Per kv head, rows = (query token, query head of the group), 4 rows per tile;
+    # keys in blocks that stay in L1 while every row tile uses them.
+    n, hq, dd = q.shape
+    hkv = k.shape[0]
+    grp = hq // hkv
+    scale = np.float32(1.0 / math.sqrt(dd))
+    bk = max(16, 4096 // dd)  # 16 KB of keys (or values) per block
+    for kvh in range(hkv):
+        g0 = max(h0, kvh * grp)
+        g1 = min(h1, (kvh + 1) * grp)
+        if g0 >= g1:
+            continue
+        ng = g1 - g0
+        bq = max(1, 32 // ng)  # query tokens per row block: about 32 rows
+        rmax = (bq * ng + 3) // 4 * 4
+        qs = np.zeros((rmax, dd), np.float32)
+        s = np.empty((rmax, n_past + n), np.float32)
+        o = np.empty((rmax, dd), np.float32)
+        lsum = np.empty(rmax, np.float32)
+        for i0 in range(0, n, bq):
+            i1 = min(n, i0 + bq)
+            rows = (i1 - i0) * ng
+            rpad = (rows + 3) // 4 * 4  # pad rows repeat the last row's query
+            tend = n_past + i1  # keys any row of this block may see
+            for r in range(rpad):
+                rr = min(r, rows - 1)
+                for d in range(dd):
+                    qs[r, d] = q[i0 + rr // ng, g0 + rr % ng, d] * scale
+            for t0 in range(0, tend, bk):
+                t1 = min(tend, t0 + bk)
+                for r in range(0, rpad, 4):
+                    _scores4(qs, k, kvh, r, t0, t1, s)
+            for r in range(rpad):  # causal mask + softmax numerator, per row
+                lim = n_past + i0 + min(r, rows - 1) // ng + 1
+                mx = s[r, 0]
+                for t in range(1, lim):
+                    mx = max(mx, s[r, t])
+                acc = np.float32(0.0)
+                for t in range(lim):
+                    e = _expf(s[r, t] - mx)
+                    s[r, t] = e
+                    acc += e
+                for t in range(lim, tend):
+                    s[r, t] = 0.0
+                lsum[r] = acc
+                for d in range(dd):
+                    o[r, d] = 0.0
+            for t0 in range(0, tend, bk):
+                t1 = min(tend, t0 + bk)
+                for r in range(0, rpad, 4):
+                    _pv4(s, v, kvh, r, t0, t1, o)
+            for r in range(rows):
+                inv = np.float32(1.0) / lsum[r]
+                for d in range(dd):
+                    out[i0 + r // ng, g0 + r % ng, d] = o[r, d] * inv
+
+
+def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
+              out: np.ndarray | None = None, *, pool: Any = None) -> np.ndarray:
+    """Causal grouped-query attention of n new tokens over a KV cache.
+
+    New token i (position n_past + i) attends keys 0 .. n_past + i; query head h
+    uses kv head ``h // (Hq // Hkv)``; scores are scaled by 1/sqrt(D).
+
+    Args:
+        q: (n, Hq, D) float32 queries (rope applied).
+        k_cache: (Hkv, T_max, D) float32, positions 0 .. n_past + n - 1 filled.
+        v_cache: (Hkv, T_max, D) float32, same.
+        n_past: number of cached positions before the new tokens.
+        out: optional (n, Hq, D) float32 result buffer (not q).
+        pool: optional thread pool with ``.run(fn, n, *args)`` that calls
+            ``fn(*args, start, stop)`` over a split of range(n); the query heads
+            are split across it. None runs on the calling thread.
+    Returns:
+        out, (n, Hq, D).
+    """
+    _check("attention q", q, 3)
+    _check("attention k_cache", k_cache, 3)
+    _check("attention v_cache", v_cache, 3)
+    n, hq, d = q.shape
+    hkv, tmax, dk = k_cache.shape
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"attention: v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    if dk != d or hkv == 0 or hq % hkv:
+        raise ValueError(f"attention: q shape {q.shape} does not fit cache shape {k_cache.shape} "
+                         "(head_dim must match and Hq must be a multiple of Hkv)")
+    n_past = int(n_past)
+    if n_past < 0 or n_past + n > tmax:
+        raise ValueError(f"attention: positions {n_past}..{n_past + n - 1} exceed the cache ({tmax})")
+    out = _out("attention out", out, (n, hq, d))
+    if out is q:
+        raise ValueError("attention: out must not be q")
+    if n == 0:
+        return out
+    if pool is None:
+        _attention(q, k_cache, v_cache, n_past, out, 0, hq)
+    else:
+        pool.run(_attention, hq, q, k_cache, v_cache, n_past, out)
+    return out
+
+
+def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
+             pos: int) -> None:
+    """Write k, v for n new tokens into the caches at positions pos .. pos + n - 1.
+
+    Args:
+        k_cache, v_cache: (Hkv, T_max, D) float32, written in place.
+        k, v: (n, Hkv, D) float32.
+        pos: first position to write.
+    """
+    _check("kv_write k_cache", k_cache, 3)
+    _check("kv_write v_cache", v_cache, 3)
+    if k.dtype != np.float32 or v.dtype != np.float32:
+        raise TypeError(f"kv_write: k and v must be float32, got {k.dtype} and {v.dtype}")
+    if k.ndim != 3 or k.shape != v.shape or k.shape[1:] != (k_cache.shape[0], k_cache.shape[2]):
+        raise ValueError(f"kv_write: k {k.shape} / v {v.shape} do not fit cache {k_cache.shape}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"kv_write: v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    n = k.shape[0]
+    if pos < 0 or pos + n > k_cache.shape[1]:
+        raise ValueError(f"kv_write: positions {pos}..{pos + n - 1} exceed the cache ({k_cache.shape[1]})")
+    k_cache[:, pos:pos + n] = k.transpose(1, 0, 2)
+    v_cache[:, pos:pos + n] = v.transpose(1, 0, 2)

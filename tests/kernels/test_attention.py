@@ -1,0 +1,149 @@
+"""Causal GQA attention over a KV cache against softmax(QK^T/sqrt(D) + mask) V in
+float64, decode and prefill, with and without a thread pool; kv_write."""
+from __future__ import annotations
+
+import math
+import queue
+import threading
+
+import numpy as np
+import pytest
+
+from flashlm.kernels.ops import attention, kv_write
+
+
+def nerr(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.linalg.norm(a.astype(np.float64) - ref) / np.linalg.norm(ref))
+
+
+def attention_ref(q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int) -> np.ndarray:
+    n, hq, d = q.shape
+    grp = hq // k.shape[0]
+    t = n_past + n
+    mask = np.where(np.arange(t)[None, :] > n_past + np.arange(n)[:, None], -np.inf, 0.0)
+    out = np.empty((n, hq, d))
+    for h in range(hq):
+        kk = k[h // grp, :t].astype(np.float64)
+        vv = v[h // grp, :t].astype(np.float64)
+        s = q[:, h].astype(np.float64) @ kk.T / math.sqrt(d) + mask
+        p = np.exp(s - s.max(-1, keepdims=True))
+        out[:, h] = (p / p.sum(-1, keepdims=True)) @ vv
+    return out
+
+
+class TinyPool:
+    """The duck-typed pool interface: run(fn, n, *args) calls fn(*args, start, stop)."""
+
+    def __init__(self, n_threads: int) -> None:
+        self.n = n_threads
+        self.jobs: queue.Queue = queue.Queue()
+        self.threads = [threading.Thread(target=self._work, daemon=True) for _ in range(n_threads)]
+        for t in self.threads:
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            fn, args, done, errs = self.jobs.get()
+            try:
+                fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in run()
+                errs.append(e)
+            done.release()
+
+    def run(self, fn, n: int, *args) -> None:
+        done, errs = threading.Semaphore(0), []
+        bounds = [n * i // self.n for i in range(self.n + 1)]
+        for i in range(self.n):
+            self.jobs.put((fn, (*args, bounds[i], bounds[i + 1]), done, errs))
+        for _ in range(self.n):
+            done.acquire()
+        if errs:
+            raise errs[0]
+
+
+@pytest.fixture(scope="module")
+def pools() -> list[TinyPool]:
+    return [TinyPool(2), TinyPool(3)]
+
+
+def make(hq: int, hkv: int, d: int, n: int, n_past: int, seed: int = 0, t_max: int | None = None):
+    rng = np.random.default_rng(seed)
+    t_max = t_max or n_past + n + 5
+    q = rng.standard_normal((n, hq, d)).astype(np.float32)
+    k = rng.standard_normal((hkv, t_max, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, t_max, d)).astype(np.float32)
+    k[:, n_past + n:] = np.nan  # positions past the sequence must never be read
+    v[:, n_past + n:] = np.nan
+    return q, k, v
+
+
+@pytest.mark.parametrize("hq,hkv", [(14, 2), (12, 2), (9, 3)])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("n,n_past", [(1, 0), (1, 999), (17, 0), (17, 5)])
+def test_attention_matches_reference(hq: int, hkv: int, d: int, n: int, n_past: int, pools) -> None:
+    q, k, v = make(hq, hkv, d, n, n_past, seed=hq * d + n + n_past)
+    ref = attention_ref(q, k, v, n_past)
+    out = attention(q, k, v, n_past)
+    assert out.shape == (n, hq, d) and np.isfinite(out).all()
+    assert nerr(out, ref) < 2e-6
+    for pool in pools:  # heads split across threads, also across kv-head groups
+        pooled = np.full_like(out, np.nan)
+        attention(q, k, v, n_past, out=pooled, pool=pool)
+        np.testing.assert_array_equal(pooled, out)
+
+
+def test_single_key_returns_value() -> None:
+    q, k, v = make(4, 2, 64, 1, 0)
+    out = attention(q, k, v, 0)
+    np.testing.assert_allclose(out[0], v[[0, 0, 1, 1], 0], rtol=1e-6)
+
+
+def test_causal_mask_in_prefill() -> None:
+    """Prefill row i equals a decode step at position n_past + i."""
+    q, k, v = make(6, 2, 64, 33, 4)
+    full = attention(q, k, v, 4)
+    for i in (0, 1, 16, 32):
+        one = attention(np.ascontiguousarray(q[i:i + 1]), k, v, 4 + i)
+        np.testing.assert_allclose(one, full[i:i + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_long_prefill_and_large_scores(pools) -> None:
+    q, k, v = make(14, 2, 64, 200, 300, seed=3)
+    q *= 30.0  # scores in the thousands: needs the max subtraction
+    ref = attention_ref(q, k, v, 300)
+    out = attention(q, k, v, 300)
+    assert np.isfinite(out).all()
+    assert nerr(out, ref) < 1e-5
+    np.testing.assert_array_equal(attention(q, k, v, 300, pool=pools[0]), out)
+
+
+def test_kv_write_then_attention() -> None:
+    rng = np.random.default_rng(4)
+    hkv, d, t_max = 2, 64, 40
+    kc = np.zeros((hkv, t_max, d), np.float32)
+    vc = np.zeros((hkv, t_max, d), np.float32)
+    ks = rng.standard_normal((12, hkv, d)).astype(np.float32)
+    vs = rng.standard_normal((12, hkv, d)).astype(np.float32)
+    kv_write(kc, vc, ks[:9], vs[:9], 0)  # prefill 9
+    kv_write(kc, vc, ks[9:], vs[9:], 9)  # then 3 more
+    np.testing.assert_array_equal(kc[:, :12], ks.transpose(1, 0, 2))
+    np.testing.assert_array_equal(vc[:, :12], vs.transpose(1, 0, 2))
+    assert not kc[:, 12:].any()
+    q = rng.standard_normal((3, 8, d)).astype(np.float32)
+    assert nerr(attention(q, kc, vc, 9), attention_ref(q, kc, vc, 9)) < 2e-6
+    with pytest.raises(ValueError):
+        kv_write(kc, vc, ks, vs, 30)
+
+
+def test_attention_rejects_bad_input() -> None:
+    q, k, v = make(14, 2, 64, 2, 3)
+    with pytest.raises(ValueError):
+        attention(q, k, v[:1].copy(), 3)  # k and v caches differ
+    with pytest.raises(ValueError):
+        attention(np.ones((2, 5, 64), np.float32), k, v, 3)  # 5 heads over 2 kv heads
+    with pytest.raises(ValueError):
+        attention(q, k, v, k.shape[1])  # past the end of the cache
+    with pytest.raises(TypeError):
+        attention(q.astype(np.float64), k, v, 3)
+    with pytest.raises(ValueError):
+        attention(q, k, v, 3, out=np.empty((2, 14, 32), np.float32))
