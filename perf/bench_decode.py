@@ -1,0 +1,130 @@
+"""End-to-end decode and prefill speed of the real models, with ratios measured in the same run.
+
+Peers, each measured on the same model file, same thread count, same machine, same run:
+  * flashlm's plain-numpy forward (f32 dequantized weights, numpy matmul): the baseline
+    the Numba kernels must beat by >= 10x in decode;
+  * llama.cpp through llama-cpp-python, when it is installed (`pip install -e .[compare]`,
+    builds from source in ~10 minutes).
+
+Run:
+    python perf/bench_decode.py                       # all three models, 2 threads
+    python perf/bench_decode.py --models qwen2.5-coder-0.5b -p 512 -n 64 --threads 2
+    python -m pytest perf/bench_decode.py --benchmark-only    # pytest-benchmark form
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+
+
+def flashlm_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int = 2) -> dict:
+    import flashlm
+    from flashlm.cli_run import bench_model
+
+    with flashlm.load(name, threads=threads, ctx=prompt_tokens + gen_tokens + 16) as llm:
+        return bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
+
+
+def numpy_speed(name: str, *, gen_tokens: int, prompt_tokens: int) -> dict:
+    """Decode/prefill tok/s of the same model code on NumpyBackend (f32 dequantized weights)."""
+    import flashlm
+    from flashlm.cli_run import bench_model
+
+    with flashlm.load(name, threads=1, backend="numpy", ctx=prompt_tokens + gen_tokens + 16) as llm:
+        return bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=1)
+
+
+def llama_cpp_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int) -> dict | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    from flashlm.models.pull import gguf_path
+
+    llm = Llama(model_path=str(gguf_path(name)), n_threads=threads, n_threads_batch=threads,
+                n_ctx=prompt_tokens + gen_tokens + 16, n_batch=prompt_tokens, verbose=False, logits_all=False)
+    rng = np.random.default_rng(0)
+    ids = [int(t) for t in rng.integers(100, 30000, prompt_tokens)]
+    llm.eval(ids[:8])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    pf = time.perf_counter() - t0
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t0 = time.perf_counter()
+    for _ in range(gen_tokens):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    dec = time.perf_counter() - t0
+    return {"prefill_tok_s": prompt_tokens / pf, "decode_tok_s": gen_tokens / dec}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", default=MODELS)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
+    ap.add_argument("-n", "--gen-tokens", type=int, default=64)
+    ap.add_argument("--no-numpy", action="store_true", help="skip the plain-numpy baseline")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    rows = []
+    for name in args.models:
+        r = flashlm_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+        row = {"model": name, **r}
+        if not args.no_numpy:
+            npy = numpy_speed(name, gen_tokens=min(args.gen_tokens, 16), prompt_tokens=min(args.prompt_tokens, 64))
+            row["numpy_decode_tok_s"] = npy["decode_tok_s"]
+            row["decode_vs_numpy"] = r["decode_tok_s"] / npy["decode_tok_s"]
+        lc = llama_cpp_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+        if lc:
+            row["llama_cpp_decode_tok_s"] = lc["decode_tok_s"]
+            row["llama_cpp_prefill_tok_s"] = lc["prefill_tok_s"]
+            row["decode_vs_llama_cpp"] = r["decode_tok_s"] / lc["decode_tok_s"]
+            row["prefill_vs_llama_cpp"] = r["prefill_tok_s"] / lc["prefill_tok_s"]
+        rows.append(row)
+        print(json.dumps(row) if args.json else _fmt(row), flush=True)
+    return 0
+
+
+def _fmt(r: dict) -> str:
+    s = (f"{r['model']:<20} threads {r['threads']}  prefill {r['prompt_tokens']}: {r['prefill_tok_s']:7.1f} tok/s  "
+         f"decode: {r['decode_tok_s']:6.1f} tok/s ({r['decode_weight_GB_s']:.1f} GB/s of weights)  "
+         f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
+    if "decode_vs_numpy" in r:
+        s += f"\n{'':<20} numpy f32 forward decode {r['numpy_decode_tok_s']:.2f} tok/s -> {r['decode_vs_numpy']:.1f}x"
+    if "decode_vs_llama_cpp" in r:
+        s += (f"\n{'':<20} llama.cpp decode {r['llama_cpp_decode_tok_s']:.1f} tok/s -> {r['decode_vs_llama_cpp']:.2f}x, "
+              f"prefill {r['llama_cpp_prefill_tok_s']:.1f} tok/s -> {r['prefill_vs_llama_cpp']:.2f}x")
+    else:
+        s += f"\n{'':<20} llama.cpp: llama-cpp-python not installed (pip install -e .[compare])"
+    return s
+
+
+# ---- pytest-benchmark form ----
+
+def test_decode_qwen05(benchmark):
+    import flashlm
+
+    with flashlm.load("qwen2.5-coder-0.5b", threads=2, ctx=256) as llm:
+        cache = llm.model.make_cache(256)
+        llm.model.forward(np.arange(8), None, cache)
+
+        def step():
+            if cache.offset >= 250:
+                cache.trim(cache.offset - 8)
+            llm.model.forward(np.array([42]), None, cache)
+
+        benchmark(step)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.exit(main())
