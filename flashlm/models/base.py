@@ -1,0 +1,106 @@
+"""Small helpers every architecture shares: a batch of sequences and its attention.
+
+A forward pass runs the linear layers once over the rows of all sequences of a
+batch (so each weight is read once per step), and attention per sequence against
+its own KV cache. :class:`Batch` holds the concatenated rows and where each
+sequence's rows are; :func:`attend` writes k/v into each cache and attends.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flashlm.errors import InputError
+
+
+@dataclass
+class Batch:
+    """Rows of several sequences, concatenated.
+
+    Attributes:
+        tokens: (N,) int64 token ids of every sequence, one after another.
+        positions: (N,) int64 rope positions.
+        caches: the KV cache of each sequence.
+        starts: first row of each sequence (len B + 1, last = N).
+        n_past: positions already in each cache.
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    caches: list
+    starts: list[int]
+    n_past: list[int]
+
+    @property
+    def last_rows(self) -> np.ndarray:
+        """Index of the last row of each sequence (B,)."""
+        return np.asarray(self.starts[1:], np.int64) - 1
+
+    def finish(self) -> None:
+        """Mark the new positions written in every cache (after all layers ran)."""
+        for c, s, e in zip(self.caches, self.starts[:-1], self.starts[1:]):
+            c.advance(e - s)
+
+
+def make_batch(seqs) -> Batch:
+    """Check and concatenate ``[(tokens, positions, cache), ...]``.
+
+    ``positions`` may be None: then it is ``cache.offset + arange(n)``.
+
+    Raises:
+        InputError: an empty sequence, mismatched lengths, a cache used twice,
+            or a sequence that does not fit in its cache.
+    """
+    if not seqs:
+        raise InputError("forward needs at least one sequence")
+    toks, poss, caches, starts, n_past = [], [], [], [0], []
+    for j, (tokens, positions, cache) in enumerate(seqs):
+        tokens = np.asarray(tokens, np.int64).reshape(-1)
+        n = len(tokens)
+        if n == 0:
+            raise InputError(f"sequence {j} has no tokens")
+        if positions is None:
+            positions = cache.offset + np.arange(n)
+        positions = np.asarray(positions, np.int64).reshape(-1)
+        if len(positions) != n:
+            raise InputError(f"sequence {j}: {n} tokens but {len(positions)} positions")
+        if any(cache is c for c in caches):
+            raise InputError(f"sequence {j} shares its KV cache with an earlier sequence")
+        n_past.append(cache.reserve(n))
+        toks.append(tokens)
+        poss.append(positions)
+        caches.append(cache)
+        starts.append(starts[-1] + n)
+    return Batch(np.concatenate(toks), np.concatenate(poss), caches, starts, n_past)
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int) -> None:
+    """InputError when a token id is outside the vocabulary."""
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+        raise InputError(f"token id {int(bad)} is outside the vocabulary (0 .. {vocab_size - 1})")
+
+
+def attend(backend, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, batch: Batch) -> np.ndarray:
+    """Write k/v of every sequence into its cache at ``layer`` and attend causally.
+
+    Args:
+        backend: the compute backend.
+        layer: decoder block index.
+        q: (N, Hq, D) roped queries of all rows.
+        k, v: (N, Hkv, D) roped keys and values of all rows.
+        batch: where each sequence's rows are.
+
+    Returns:
+        (N, Hq, D) attention output.
+    """
+    if len(batch.caches) == 1:
+        c, p = batch.caches[0], batch.n_past[0]
+        backend.kv_write(c.k[layer], c.v[layer], k, v, p)
+        return backend.attention(q, c.k[layer], c.v[layer], p)
+    out = np.empty_like(q)
+    for c, p, s, e in zip(batch.caches, batch.n_past, batch.starts[:-1], batch.starts[1:]):
+        backend.kv_write(c.k[layer], c.v[layer], k[s:e], v[s:e], p)
+        out[s:e] = backend.attention(q[s:e], c.k[layer], c.v[layer], p)
+    return out

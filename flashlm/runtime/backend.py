@@ -1,0 +1,258 @@
+"""Compute backends: the only way a model does arithmetic.
+
+A backend offers the operations of a decoder-only transformer on float32
+activations and QTensor weights:
+
+    linear(x, w, bias=None)      (n, cols) @ W.T (+ bias)       -> (n, rows)
+    embed(w, ids)                rows ``ids`` of the embedding  -> (n, d)
+    rmsnorm(x, w, eps)           over the last axis of (n, d)   -> (n, d)
+    rope(x, positions, theta, layout, scaling=None)   in place on (n, H, D)
+    silu_mul(g, u)               silu(g) * u                    -> (n, F)
+    attention(q, k_cache, v_cache, n_past)   causal, GQA        -> (n, Hq, D)
+    kv_write(k_cache, v_cache, k, v, pos)    caches (Hkv, T, D), k/v (n, Hkv, D)
+
+:class:`NumpyBackend` is plain numpy: weights are dequantized to float32 once
+(with the ``gguf`` package's reference dequantizers) and multiplied with BLAS. It
+is the slow, obviously right reference and the "plain numpy" baseline of perf/.
+:class:`KernelBackend` calls the Numba kernels in ``flashlm.kernels`` on the
+weights as stored (block formats unchanged).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from flashlm.errors import UnsupportedError
+from flashlm.kernels.formats import QTensor
+
+# ---- shared helpers ----
+
+
+def to_f32(w: QTensor) -> np.ndarray:
+    """Dequantize a whole QTensor to float32 of its logical shape (reference path)."""
+    if w.fmt == "F32":
+        return np.asarray(w.data, np.float32).reshape(w.shape)
+    if w.fmt == "F16":
+        return w.data.astype(np.float32).reshape(w.shape)
+    if w.fmt == "BF16":
+        return (w.data.astype(np.uint32) << 16).view(np.float32).reshape(w.shape)
+    import gguf
+
+    out = gguf.quants.dequantize(w.data, gguf.GGMLQuantizationType[w.fmt])
+    return np.asarray(out, np.float32).reshape(w.shape)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+    """Rotary inverse frequencies (head_dim // 2,) float64, with HF rope scaling applied.
+
+    Supports ``rope_type`` default, linear and llama3 (the HF names).
+    """
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        lo, hi = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv
+        out = np.where(wavelen > old / lo, inv / factor, inv)
+        smooth = (old / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * out / factor + smooth * out
+        medium = (wavelen >= old / hi) & (wavelen <= old / lo)
+        return np.where(medium, smoothed, out)
+    raise UnsupportedError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
+
+
+# ---- plain numpy ----
+
+
+class NumpyBackend:
+    """Plain numpy: float32 weights dequantized once and cached, BLAS matmuls.
+
+    Args:
+        cache_weights: keep the float32 copy of each matrix (keyed by its buffer
+            address, format and shape). Turn off when the weight buffers are
+            reused for other layers (streaming), at the cost of dequantizing
+            every call.
+    """
+
+    name = "numpy"
+
+    def __init__(self, *, cache_weights: bool = True) -> None:
+        self.cache_weights = cache_weights
+        self._f32: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def f32(self, w: QTensor) -> np.ndarray:
+        """The float32 (rows, cols) copy of ``w`` (cached)."""
+        if w.fmt == "F32":
+            return np.asarray(w.data).reshape(w.shape)
+        if not self.cache_weights:
+            return to_f32(w)
+        key = (w.data.__array_interface__["data"][0], w.fmt, w.shape)
+        hit = self._f32.get(key)
+        if hit is None:
+            # keep w.data alive so its address is not reused by another buffer
+            hit = self._f32[key] = (w.data, to_f32(w))
+        return hit[1]
+
+    @property
+    def cached_nbytes(self) -> int:
+        return sum(a.nbytes for _, a in self._f32.values())
+
+    def clear(self) -> None:
+        self._f32.clear()
+
+    def linear(self, x: np.ndarray, w: QTensor, bias: QTensor | None = None) -> np.ndarray:
+        y = x @ self.f32(w).T  # (n, cols) @ (cols, rows)
+        if bias is not None:
+            y += self.f32(bias)
+        return y
+
+    def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
+        rows = QTensor(w.data[ids], w.fmt, (len(ids),) + tuple(w.shape[1:]))
+        return np.array(to_f32(rows), np.float32)  # (n, d), a fresh array
+
+    def rmsnorm(self, x: np.ndarray, w: QTensor, eps: float) -> np.ndarray:
+        ms = np.mean(np.square(x, dtype=np.float32), axis=-1, keepdims=True)
+        return (x / np.sqrt(ms + np.float32(eps))) * self.f32(w)
+
+    def rope(
+        self,
+        x: np.ndarray,  # (n, H, D) float32, rotated in place
+        positions: np.ndarray,  # (n,) int
+        theta: float,
+        layout: str,
+        scaling: dict | None = None,
+    ) -> np.ndarray:
+        d = x.shape[-1]
+        ang = np.asarray(positions, np.float64)[:, None] * rope_inv_freq(d, theta, scaling)[None, :]
+        cos = np.cos(ang).astype(np.float32)[:, None, :]  # (n, 1, D/2)
+        sin = np.sin(ang).astype(np.float32)[:, None, :]
+        if layout == "neox":
+            a, b = x[..., : d // 2].copy(), x[..., d // 2 :].copy()
+            x[..., : d // 2] = a * cos - b * sin
+            x[..., d // 2 :] = b * cos + a * sin
+        elif layout == "interleaved":
+            a, b = x[..., 0::2].copy(), x[..., 1::2].copy()
+            x[..., 0::2] = a * cos - b * sin
+            x[..., 1::2] = b * cos + a * sin
+        else:
+            raise ValueError(f"rope layout must be 'neox' or 'interleaved', got {layout!r}")
+        return x
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):  # exp(-g) = inf for very negative g gives 0, as it should
+            return g / (1.0 + np.exp(-g)) * u
+
+    def kv_write(self, k_cache, v_cache, k: np.ndarray, v: np.ndarray, pos: int) -> None:
+        n = k.shape[0]
+        k_cache[:, pos : pos + n] = k.transpose(1, 0, 2)  # (n, Hkv, D) -> (Hkv, n, D)
+        v_cache[:, pos : pos + n] = v.transpose(1, 0, 2)
+
+    def attention(
+        self,
+        q: np.ndarray,  # (n, Hq, D)
+        k_cache: np.ndarray,  # (Hkv, T_max, D) holding positions 0 .. n_past+n-1
+        v_cache: np.ndarray,
+        n_past: int,
+        *,
+        chunk: int = 256,
+    ) -> np.ndarray:
+        n, hq, d = q.shape
+        hkv = k_cache.shape[0]
+        g = hq // hkv
+        t = n_past + n
+        k, v = k_cache[:, :t], v_cache[:, :t]  # (Hkv, t, D)
+        out = np.empty((n, hq, d), np.float32)
+        for s in range(0, n, chunk):  # bound the (Hkv, rows, t) score matrix
+            e = min(n, s + chunk)
+            m = e - s
+            qg = q[s:e].reshape(m, hkv, g, d).transpose(1, 0, 2, 3).reshape(hkv, m * g, d)
+            sc = (qg @ k.transpose(0, 2, 1)) * np.float32(1.0 / math.sqrt(d))  # (Hkv, m*g, t)
+            qpos = n_past + s + np.arange(m).repeat(g)  # position of each score row
+            sc = np.where(np.arange(t)[None, :] <= qpos[:, None], sc, -np.inf)
+            sc = np.exp(sc - sc.max(axis=-1, keepdims=True))
+            sc /= sc.sum(axis=-1, keepdims=True)
+            o = sc @ v  # (Hkv, m*g, D)
+            out[s:e] = o.reshape(hkv, m, g, d).transpose(1, 0, 2, 3).reshape(m, hq, d)
+        return out
+
+
+# ---- Numba kernels ----
+
+
+class KernelBackend:
+    """The Numba kernels of ``flashlm.kernels`` on the weights as stored.
+
+    Args:
+        pool: a ``flashlm.runtime.threadpool.ThreadPool`` the kernels split work
+            over, or None for the kernels' default.
+    """
+
+    name = "kernels"
+
+    def __init__(self, pool=None) -> None:
+        from flashlm.kernels import matmul, ops  # lazily: Numba compiles on first use
+
+        self._matmul, self._ops = matmul, ops
+        self.pool = pool
+        self._vec: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def vector(self, w: QTensor) -> np.ndarray:
+        """A norm weight or bias as float32 (converted once when stored as F16/BF16)."""
+        if w.fmt == "F32":
+            return np.asarray(w.data, np.float32).reshape(-1)
+        key = (w.data.__array_interface__["data"][0], w.fmt, w.shape)
+        hit = self._vec.get(key)
+        if hit is None:
+            hit = self._vec[key] = (w.data, to_f32(w).reshape(-1))
+        return hit[1]
+
+    def linear(self, x: np.ndarray, w: QTensor, bias: QTensor | None = None) -> np.ndarray:
+        y = self._matmul.matmul(x, w, pool=self.pool)
+        if bias is not None:
+            y += self.vector(bias)
+        return y
+
+    def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
+        return np.array(self._matmul.dequantize(w, rows=np.asarray(ids, np.int64)), np.float32)
+
+    def rmsnorm(self, x: np.ndarray, w: QTensor, eps: float) -> np.ndarray:
+        return self._ops.rmsnorm(np.ascontiguousarray(x), self.vector(w), eps)
+
+    def rope(self, x, positions, theta, layout, scaling=None):
+        self._ops.rope(x, np.asarray(positions, np.int64), theta, layout, scaling=scaling)
+        return x
+
+    def silu_mul(self, g: np.ndarray, u: np.ndarray) -> np.ndarray:
+        return self._ops.silu_mul(g, u)
+
+    def kv_write(self, k_cache, v_cache, k, v, pos: int) -> None:
+        self._ops.kv_write(k_cache, v_cache, np.ascontiguousarray(k), np.ascontiguousarray(v), pos)
+
+    def attention(self, q, k_cache, v_cache, n_past: int) -> np.ndarray:
+        return self._ops.attention(np.ascontiguousarray(q), k_cache, v_cache, n_past, pool=self.pool)
+
+
+def kernels_available() -> bool:
+    """True when flashlm.kernels.matmul and .ops import."""
+    try:
+        from flashlm.kernels import matmul, ops  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(name: str = "auto", *, pool=None):
+    """A backend by name: "kernels", "numpy", or "auto" (kernels when they import)."""
+    if name == "auto":
+        name = "kernels" if kernels_available() else "numpy"
+    if name == "kernels":
+        return KernelBackend(pool)
+    if name == "numpy":
+        return NumpyBackend()
+    raise ValueError(f"backend must be 'auto', 'kernels' or 'numpy', got {name!r}")

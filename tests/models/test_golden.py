@@ -1,0 +1,90 @@
+"""The real models against transformers (golden logits and greedy tokens in shared/golden).
+
+For every chat case of every catalog model whose GGUF is on disk:
+- prefill of ``prompt_ids``: last-position logits within 1e-2 (max abs) of ``hf_<i>``,
+  same argmax;
+- greedy decoding gives ``hf_greedy``, or first differs at a step where the hf
+  run's top-2 margin was < 0.01 (a float-rounding tie).
+Run with KernelBackend when the kernels import, and with NumpyBackend (the 1.5B
+model under NumpyBackend needs ~7 GB of float32 weights: only with
+FLASHLM_TEST_SLOW=1, logits only).
+"""
+from __future__ import annotations
+
+import gc
+import os
+
+import numpy as np
+import pytest
+from conftest import golden, golden_logits
+
+from flashlm.models import build_model
+from flashlm.models.pull import gguf_path
+from flashlm.models.weights import gguf_weights
+from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available
+
+MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
+BIG_FOR_NUMPY = {"qwen2.5-coder-1.5b"}
+SLOW = bool(os.environ.get("FLASHLM_TEST_SLOW"))
+LOGITS_ATOL = 1e-2
+TIE_MARGIN = 0.01
+
+
+@pytest.fixture(scope="module", params=[(m, b) for m in MODELS for b in ("kernels", "numpy")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
+def model(request):
+    name, backend = request.param
+    path = gguf_path(name)
+    if not path.is_file():
+        pytest.skip(f"{path} not found (run `flashlm pull {name}`)")
+    if backend == "kernels" and not kernels_available():
+        pytest.skip("flashlm.kernels.matmul/ops do not import yet")
+    if backend == "numpy" and name in BIG_FOR_NUMPY and not SLOW:
+        pytest.skip(f"{name} under NumpyBackend needs ~7 GB of f32 weights; set FLASHLM_TEST_SLOW=1")
+    config, weights = gguf_weights(path)
+    m = build_model(config, weights, KernelBackend() if backend == "kernels" else NumpyBackend())
+    m.golden_name = name
+    yield m
+    del m, weights
+    gc.collect()
+
+
+def prefill(model, ids):
+    cache = model.make_cache(len(ids) + 64)
+    return model.forward(np.asarray(ids), np.arange(len(ids)), cache), cache
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_prefill_logits(model, case):
+    c = golden(model.golden_name)["chat"][case]
+    ref = golden_logits(model.golden_name)[f"hf_{case}"]
+    logits, _ = prefill(model, c["prompt_ids"])
+    err = float(np.abs(logits - ref).max())
+    print(f"{model.golden_name} {model.backend.name} case {case}: max abs diff {err:.2e}")
+    assert logits.shape == ref.shape and logits.dtype == np.float32
+    assert err < LOGITS_ATOL, f"max abs logits diff {err} >= {LOGITS_ATOL}"
+    assert logits.argmax() == ref.argmax()
+
+
+def first_mismatch(ours: list[int], ref: list[int]) -> int | None:
+    return next((k for k, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2])
+def test_greedy(model, case):
+    if model.backend.name == "numpy" and model.golden_name in BIG_FOR_NUMPY:
+        pytest.skip("greedy decoding of the 1.5B model is checked with KernelBackend only")
+    c = golden(model.golden_name)["chat"][case]
+    hf, margin = c["hf_greedy"], c["hf_top2_margin"]
+    logits, cache = prefill(model, c["prompt_ids"])
+    out = []
+    while True:  # as many steps as hf_greedy has (it stops after EOS)
+        out.append(int(logits.argmax()))
+        if len(out) == len(hf):
+            break
+        logits = model.forward(np.array(out[-1:]), np.array([cache.offset]), cache)
+    k = first_mismatch(out, hf)
+    print(f"{model.golden_name} {model.backend.name} case {case}: greedy "
+          + ("matches" if k is None else f"differs at step {k} (hf margin {margin[k]:.4f})"))
+    assert k is None or margin[k] < TIE_MARGIN, (
+        f"greedy differs at step {k}: ours {out[k]}, hf {hf[k]}, hf top-2 margin {margin[k]}")
