@@ -218,7 +218,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1) -
     if prompt_tokens + gen_tokens + 1 > llm.engine.ctx:
         raise InputError(f"-p {prompt_tokens} + -n {gen_tokens} does not fit --ctx {llm.engine.ctx}")
     cache = model.make_cache(prompt_tokens + gen_tokens + 1)
-    model.forward(ids[:8], None, cache)  # warm-up: compile kernels, map weights
+    model.forward(ids, None, cache)  # warm-up: compile the kernels of both paths, map weights
     for _ in range(2):
         model.forward(ids[:1], None, cache)
     best_pf, best_dec = float("inf"), float("inf")

@@ -57,11 +57,14 @@ def llama_cpp_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: 
     t0 = time.perf_counter()
     llm.eval(ids)
     pf = time.perf_counter() - t0
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    def last_argmax() -> int:
+        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+    tok = last_argmax()
     t0 = time.perf_counter()
     for _ in range(gen_tokens):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_argmax()
     dec = time.perf_counter() - t0
     return {"prefill_tok_s": prompt_tokens / pf, "decode_tok_s": gen_tokens / dec}
 

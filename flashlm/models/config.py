@@ -7,7 +7,7 @@ from typing import Any
 
 # Bumped whenever an importer's output changes (tokenizer rules, config fields), so
 # stores imported by an older flashlm are re-imported from their cached source.
-IMPORTER_VERSION = 2
+IMPORTER_VERSION = 3
 
 # model_type -> module in flashlm.models that implements it
 ARCH_ALIASES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}

@@ -146,9 +146,14 @@ def config_from_hf(src: Path) -> ModelConfig:
     d = dict(raw)
     d["model_type"] = ARCHITECTURES[arch]
     d["rope_layout"] = "neox"
-    if d.get("rope_theta") is None and isinstance(d.get("rope_parameters"), dict):
-        d["rope_theta"] = d["rope_parameters"].get("rope_theta", 10000.0)
-    if d.get("rope_scaling") and d["rope_scaling"].get("rope_type", d["rope_scaling"].get("type")) == "default":
+    rp = d.get("rope_parameters")  # transformers >= 5 writes rope_theta and scaling here
+    if isinstance(rp, dict):
+        if d.get("rope_theta") is None:
+            d["rope_theta"] = rp.get("rope_theta", 10000.0)
+        if not d.get("rope_scaling"):
+            d["rope_scaling"] = {k: v for k, v in rp.items() if k != "rope_theta"}
+    scaling = d.get("rope_scaling")
+    if isinstance(scaling, dict) and scaling.get("rope_type", scaling.get("type", "default")) == "default":
         d["rope_scaling"] = None
     if d["model_type"] == "llama":
         d["attention_bias"] = bool(raw.get("attention_bias", False))
