@@ -16,12 +16,12 @@ import os
 
 import numpy as np
 import pytest
-from conftest import golden, golden_logits
+from conftest import golden, golden_logits, real_store_path
 
 from flashlm.models import build_model
-from flashlm.models.pull import gguf_path
-from flashlm.models.weights import gguf_weights
+from flashlm.offload.store import Store
 from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available
+from flashlm.runtime.threadpool import ThreadPool
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 BIG_FOR_NUMPY = {"qwen2.5-coder-1.5b"}
@@ -34,17 +34,18 @@ TIE_MARGIN = 0.01
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def model(request):
     name, backend = request.param
-    path = gguf_path(name)
-    if not path.is_file():
-        pytest.skip(f"{path} not found (run `flashlm pull {name}`)")
     if backend == "kernels" and not kernels_available():
         pytest.skip("flashlm.kernels.matmul/ops do not import yet")
     if backend == "numpy" and name in BIG_FOR_NUMPY and not SLOW:
         pytest.skip(f"{name} under NumpyBackend needs ~7 GB of f32 weights; set FLASHLM_TEST_SLOW=1")
-    config, weights = gguf_weights(path)
-    m = build_model(config, weights, KernelBackend() if backend == "kernels" else NumpyBackend())
+    store = Store(real_store_path(name))  # the pulled store, as `flashlm run` reads it
+    config, weights = store.config, store
+    pool = ThreadPool(2) if backend == "kernels" else None
+    m = build_model(config, weights, KernelBackend(pool) if backend == "kernels" else NumpyBackend())
     m.golden_name = name
     yield m
+    if pool is not None:
+        pool.close()
     del m, weights
     gc.collect()
 
