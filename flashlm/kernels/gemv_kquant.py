@@ -1,0 +1,712 @@
+"""Fused dequantize-and-dot kernels for the GGUF K-quant formats Q4_K, Q5_K, Q6_K.
+
+The weight is the GGUF block bytes unchanged, uint8 (rows, row_bytes); every row is
+``cols // 256`` super-blocks of 256 weights (layouts as llama.cpp ggml-common.h):
+
+  Q4_K 144 B: d f16 | dmin f16 | scales[12] (8 x 6-bit scale, 8 x 6-bit min) | qs[128]
+  Q5_K 176 B: d f16 | dmin f16 | scales[12] | qh[32] (5th bits) | qs[128]
+  Q6_K 210 B: ql[128] (low nibbles) | qh[64] (2 high bits) | scales[16] int8 | d f16
+
+Q4_K/Q5_K: w = d*sc[j]*q - dmin*m[j] per 32-weight sub-block j; Q6_K: w = d*sc[j]*(q-32)
+per 16-weight sub-block. The GEMV uses sum_j d*sc[j]*dot(q, x) - dmin*m[j]*sum(x) so
+the inner loop is a pure q*x accumulation, kept in vector lane accumulators across
+sub-blocks (scale applied as one vector FMA per sub-block, one reduction per row).
+
+Two implementations per format, same contract:
+  * ``*_simd``: explicit vector IR through ``numba.extending.intrinsic`` (llvmlite),
+    whole row loop in one intrinsic (accumulators stay in registers).
+  * ``*_plain``: ordinary Numba loops; the fallback when the CPU lacks AVX2/FMA,
+    and a second implementation for the tests.
+Public names (``gemv_q4_k`` ...) are the SIMD kernels when ``simd.HAVE_SIMD`` (AVX2, FMA,
+F16C, not FLASHLM_NO_SIMD); ``IMPLS["simd" | "plain"]`` holds both for tests and benchmarks.
+
+Row-range kernels, safe to call from several threads at once (nogil, no shared state):
+  gemv_*(w, x, out, r0, r1)     out[r] = W[r] . x          for r in [r0, r1)
+  gemm_*(w, X, out, r0, r1)     out[i, r] = W[r] . X[i]    every block decoded once
+  dequant_*(w, out, r0, r1)     out[r, :] = W[r]           float32
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from flashlm.kernels.config import jit
+from flashlm.kernels.simd import HAVE_SIMD
+
+QK = 256  # weights per super-block
+BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+_BB = (144, 176, 210)  # block bytes by kind: 0 Q4_K, 1 Q5_K, 2 Q6_K
+
+# ---- vector IR helpers ----
+
+_I8, _I32, _F32, _F16 = ir.IntType(8), ir.IntType(32), ir.FloatType(), ir.HalfType()
+_I8P = _I8.as_pointer()
+_FM = ("contract", "reassoc", "nsz", "arcp")  # no nnan/ninf: inf/nan propagate
+
+
+def _vt(t: ir.Type, n: int) -> ir.VectorType:
+    return ir.VectorType(t, n)
+
+
+def _c(ty: ir.Type, val) -> ir.Constant:
+    """Constant of scalar or vector type ``ty``; ``val`` a scalar (splat) or a list."""
+    if isinstance(ty, ir.VectorType):
+        return ir.Constant(ty, val if isinstance(val, list) else [val] * ty.count)
+    return ir.Constant(ty, val)
+
+
+_U8x32, _F32x8, _F32x16, _F32x32 = _vt(_I8, 32), _vt(_F32, 8), _vt(_F32, 16), _vt(_F32, 32)
+
+
+class _V:
+    """Small vector-op vocabulary over an llvmlite IRBuilder (pointers are i8*, offsets bytes)."""
+
+    def __init__(self, builder: ir.IRBuilder):
+        self.b = builder
+
+    def ptr(self, base, off, ty):
+        off = off if isinstance(off, ir.Value) else _c(ir.IntType(64), off)
+        return self.b.bitcast(self.b.gep(base, [off], inbounds=True), ty.as_pointer())
+
+    def load(self, base, off, ty):
+        return self.b.load(self.ptr(base, off, ty), align=1)
+
+    def store(self, val, base, off):
+        self.b.store(val, self.ptr(base, off, val.type), align=4)
+
+    def fma(self, a, b, c):
+        fnty = ir.FunctionType(a.type, [a.type] * 3)
+        name = f"llvm.fma.v{a.type.count}f32"
+        return self.b.call(cgutils.get_or_insert_function(self.b.module, fnty, name), [a, b, c])
+
+    def fmul(self, a, b):
+        return self.b.fmul(a, b, flags=_FM)
+
+    def shuf(self, v, idx):
+        return self.b.shuffle_vector(v, ir.Constant(v.type, ir.Undefined), _c(_vt(_I32, len(idx)), idx))
+
+    def part(self, v, k, n=8):
+        return self.shuf(v, list(range(k * n, k * n + n)))
+
+    def splat_load(self, base, off, n=8):
+        """<n x float> of the float at byte ``off`` (a broadcast load)."""
+        s = self.b.load(self.ptr(base, off, _F32), align=4)
+        return self.shuf(self.b.insert_element(ir.Constant(_vt(_F32, n), ir.Undefined), s, _c(_I32, 0)), [0] * n)
+
+    def hsum(self, v):
+        n = v.type.count
+        while n > 1:
+            n //= 2
+            v = self.b.fadd(self.part(v, 0, n), self.part(v, 1, n), flags=_FM)
+        return self.b.extract_element(v, _c(_I32, 0))
+
+    def f16(self, base, off, n):
+        """n IEEE halves at byte ``off`` -> <n x float> (F16C vcvtph2ps)."""
+        return self.b.fpext(self.load(base, off, _vt(_F16, n)), _vt(_F32, n))
+
+    def kscales(self, blk):
+        """Q4_K/Q5_K header -> <16 x float>: d*sc[0..7], then dmin*m[0..7]."""
+        b, i32x16 = self.b, _vt(_I32, 16)
+        hdr = self.load(blk, 0, _vt(_I8, 16))  # d, dmin, scales[12]
+        # sc[j<4] = s[j]&63, sc[j>=4] = s[j+4]&15 | (s[j-4]>>6)<<4
+        # m[j<4] = s[j+4]&63, m[j>=4] = s[j+4]>>4 | (s[j]>>6)<<4   (s = hdr[4:])
+        lo = b.zext(self.shuf(hdr, [4, 5, 6, 7, 12, 13, 14, 15, 8, 9, 10, 11, 12, 13, 14, 15]), i32x16)
+        lo = b.and_(b.lshr(lo, _c(i32x16, [0] * 12 + [4] * 4)), _c(i32x16, ([63] * 4 + [15] * 4) * 2))
+        hi = b.zext(self.shuf(hdr, [0, 0, 0, 0, 4, 5, 6, 7, 0, 0, 0, 0, 8, 9, 10, 11]), i32x16)
+        hi = b.and_(b.shl(b.lshr(hi, _c(i32x16, 6)), _c(i32x16, 4)), _c(i32x16, ([0] * 4 + [48] * 4) * 2))
+        scm = b.uitofp(b.or_(lo, hi), _F32x16)
+        return self.fmul(scm, self.shuf(self.f16(blk, 0, 2), [0] * 8 + [1] * 8))
+
+    def q6scales(self, blk):
+        """Q6_K -> <16 x float> d*scales[j]."""
+        sc = self.b.sitofp(self.load(blk, 192, _vt(_I8, 16)), _F32x16)
+        return self.fmul(sc, self.shuf(self.f16(blk, 206, 2), [1] * 16))  # bytes 208..209
+
+
+def _arr_ptr(context, builder, aty, val):
+    """(i8* data, tuple of strides) of a Numba array value."""
+    a = context.make_array(aty)(context, builder, val)
+    return builder.bitcast(a.data, _I8P), cgutils.unpack_tuple(builder, a.strides, aty.ndim)
+
+
+PREFETCH = 2048  # bytes ahead; with the next-block scale decode 1.5-2.5x on 8960-wide rows from DRAM
+
+
+def _prefetch(builder, base, off):
+    """Read prefetch of the cache line at i8* base + off (never faults)."""
+    fnty = ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    builder.call(fn, [builder.gep(base, [off]), _c(_I32, 0), _c(_I32, 0), _c(_I32, 1)])
+
+
+def _make_row_dot(block_bytes: int, scales, emit, lanes: int = 16):
+    """Intrinsic ``row_dot(w, r, x, sx, nb, sbuf) -> float32``: row r of w dotted with x.
+
+    Iteration b stores ``scales(v, blk)`` of block b+1 (16 floats) into sbuf (nb*16,) f32
+    (block 0 before the loop), so the scale decode is off the critical path and the main
+    work broadcast-loads them; it prefetches PREFETCH bytes ahead and calls
+    ``emit(v, blk, xb, sxb, sb, accs) -> accs`` for block b. The row result is
+    hsum(acc0 + acc1 - acc2) of three <lanes x float> accumulators.
+    """
+
+    @intrinsic
+    def row_dot(typingctx, w, r, x, sx, nb, sbuf):
+        sig = types.float32(w, r, x, sx, nb, sbuf)
+
+        def codegen(context, builder, sig, args):
+            wp, ws = _arr_ptr(context, builder, sig.args[0], args[0])
+            xp, sxp, sp = [_arr_ptr(context, builder, sig.args[k], args[k])[0] for k in (2, 3, 5)]
+            row, nblk = [context.cast(builder, args[k], sig.args[k], types.intp) for k in (1, 4)]
+            wrow = builder.gep(wp, [builder.mul(row, ws[0])])
+            v = _V(builder)
+
+            def at(base, i, step):
+                return builder.gep(base, [builder.mul(i, _c(i.type, step))])
+
+            with cgutils.if_likely(builder, builder.icmp_signed(">", nblk, _c(nblk.type, 0))):
+                v.store(scales(v, wrow), sp, 0)
+            slots = [cgutils.alloca_once_value(builder, _c(_vt(_F32, lanes), 0.0)) for _ in range(3)]
+            with cgutils.for_range(builder, nblk) as loop:
+                i = loop.index
+                ptrs = at(wrow, i, block_bytes), at(xp, i, QK * 4), at(sxp, i, 32), at(sp, i, 64)
+                nxt = builder.add(i, _c(i.type, 1))
+                nxt = builder.select(builder.icmp_signed("<", nxt, nblk), nxt, i)  # last: redo own
+                v.store(scales(v, at(wrow, nxt, block_bytes)), at(sp, nxt, 64), 0)
+                for k in range(0, block_bytes, 64):
+                    _prefetch(builder, ptrs[0], _c(i.type, PREFETCH + k))
+                accs = emit(v, *ptrs, [builder.load(s) for s in slots])
+                for s, a in zip(slots, accs):
+                    builder.store(a, s)
+            a0, a1, a2 = [builder.load(s) for s in slots]
+            return v.hsum(builder.fsub(builder.fadd(a0, a1, flags=_FM), a2, flags=_FM))
+
+        return sig, codegen
+
+    return row_dot
+
+
+def _make_block_deq(block_bytes: int, emit):
+    """Intrinsic ``deq(w, r, b, dst, o)``: block b of row r -> 256 floats at dst.flat[o:]."""
+
+    @intrinsic
+    def deq(typingctx, w, r, b, dst, o):
+        sig = types.void(w, r, b, dst, o)
+
+        def codegen(context, builder, sig, args):
+            wp, ws = _arr_ptr(context, builder, sig.args[0], args[0])
+            dp, _ = _arr_ptr(context, builder, sig.args[3], args[3])
+            row, blk_i, off = [context.cast(builder, args[k], sig.args[k], types.intp) for k in (1, 2, 4)]
+            i64 = row.type
+            start = builder.add(builder.mul(row, ws[0]), builder.mul(blk_i, _c(i64, block_bytes)))
+            emit(_V(builder), builder.gep(wp, [start]), builder.gep(dp, [builder.mul(off, _c(i64, 4))]))
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return deq
+
+
+# ---- per-format block emitters (vector IR) ----
+
+
+def _emit_q45k_dot(five: bool):
+    """Q4_K / Q5_K block, 16 lanes: 16 quant bytes zero-extended to dwords give 16 low + 16 high nibbles."""
+    qoff, u8, i32, f32 = 48 if five else 16, _vt(_I8, 16), _vt(_I32, 16), _F32x16
+
+    def emit(v, blk, xb, sxb, sb, accs):
+        b = v.b
+        acc0, acc1, macc = accs
+        m = v.fmul(v.load(sb, 32, _F32x8), v.load(sxb, 0, _F32x8))  # dmin*m[j] * sum(x_j)
+        macc = b.fadd(macc, b.shuffle_vector(m, _c(_F32x8, 0.0), _c(_vt(_I32, 16), list(range(16)))), flags=_FM)
+        qh = [b.zext(v.load(blk, 16 + 16 * k, u8), i32) for k in range(2)] if five else None
+        for c in range(4):  # sub-blocks 2c (low nibbles) and 2c+1 (high nibbles)
+            tl = th = None
+            for k in range(2):
+                q = b.zext(v.load(blk, qoff + 32 * c + 16 * k, u8), i32)
+                lo, hi = b.and_(q, _c(i32, 15)), b.lshr(q, _c(i32, 4))
+                if five:  # bit j of qh[l] is the 5th bit of weight l of sub-block j
+                    for s, sh in ((0, 2 * c), (1, 2 * c + 1)):
+                        h5 = b.shl(qh[k], _c(i32, 4 - sh)) if sh <= 4 else b.lshr(qh[k], _c(i32, sh - 4))
+                        h5 = b.and_(h5, _c(i32, 16))
+                        lo, hi = (b.or_(lo, h5), hi) if s == 0 else (lo, b.or_(hi, h5))
+                xl, xh = v.load(xb, 256 * c + 64 * k, f32), v.load(xb, 256 * c + 128 + 64 * k, f32)
+                lo, hi = b.uitofp(lo, f32), b.uitofp(hi, f32)
+                tl = v.fmul(lo, xl) if tl is None else v.fma(lo, xl, tl)
+                th = v.fmul(hi, xh) if th is None else v.fma(hi, xh, th)
+            acc0 = v.fma(tl, v.splat_load(sb, 8 * c, 16), acc0)
+            acc1 = v.fma(th, v.splat_load(sb, 8 * c + 4, 16), acc1)
+        return [acc0, acc1, macc]
+
+    return emit
+
+
+def _emit_q45k_deq(five: bool):
+    def emit(v, blk, dst):
+        b, t = v.b, _U8x32
+        scm = v.kscales(blk)
+        qh = v.load(blk, 16, t) if five else None
+        for c in range(4):
+            q = v.load(blk, (48 if five else 16) + 32 * c, t)
+            for k, qq in enumerate((b.and_(q, _c(t, 15)), b.lshr(q, _c(t, 4)))):
+                j = 2 * c + k
+                if five:
+                    qq = b.or_(qq, b.shl(b.and_(b.lshr(qh, _c(t, j)), _c(t, 1)), _c(t, 4)))
+                val = b.fsub(b.fmul(b.uitofp(qq, _F32x32), v.shuf(scm, [j] * 32)), v.shuf(scm, [8 + j] * 32))
+                v.store(val, dst, 128 * j)
+
+    return emit
+
+
+def _q6k_groups(v, blk):
+    """Yield (h, k, <32 x i8> q-32) for the 8 groups of 32 weights (128h + 32k ...) of a Q6_K block."""
+    b, t = v.b, _U8x32
+    for h in range(2):
+        qa, qb = v.load(blk, 64 * h, t), v.load(blk, 64 * h + 32, t)
+        qh = v.load(blk, 128 + 32 * h, t)
+        qs = [
+            b.or_(b.and_(qa, _c(t, 15)), b.shl(b.and_(qh, _c(t, 3)), _c(t, 4))),
+            b.or_(b.and_(qb, _c(t, 15)), b.shl(b.and_(qh, _c(t, 12)), _c(t, 2))),
+            b.or_(b.lshr(qa, _c(t, 4)), b.and_(qh, _c(t, 48))),
+            b.or_(b.lshr(qb, _c(t, 4)), b.and_(b.lshr(qh, _c(t, 2)), _c(t, 48))),
+        ]
+        for k in range(4):
+            yield h, k, b.sub(qs[k], _c(t, 32))
+
+
+def _emit_q6k_dot(v, blk, xb, sxb, sb, accs):
+    """Q6_K block with 16-lane accumulators: one 16-weight sub-block per vector."""
+    acc0, acc1, acc2 = accs
+    for h, k, q in _q6k_groups(v, blk):
+        qf = v.b.sitofp(q, _F32x32)
+        off = 4 * (128 * h + 32 * k)
+        j = 8 * h + 2 * k
+        t = v.fmul(v.part(qf, 0, 16), v.load(xb, off, _F32x16))  # sub-block j
+        u = v.fmul(v.part(qf, 1, 16), v.load(xb, off + 64, _F32x16))  # sub-block j + 1
+        acc0 = v.fma(t, v.splat_load(sb, 4 * j, 16), acc0)
+        acc1 = v.fma(u, v.splat_load(sb, 4 * j + 4, 16), acc1)
+    return [acc0, acc1, acc2]
+
+
+def _emit_q6k_deq(v, blk, dst):
+    scv = v.q6scales(blk)
+    for h, k, q in _q6k_groups(v, blk):
+        j = 8 * h + 2 * k
+        val = v.fmul(v.shuf(scv, [j] * 16 + [j + 1] * 16), v.b.sitofp(q, _F32x32))
+        v.store(val, dst, 4 * (128 * h + 32 * k))
+
+
+def _make_dot256(nrows: int):
+    """Intrinsic ``dot(wbuf, X, i, base, accv)``: accv[i + t] += lanes of wbuf[0:256] *
+    X[i + t, base:base+256] for t < nrows; accv (n, 16) f32 holds per-row lane sums, so
+    no horizontal sum per block. X rows contiguous; each wbuf vector loaded once."""
+
+    @intrinsic
+    def dot(typingctx, wbuf, X, i, base, accv):
+        sig = types.void(wbuf, X, i, base, accv)
+
+        def codegen(context, builder, sig, args):
+            wp, _ = _arr_ptr(context, builder, sig.args[0], args[0])
+            xp, xs = _arr_ptr(context, builder, sig.args[1], args[1])
+            ap, _ = _arr_ptr(context, builder, sig.args[4], args[4])
+            i, base = [context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 3)]
+            v, it = _V(builder), i.type
+            rows = [builder.add(i, _c(it, t)) for t in range(nrows)]
+            xrows = [builder.gep(xp, [builder.add(builder.mul(r, xs[0]), builder.mul(base, _c(it, 4)))]) for r in rows]
+            arows = [builder.gep(ap, [builder.mul(r, _c(it, 64))]) for r in rows]
+            accs = [[v.load(a, 0, _F32x16), None] for a in arows]
+            for k in range(16):
+                wv = v.load(wp, 64 * k, _F32x16)
+                for t in range(nrows):
+                    xv, a = v.load(xrows[t], 64 * k, _F32x16), accs[t][k % 2]
+                    accs[t][k % 2] = v.fmul(wv, xv) if a is None else v.fma(wv, xv, a)
+            for a, (a0, a1) in zip(arows, accs):
+                v.store(builder.fadd(a0, a1, flags=_FM), a, 0)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return dot
+
+
+_dot256, _dot256x4 = _make_dot256(1), _make_dot256(4)
+
+_row_q4_k = _make_row_dot(144, _V.kscales, _emit_q45k_dot(False))
+_row_q5_k = _make_row_dot(176, _V.kscales, _emit_q45k_dot(True))
+_row_q6_k = _make_row_dot(210, _V.q6scales, _emit_q6k_dot)
+_deq_q4_k_simd = _make_block_deq(144, _emit_q45k_deq(False))
+_deq_q5_k_simd = _make_block_deq(176, _emit_q45k_deq(True))
+_deq_q6_k_simd = _make_block_deq(210, _emit_q6k_deq)
+
+
+# ---- plain Numba helpers (fallback and second reference) ----
+
+
+@jit
+def _f16(lo, hi):
+    """IEEE half from two little-endian bytes -> float32."""
+    h = np.int32(lo) | (np.int32(hi) << 8)
+    e, m = (h >> 10) & 31, h & 1023
+    if e == 0:
+        v = m * 2.0**-24
+    elif e == 31:
+        v = np.inf if m == 0 else np.nan
+    else:
+        v = (1024 + m) * 2.0 ** (e - 25)
+    return np.float32(-v if h & 0x8000 else v)
+
+
+@jit
+def _scale_min(w, r, o, j):
+    """6-bit (scale, min) of sub-block j of the Q4_K/Q5_K block at byte o of row r."""
+    s = o + 4
+    if j < 4:
+        return w[r, s + j] & 63, w[r, s + j + 4] & 63
+    sc = (w[r, s + j + 4] & 15) | ((w[r, s + j - 4] >> 6) << 4)
+    return sc, (w[r, s + j + 4] >> 4) | ((w[r, s + j] >> 6) << 4)
+
+
+@jit
+def _q45k_q(w, r, o, j, l, five):
+    """Quant of weight l of sub-block j (Q4_K: 4 bits; Q5_K: 5 bits)."""
+    c, sh = j // 2, 4 * (j % 2)
+    if five:
+        return ((w[r, o + 48 + 32 * c + l] >> sh) & 15) | (((w[r, o + 16 + l] >> j) & 1) << 4)
+    return (w[r, o + 16 + 32 * c + l] >> sh) & 15
+
+
+@jit
+def _q6k_q(w, r, o, j, l):
+    """Quant (minus 32) of weight l of 16-weight sub-block j of a Q6_K block; and its int8 scale."""
+    h, k, i = j // 8, (j % 8) // 2, 16 * (j % 2) + l
+    ql = (w[r, o + 64 * h + 32 * (k % 2) + i] >> (4 * (k // 2))) & 15
+    qh = (w[r, o + 128 + 32 * h + i] >> (2 * k)) & 3
+    return np.int32(ql | (qh << 4)) - 32
+
+
+@jit
+def _i8(v):
+    return np.int32(v) - 256 if v >= 128 else np.int32(v)
+
+
+@jit
+def _gemv_q45k_plain(w, x, out, r0, r1, bb, five):  # w (rows, nb*bb) u8, x (cols,), out (rows,)
+    nb = x.shape[0] // QK
+    for r in range(r0, r1):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * bb
+            d, dmin = _f16(w[r, o], w[r, o + 1]), _f16(w[r, o + 2], w[r, o + 3])
+            for j in range(8):
+                sc, m = _scale_min(w, r, o, j)
+                s, sx = np.float32(0.0), np.float32(0.0)
+                for l in range(32):
+                    xv = x[b * QK + 32 * j + l]
+                    s += np.float32(_q45k_q(w, r, o, j, l, five)) * xv
+                    sx += xv
+                acc += d * np.float32(sc) * s - dmin * np.float32(m) * sx
+        out[r] = acc
+
+
+@jit
+def _gemv_q6k_plain_rows(w, x, out, r0, r1):
+    nb = x.shape[0] // QK
+    for r in range(r0, r1):
+        acc = np.float32(0.0)
+        for b in range(nb):
+            o = b * 210
+            d = _f16(w[r, o + 208], w[r, o + 209])
+            for j in range(16):
+                s = np.float32(0.0)
+                base = b * QK + 16 * j
+                for l in range(16):
+                    s += np.float32(_q6k_q(w, r, o, j, l)) * x[base + l]
+                acc += d * np.float32(_i8(w[r, o + 192 + j])) * s
+        out[r] = acc
+
+
+@jit
+def _deq_q45k_plain(w, r, b, dst, o, bb, five):  # dst (>= o+256,) float32
+    ob = b * bb
+    d, dmin = _f16(w[r, ob], w[r, ob + 1]), _f16(w[r, ob + 2], w[r, ob + 3])
+    for j in range(8):
+        sc, m = _scale_min(w, r, ob, j)
+        dsc, dm = d * np.float32(sc), dmin * np.float32(m)
+        for l in range(32):
+            dst[o + 32 * j + l] = dsc * np.float32(_q45k_q(w, r, ob, j, l, five)) - dm
+
+
+@jit
+def _deq_q6k_plain(w, r, b, dst, o):  # dst (>= o+256,) float32
+    ob = b * 210
+    d = _f16(w[r, ob + 208], w[r, ob + 209])
+    for j in range(16):
+        dsc = d * np.float32(_i8(w[r, ob + 192 + j]))
+        for l in range(16):
+            dst[o + 16 * j + l] = dsc * np.float32(_q6k_q(w, r, ob, j, l))
+
+
+@jit
+def _deq_plain(w, r, b, dst, o, kind):  # kind 0 Q4_K, 1 Q5_K, 2 Q6_K
+    if kind == 2:
+        _deq_q6k_plain(w, r, b, dst, o)
+    else:
+        _deq_q45k_plain(w, r, b, dst, o, 176 if kind == 1 else 144, kind == 1)
+
+
+@jit
+def _gemm_plain(w, X, out, r0, r1, kind):  # X (n, cols) f32, out (n, rows) f32
+    nb = _check_gemm(w, X, out, r0, r1, _BB[kind])
+    wbuf, acc = np.empty(QK, np.float32), np.empty(X.shape[0], np.float32)
+    for r in range(r0, r1):
+        acc[:] = 0.0
+        for b in range(nb):
+            _deq_plain(w, r, b, wbuf, 0, kind)
+            _dot_rows(wbuf, X, b * QK, acc)
+        out[:, r] = acc
+
+
+@jit
+def _dequant_plain(w, out, r0, r1, kind):  # out (rows, cols) f32
+    nb = _check(w, out.shape[1], out.strides[1], out.shape[0], r0, r1, _BB[kind])
+    for r in range(r0, r1):
+        for b in range(nb):
+            _deq_plain(w, r, b, out[r], b * QK, kind)
+
+
+# ---- shared kernel pieces ----
+
+
+@jit
+def _check(w, cols, inner_stride, rows_out, r0, r1, bb):
+    """Validate shapes/contiguity of a row-range call; return blocks per row."""
+    if inner_stride != 4:
+        raise ValueError("K-quant kernel: activations / output rows must be contiguous float32")
+    if cols % QK != 0:
+        raise ValueError("K-quant kernel: cols must be a multiple of 256")
+    nb = cols // QK
+    if w.shape[1] != nb * bb:
+        raise ValueError("K-quant kernel: w.shape[1] != cols // 256 * block bytes")
+    if w.strides[1] != 1:
+        raise ValueError("K-quant kernel: w rows must be contiguous")
+    if rows_out != w.shape[0]:
+        raise ValueError("K-quant kernel: out rows != w rows")
+    if r0 < 0 or r1 < r0 or r1 > w.shape[0]:
+        raise ValueError("K-quant kernel: row range out of bounds")
+    return nb
+
+
+@jit
+def _check_gemm(w, X, out, r0, r1, bb):
+    if out.shape[0] != X.shape[0]:
+        raise ValueError("K-quant GEMM: out.shape[0] != X.shape[0]")
+    return _check(w, X.shape[1], X.strides[1], out.shape[1], r0, r1, bb)
+
+
+@jit
+def _sums32(x):  # x (cols,) -> (cols // 32,) sums of x per 32-weight sub-block
+    sx = np.empty(x.shape[0] // 32, np.float32)
+    for g in range(sx.shape[0]):
+        s = np.float32(0.0)
+        for l in range(32):
+            s += x[32 * g + l]
+        sx[g] = s
+    return sx
+
+
+@jit
+def _dot_rows(wbuf, X, base, acc):  # wbuf (256,), X (n, cols), acc (n,) += wbuf . X[:, base:base+256]
+    for i in range(X.shape[0]):
+        xr = X[i, base:base + QK]
+        s = np.float32(0.0)
+        for k in range(QK):
+            s += wbuf[k] * xr[k]
+        acc[i] += s
+
+
+@jit
+def _dot_rows_simd(wbuf, X, base, accv):  # accv (n, 16) lane sums += wbuf . X[:, base:base+256]
+    n4 = X.shape[0] // 4 * 4
+    for i in range(0, n4, 4):
+        _dot256x4(wbuf, X, i, base, accv)
+    for i in range(n4, X.shape[0]):
+        _dot256(wbuf, X, i, base, accv)
+
+
+# ---- public kernels: SIMD ----
+
+
+@jit
+def _gemv_q4_k_simd(w, x, out, r0, r1):  # w (rows, nb*144) u8, x (cols,) f32, out (rows,) f32
+    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 144)
+    sx, sbuf = _sums32(x), np.empty(nb * 16, np.float32)
+    for r in range(r0, r1):
+        out[r] = _row_q4_k(w, r, x, sx, nb, sbuf)
+
+
+@jit
+def _gemv_q5_k_simd(w, x, out, r0, r1):  # w (rows, nb*176) u8, x (cols,) f32, out (rows,) f32
+    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 176)
+    sx, sbuf = _sums32(x), np.empty(nb * 16, np.float32)
+    for r in range(r0, r1):
+        out[r] = _row_q5_k(w, r, x, sx, nb, sbuf)
+
+
+@jit
+def _gemv_q6_k_simd(w, x, out, r0, r1):  # w (rows, nb*210) u8, x (cols,) f32, out (rows,) f32
+    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 210)
+    sbuf = np.empty(nb * 16, np.float32)
+    for r in range(r0, r1):
+        out[r] = _row_q6_k(w, r, x, x, nb, sbuf)  # no min term: sx unused
+
+
+@jit
+def _gemm_q4_k_simd(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
+    nb = _check_gemm(w, X, out, r0, r1, 144)
+    wbuf, accv = np.empty(QK, np.float32), np.empty((X.shape[0], 16), np.float32)
+    for r in range(r0, r1):
+        accv[:] = 0.0
+        for b in range(nb):
+            _deq_q4_k_simd(w, r, b, wbuf, 0)
+            _dot_rows_simd(wbuf, X, b * QK, accv)
+        for i in range(X.shape[0]):
+            out[i, r] = accv[i].sum()
+
+
+@jit
+def _gemm_q5_k_simd(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
+    nb = _check_gemm(w, X, out, r0, r1, 176)
+    wbuf, accv = np.empty(QK, np.float32), np.empty((X.shape[0], 16), np.float32)
+    for r in range(r0, r1):
+        accv[:] = 0.0
+        for b in range(nb):
+            _deq_q5_k_simd(w, r, b, wbuf, 0)
+            _dot_rows_simd(wbuf, X, b * QK, accv)
+        for i in range(X.shape[0]):
+            out[i, r] = accv[i].sum()
+
+
+@jit
+def _gemm_q6_k_simd(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
+    nb = _check_gemm(w, X, out, r0, r1, 210)
+    wbuf, accv = np.empty(QK, np.float32), np.empty((X.shape[0], 16), np.float32)
+    for r in range(r0, r1):
+        accv[:] = 0.0
+        for b in range(nb):
+            _deq_q6_k_simd(w, r, b, wbuf, 0)
+            _dot_rows_simd(wbuf, X, b * QK, accv)
+        for i in range(X.shape[0]):
+            out[i, r] = accv[i].sum()
+
+
+@jit
+def _dequant_q4_k_simd(w, out, r0, r1):  # out (rows, cols) f32
+    nb = _check(w, out.shape[1], out.strides[1], out.shape[0], r0, r1, 144)
+    for r in range(r0, r1):
+        for b in range(nb):
+            _deq_q4_k_simd(w, r, b, out[r], b * QK)
+
+
+@jit
+def _dequant_q5_k_simd(w, out, r0, r1):  # out (rows, cols) f32
+    nb = _check(w, out.shape[1], out.strides[1], out.shape[0], r0, r1, 176)
+    for r in range(r0, r1):
+        for b in range(nb):
+            _deq_q5_k_simd(w, r, b, out[r], b * QK)
+
+
+@jit
+def _dequant_q6_k_simd(w, out, r0, r1):  # out (rows, cols) f32
+    nb = _check(w, out.shape[1], out.strides[1], out.shape[0], r0, r1, 210)
+    for r in range(r0, r1):
+        for b in range(nb):
+            _deq_q6_k_simd(w, r, b, out[r], b * QK)
+
+
+# ---- public kernels: plain Numba ----
+
+
+@jit
+def _gemv_q4_k_plain(w, x, out, r0, r1):  # w (rows, nb*144) u8, x (cols,) f32, out (rows,) f32
+    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 144)
+    _gemv_q45k_plain(w, x, out, r0, r1, 144, False)
+
+
+@jit
+def _gemv_q5_k_plain(w, x, out, r0, r1):  # w (rows, nb*176) u8, x (cols,) f32, out (rows,) f32
+    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 176)
+    _gemv_q45k_plain(w, x, out, r0, r1, 176, True)
+
+
+@jit
+def _gemv_q6_k_plain(w, x, out, r0, r1):  # w (rows, nb*210) u8, x (cols,) f32, out (rows,) f32
+    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 210)
+    _gemv_q6k_plain_rows(w, x, out, r0, r1)
+
+
+@jit
+def _gemm_q4_k_plain(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
+    _gemm_plain(w, X, out, r0, r1, 0)
+
+
+@jit
+def _gemm_q5_k_plain(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
+    _gemm_plain(w, X, out, r0, r1, 1)
+
+
+@jit
+def _gemm_q6_k_plain(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
+    _gemm_plain(w, X, out, r0, r1, 2)
+
+
+@jit
+def _dequant_q4_k_plain(w, out, r0, r1):  # out (rows, cols) f32
+    _dequant_plain(w, out, r0, r1, 0)
+
+
+@jit
+def _dequant_q5_k_plain(w, out, r0, r1):  # out (rows, cols) f32
+    _dequant_plain(w, out, r0, r1, 1)
+
+
+@jit
+def _dequant_q6_k_plain(w, out, r0, r1):  # out (rows, cols) f32
+    _dequant_plain(w, out, r0, r1, 2)
+
+
+# ---- dispatch ----
+
+
+# The vector kernels need AVX2, FMA and F16C and Numba compiling for the host; the
+# switch (and FLASHLM_NO_SIMD) lives in simd.py, shared with the other kernels.
+SIMD: bool = HAVE_SIMD
+
+# impl name -> format -> (gemv, gemm, dequant); both are tested, the public names pick one.
+IMPLS = {
+    "simd": {
+        "Q4_K": (_gemv_q4_k_simd, _gemm_q4_k_simd, _dequant_q4_k_simd),
+        "Q5_K": (_gemv_q5_k_simd, _gemm_q5_k_simd, _dequant_q5_k_simd),
+        "Q6_K": (_gemv_q6_k_simd, _gemm_q6_k_simd, _dequant_q6_k_simd),
+    },
+    "plain": {
+        "Q4_K": (_gemv_q4_k_plain, _gemm_q4_k_plain, _dequant_q4_k_plain),
+        "Q5_K": (_gemv_q5_k_plain, _gemm_q5_k_plain, _dequant_q5_k_plain),
+        "Q6_K": (_gemv_q6_k_plain, _gemm_q6_k_plain, _dequant_q6_k_plain),
+    },
+}
+_ACTIVE = IMPLS["simd" if SIMD else "plain"]
+
+gemv_q4_k, gemm_q4_k, dequant_q4_k = _ACTIVE["Q4_K"]
+gemv_q5_k, gemm_q5_k, dequant_q5_k = _ACTIVE["Q5_K"]
+gemv_q6_k, gemm_q6_k, dequant_q6_k = _ACTIVE["Q6_K"]
+
+KQUANT_KERNELS = {fmt: (k[0], k[1]) for fmt, k in _ACTIVE.items()}
+KQUANT_DEQUANT = {fmt: k[2] for fmt, k in _ACTIVE.items()}
+
+__all__ = [
+    "KQUANT_DEQUANT", "KQUANT_KERNELS", "IMPLS", "SIMD",
+    "gemv_q4_k", "gemv_q5_k", "gemv_q6_k", "gemm_q4_k", "gemm_q5_k", "gemm_q6_k",
+    "dequant_q4_k", "dequant_q5_k", "dequant_q6_k",
+]
