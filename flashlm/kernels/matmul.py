@@ -50,6 +50,8 @@ if _kq is not None:
 # Batch size from which dequantize-tile + BLAS beats the fused GEMM (measured).
 BLAS_MIN_ROWS: dict[str, int] = {fmt: 128 for fmt in FORMATS}
 TILE_ROWS = 256  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
+# Below this many weight bytes x activation rows a product runs in the calling thread.
+PARALLEL_MIN_BYTES = 256 * 1024
 
 
 class _Serial:
@@ -103,6 +105,52 @@ def _blas(fmt: str, data: np.ndarray, X: np.ndarray, out: np.ndarray, pool) -> N
         np.matmul(X, part.T, out=out[:, t0:t1])
 
 
+def _check(x: np.ndarray, w: QTensor) -> np.ndarray:
+    if w.fmt not in KERNELS:
+        raise NotImplementedError(f"matmul: no kernel for weight format {w.fmt!r} "
+                                  f"(have {sorted(KERNELS)})")
+    if len(w.shape) != 2:
+        raise ValueError(f"matmul: weight must be 2-D, got shape {w.shape}")
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise TypeError(f"matmul: x must be a float32 ndarray, got {getattr(x, 'dtype', type(x))}")
+    if x.ndim not in (1, 2) or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"matmul: x shape {x.shape} does not match weight shape {w.shape} "
+                         f"(need (..., {w.shape[1]}))")
+    return np.ascontiguousarray(x)
+
+
+def _out(x: np.ndarray, w: QTensor, out: np.ndarray | None) -> np.ndarray:
+    oshape = (w.shape[0],) if x.ndim == 1 else (x.shape[0], w.shape[0])
+    if out is None:
+        return np.empty(oshape, np.float32)
+    if out.shape != oshape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"matmul: out must be C-contiguous float32 of shape {oshape}, got "
+                         f"{out.dtype} {out.shape}")
+    return out
+
+
+def _task(x: np.ndarray, w: QTensor, out: np.ndarray) -> tuple:
+    """(kernel, rows, args) of the fused GEMV/GEMM for one weight."""
+    gemv, gemm = KERNELS[w.fmt]
+    data = _kernel_array(w)
+    if x.ndim == 1:
+        return gemv, w.shape[0], (data, x, out)
+    if x.shape[0] == 1:
+        return gemv, w.shape[0], (data, x[0], out[0])
+    return gemm, w.shape[0], (data, x, out)
+
+
+def _run(tasks: list, nbytes: int, pool) -> None:
+    if pool is None or nbytes < PARALLEL_MIN_BYTES:
+        for fn, n, args in tasks:
+            fn(*args, 0, n)
+    elif hasattr(pool, "run_many"):
+        pool.run_many(tasks)
+    else:
+        for fn, n, args in tasks:
+            pool.run(fn, n, *args)
+
+
 def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None, *, pool=None) -> np.ndarray:
     """``x @ W.T`` with ``W`` kept in its stored format.
 
@@ -112,40 +160,36 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None, *, pool=Non
         out: optional float32 result buffer, (rows,) or (n, rows), C-contiguous.
         pool: object with ``n_threads`` and ``run(fn, n, *args)`` (e.g.
             ``flashlm.runtime.threadpool.ThreadPool``); None runs in this thread.
+            Work under PARALLEL_MIN_BYTES runs in this thread anyway: waking a
+            worker costs more than the whole product.
 
     Returns:
         float32 array (rows,) for 1-D ``x``, else (n, rows).
     """
-    if w.fmt not in KERNELS:
-        raise NotImplementedError(f"matmul: no kernel for weight format {w.fmt!r} "
-                                  f"(have {sorted(KERNELS)})")
-    if len(w.shape) != 2:
-        raise ValueError(f"matmul: weight must be 2-D, got shape {w.shape}")
-    rows, cols = w.shape
-    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
-        raise TypeError(f"matmul: x must be a float32 ndarray, got {getattr(x, 'dtype', type(x))}")
-    if x.ndim not in (1, 2) or x.shape[-1] != cols:
-        raise ValueError(f"matmul: x shape {x.shape} does not match weight shape {w.shape} "
-                         f"(need (..., {cols}))")
-    x = np.ascontiguousarray(x)
-    oshape = (rows,) if x.ndim == 1 else (x.shape[0], rows)
-    if out is None:
-        out = np.empty(oshape, np.float32)
-    elif out.shape != oshape or out.dtype != np.float32 or not out.flags.c_contiguous:
-        raise ValueError(f"matmul: out must be C-contiguous float32 of shape {oshape}, got "
-                         f"{out.dtype} {out.shape}")
-    data = _kernel_array(w)
-    pool = _SERIAL if pool is None else pool
-    gemv, gemm = KERNELS[w.fmt]
-    if x.ndim == 1:
-        pool.run(gemv, rows, data, x, out)
-    elif x.shape[0] == 1:
-        pool.run(gemv, rows, data, x[0], out[0])
-    elif x.shape[0] >= BLAS_MIN_ROWS.get(w.fmt, 128):
-        _blas(w.fmt, data, x, out, pool)
+    x = _check(x, w)
+    out = _out(x, w, out)
+    if x.ndim == 2 and x.shape[0] >= BLAS_MIN_ROWS.get(w.fmt, 128):
+        _blas(w.fmt, _kernel_array(w), x, out, _SERIAL if pool is None else pool)
     else:
-        pool.run(gemm, rows, data, x, out)
+        _run([_task(x, w, out)], w.nbytes * (1 if x.ndim == 1 else x.shape[0]), pool)
     return out
+
+
+def matmul_many(x: np.ndarray, ws: list[QTensor], *, pool=None) -> list[np.ndarray]:
+    """``[x @ W.T for W in ws]`` for weights that share the input (q/k/v, gate/up).
+
+    The fused kernels of all of them run in one pool dispatch (each thread takes its
+    share of every matrix), which saves a wake-up per matrix in decode.
+    """
+    x = _check(x, ws[0])
+    for w in ws[1:]:
+        _check(x, w)
+    if x.ndim == 2 and x.shape[0] >= min(BLAS_MIN_ROWS.get(w.fmt, 128) for w in ws):
+        return [matmul(x, w, pool=pool) for w in ws]
+    outs = [_out(x, w, None) for w in ws]
+    nbytes = sum(w.nbytes for w in ws) * (1 if x.ndim == 1 else x.shape[0])
+    _run([_task(x, w, o) for w, o in zip(ws, outs)], nbytes, pool)
+    return outs
 
 
 def dequantize(w: QTensor, rows: np.ndarray | None = None) -> np.ndarray:

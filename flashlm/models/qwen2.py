@@ -47,9 +47,11 @@ class Model:
         """Self-attention of block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""
         c, be = self.config, self.backend
         n = h.shape[0]
-        q = be.linear(h, w["attn_q.weight"], w["attn_q.bias"]).reshape(n, c.num_attention_heads, c.head_dim)
-        k = be.linear(h, w["attn_k.weight"], w["attn_k.bias"]).reshape(n, c.num_key_value_heads, c.head_dim)
-        v = be.linear(h, w["attn_v.weight"], w["attn_v.bias"]).reshape(n, c.num_key_value_heads, c.head_dim)
+        q, k, v = be.linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]],
+                                 [w["attn_q.bias"], w["attn_k.bias"], w["attn_v.bias"]])
+        q = q.reshape(n, c.num_attention_heads, c.head_dim)
+        k = k.reshape(n, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(n, c.num_key_value_heads, c.head_dim)
         be.rope(q, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
         be.rope(k, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
         o = attend(be, i, q, k, v, batch)  # (N, Hq, D)
@@ -58,8 +60,7 @@ class Model:
     def mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
         """SwiGLU feed-forward on normed rows ``h`` (N, d) -> (N, d)."""
         be = self.backend
-        g = be.linear(h, w["ffn_gate.weight"])
-        u = be.linear(h, w["ffn_up.weight"])
+        g, u = be.linear_many(h, [w["ffn_gate.weight"], w["ffn_up.weight"]])
         return be.linear(be.silu_mul(g, u), w["ffn_down.weight"])
 
     def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:

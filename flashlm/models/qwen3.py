@@ -48,9 +48,10 @@ class Model:
         c, be = self.config, self.backend
         n = h.shape[0]
         hq, hkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-        q = be.linear(h, w["attn_q.weight"]).reshape(n * hq, d)
-        k = be.linear(h, w["attn_k.weight"]).reshape(n * hkv, d)
-        v = be.linear(h, w["attn_v.weight"]).reshape(n, hkv, d)
+        q, k, v = be.linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]])
+        q = q.reshape(n * hq, d)
+        k = k.reshape(n * hkv, d)
+        v = v.reshape(n, hkv, d)
         q = be.rmsnorm(q, w["attn_q_norm.weight"], eps).reshape(n, hq, d)  # per head
         k = be.rmsnorm(k, w["attn_k_norm.weight"], eps).reshape(n, hkv, d)
         be.rope(q, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
@@ -61,8 +62,7 @@ class Model:
     def mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
         """SwiGLU feed-forward on normed rows ``h`` (N, d) -> (N, d)."""
         be = self.backend
-        g = be.linear(h, w["ffn_gate.weight"])
-        u = be.linear(h, w["ffn_up.weight"])
+        g, u = be.linear_many(h, [w["ffn_gate.weight"], w["ffn_up.weight"]])
         return be.linear(be.silu_mul(g, u), w["ffn_down.weight"])
 
     def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:

@@ -29,12 +29,23 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from flashlm.kernels import sync
 
 try:
     import psutil
 except ImportError:  # psutil is a dependency, but keep the pool usable without it
     psutil = None
+
+
+# How long an idle worker spins before it sleeps: long enough to span the Python
+# work between two matmuls of a decode step, short enough to go quiet between requests.
+SPIN_US = 2000.0
+_SPIN_NS = 30.0  # about one pause + atomic load on Zen 3
 
 
 def default_threads() -> int:
@@ -66,40 +77,66 @@ class ThreadPool:
         ...     pool.run(gemv_q8_0, rows, w, x, out)   # gemv_q8_0(w, x, out, r0, r1)
     """
 
-    def __init__(self, n_threads: int | None = None) -> None:
+    def __init__(self, n_threads: int | None = None, *, spin_us: float = SPIN_US) -> None:
         n = default_threads() if n_threads is None else int(n_threads)
         if n < 1:
             raise ValueError(f"ThreadPool: n_threads must be >= 1, got {n_threads}")
         self.n_threads = n
+        nw = n - 1
         self._call_lock = threading.Lock()  # one run() at a time
         self._closed = False
-        self._task: tuple[Callable[..., Any], tuple[Any, ...]] | None = None
-        self._chunks: list[tuple[int, int]] = []
+        self._tasks: list[tuple[Callable[..., Any], list[tuple[int, int]], tuple[Any, ...]]] = []
         self._errors: list[BaseException | None] = [None] * n
-        self._start = [threading.Lock() for _ in range(n - 1)]
-        self._done = [threading.Lock() for _ in range(n - 1)]
-        for lk in self._start + self._done:
-            lk.acquire()
+        # ctl[0]: task generation; ctl[1..nw]: generation each worker finished;
+        # ctl[1+nw..2nw]: 1 while that worker sleeps on its semaphore.
+        self._ctl = np.zeros(1 + 2 * nw, np.int64)
+        self._gen = 0
+        self._spins = max(1, int(spin_us * 1000 / _SPIN_NS))
+        self._wake = [threading.Semaphore(0) for _ in range(nw)]
         self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True,
-                                          name=f"flashlm-pool-{i + 1}") for i in range(n - 1)]
+                                          name=f"flashlm-pool-{i + 1}") for i in range(nw)]
         for t in self._threads:
             t.start()
 
     def _worker(self, i: int) -> None:
-        start, done = self._start[i], self._done[i]
+        ctl, nw, wake = self._ctl, self.n_threads - 1, self._wake[i]
+        last = 0
         while True:
-            start.acquire()
+            g = sync.spin_while_equal(ctl, 0, last, self._spins)  # nogil: others run meanwhile
+            if g == last:  # idle for a while: sleep until run() wakes us
+                sync.store(ctl, 1 + nw + i, 1)
+                if sync.load(ctl, 0) == last:
+                    wake.acquire()
+                sync.store(ctl, 1 + nw + i, 0)
+                continue
+            last = g
             if self._closed:
-                done.release()
+                sync.store(ctl, 1 + i, g)
                 return
-            fn, args = self._task  # type: ignore[misc]
-            r0, r1 = self._chunks[i + 1]
             try:
-                fn(*args, r0, r1)
+                for fn, chunks, args in self._tasks:
+                    r0, r1 = chunks[i + 1]
+                    if r1 > r0:
+                        fn(*args, r0, r1)
             except BaseException as e:  # handed to the caller of run()
                 self._errors[i + 1] = e
             finally:
-                done.release()
+                sync.store(ctl, 1 + i, g)
+
+    def _publish(self) -> int:
+        """Start a new generation and wake sleeping workers; returns the generation."""
+        ctl, nw = self._ctl, self.n_threads - 1
+        self._gen += 1
+        sync.store(ctl, 0, self._gen)
+        for i in range(nw):
+            if sync.load(ctl, 1 + nw + i):
+                self._wake[i].release()
+        return self._gen
+
+    def _wait(self, g: int) -> None:
+        nw = self.n_threads - 1
+        while not sync.spin_until_all(self._ctl, 1, 1 + nw, g, self._spins):
+            time.sleep(0)  # a worker lost its core: let it run
 
     def run(self, fn: Callable[..., Any], n: int, *args: Any) -> None:
         """Call ``fn(*args, r0, r1)`` over contiguous chunks of ``[0, n)`` in parallel.
@@ -113,28 +150,45 @@ class ThreadPool:
             The first exception raised by any chunk (in chunk order), after all
             chunks have finished.
         """
-        if n <= 0:
+        self.run_many([(fn, n, args)])
+
+    def run_many(self, tasks: Sequence[tuple[Callable[..., Any], int, tuple[Any, ...]]]) -> None:
+        """Several row-range calls in one dispatch: thread t runs chunk t of each task in turn.
+
+        Used for matrices that share an input (q/k/v, gate/up): one wake-up and one
+        wait instead of one per matrix.
+
+        Args:
+            tasks: (fn, n, args) triples, as for :meth:`run`.
+        """
+        tasks = [(fn, n, args) for fn, n, args in tasks if n > 0]
+        if not tasks:
             return
         with self._call_lock:
             if self._closed:
                 raise RuntimeError("ThreadPool.run called after close()")
-            chunks = split(n, self.n_threads)
-            if len(chunks) == 1:
-                fn(*args, 0, n)
+            nt = self.n_threads
+            if nt == 1 or all(n == 1 for _, n, _ in tasks):
+                for fn, n, args in tasks:
+                    fn(*args, 0, n)
                 return
-            self._task, self._chunks = (fn, args), chunks
-            woken = range(len(chunks) - 1)
-            for i in woken:
-                self._start[i].release()
+            planned = []
+            for fn, n, args in tasks:
+                chunks = split(n, nt)
+                chunks += [(n, n)] * (nt - len(chunks))
+                planned.append((fn, chunks, args))
+            self._tasks = planned
+            g = self._publish()
             try:
-                fn(*args, *chunks[0])
+                for fn, chunks, args in planned:
+                    r0, r1 = chunks[0]
+                    fn(*args, r0, r1)
             except BaseException as e:
                 self._errors[0] = e
-            for i in woken:
-                self._done[i].acquire()
-            self._task = None
+            self._wait(g)
+            self._tasks = []
             errors = [e for e in self._errors if e is not None]
-            self._errors = [None] * self.n_threads
+            self._errors = [None] * nt
             if errors:
                 raise errors[0]
 
@@ -144,8 +198,8 @@ class ThreadPool:
             if self._closed:
                 return
             self._closed = True
-            for lk in self._start:
-                lk.release()
+            if self._threads:
+                self._publish()
             for t in self._threads:
                 t.join()
 
