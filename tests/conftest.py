@@ -1,55 +1,10 @@
-"""Shared fixtures: tiny synthetic models and the real models from the catalog.
-
-Real-model tests use the stores under FLASHLM_HOME (default ~/.cache/flashlm),
-pulling a model on first use like `flashlm pull` does (the download is cached, so
-only the first run pays for it). Set FLASHLM_SKIP_REAL=1 to skip them visibly.
-"""
+"""Shared fixtures: tiny synthetic models (tests/synth.py) and the real models (tests/realmodels.py)."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pytest
-
-GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
-if not GOLDEN.is_dir():  # CI clones main with shared/ beside it
-    GOLDEN = Path(os.environ.get("FLASHLM_GOLDEN", "../shared/golden")).resolve()
-
-REAL_MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
-
-
-def golden(name: str) -> dict:
-    """The golden JSON of a catalog model (by its GGUF file stem)."""
-    from flashlm.models.registry import catalog
-
-    stem = Path(catalog()[name]["file"]).stem
-    path = GOLDEN / f"{stem}.json"
-    if not path.is_file():
-        pytest.skip(f"golden data {path} not found (shared/ must sit beside the repo)")
-    return json.loads(path.read_text())
-
-
-def golden_logits(name: str):
-    import numpy as np
-    from flashlm.models.registry import catalog
-
-    stem = Path(catalog()[name]["file"]).stem
-    return np.load(GOLDEN / f"{stem}.logits.npz")
-
-
-_pulled: dict[str, Path] = {}
-
-
-def real_store_path(name: str) -> Path:
-    """Store path of a catalog model, pulled on first use (cached in FLASHLM_HOME)."""
-    if os.environ.get("FLASHLM_SKIP_REAL"):
-        pytest.skip("FLASHLM_SKIP_REAL is set: real-model tests skipped")
-    if name not in _pulled:
-        from flashlm.models.pull import pull_model
-
-        _pulled[name] = pull_model(name, progress=False)
-    return _pulled[name]
+from realmodels import REAL_MODELS
 
 
 @pytest.fixture(params=REAL_MODELS)

@@ -247,6 +247,8 @@ class Store:
                     f"within {t['file']} ({finfo['size']} bytes); the store is corrupt, re-import it"
                 )
         self._maps: dict[str, np.ndarray] = {}
+        self._layers: dict[int, dict[str, QTensor]] = {}
+        self._globals: dict[str, QTensor] = {}
         self.n_layers = self.config.num_hidden_layers
 
     # -- files and tensors --
@@ -263,23 +265,38 @@ class Store:
 
     def tensor(self, name: str) -> QTensor:
         """Zero-copy view of one tensor."""
+        hit = self._globals.get(name)
+        if hit is not None:
+            return hit
         t = self.tensor_info.get(name)
         if t is None:
             raise StoreError(f"{self.path}: no tensor named {name}")
         buf = self._map(t["file"])[t["offset"] : t["offset"] + t["nbytes"]]
         shape = tuple(t["shape"])
-        return QTensor(view_as(t["format"], buf, shape), t["format"], shape)
+        q = QTensor(view_as(t["format"], buf, shape), t["format"], shape)
+        if not name.startswith("blk."):
+            self._globals[name] = q
+        return q
 
     def layer_names(self, i: int) -> list[str]:
         prefix = f"blk.{i}."
         return [n for n in self.tensor_info if n.startswith(prefix)]
 
     def layer(self, i: int) -> dict[str, QTensor]:
-        """All tensors of decoder block ``i``, keyed by short name (``attn_q.weight``)."""
+        """All tensors of decoder block ``i``, keyed by short name (``attn_q.weight``).
+
+        The views are made once per layer and reused (the decode loop asks for every
+        layer on every token).
+        """
+        hit = self._layers.get(i)
+        if hit is not None:
+            return hit
         if not 0 <= i < self.n_layers:
             raise StoreError(f"{self.path}: layer {i} out of range (0..{self.n_layers - 1})")
         prefix = f"blk.{i}."
-        return {n[len(prefix) :]: self.tensor(n) for n in self.layer_names(i)}
+        views = {n[len(prefix) :]: self.tensor(n) for n in self.layer_names(i)}
+        self._layers[i] = views
+        return views
 
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer_{i:03d}.bin"
@@ -316,6 +333,8 @@ class Store:
 
     def close(self) -> None:
         self._maps.clear()
+        self._layers.clear()
+        self._globals.clear()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, {self.config.model_type}, {self.n_layers} layers)"

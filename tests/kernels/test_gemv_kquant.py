@@ -24,7 +24,6 @@ FMTS = ["Q4_K", "Q5_K", "Q6_K"]
 BB = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 IMPLS = ["simd", "plain"] if K.SIMD else ["plain"]
 TOL = 2e-6
-GGUF_1P5B = Path("~/.cache/flashlm/gguf/qwen2.5-coder-1.5b-instruct-q4_k_m.gguf").expanduser()
 
 # f16 scale values: ordinary, zero, extreme normals, a subnormal
 _SPECIAL_F16 = np.array([0.0, -0.0, 65504.0, -65504.0, 6.104e-5, -6.104e-5, 2.0**-24], np.float16)
@@ -205,9 +204,9 @@ def test_public_names_and_tables():
 
 @pytest.fixture(scope="module")
 def gguf_1p5b() -> GGUFReader:
-    if not GGUF_1P5B.exists():
-        pytest.skip(f"real model file absent: {GGUF_1P5B}")
-    return GGUFReader(GGUF_1P5B)  # slow to parse (~10 s): once per module
+    from realmodels import gguf_by_stem
+
+    return GGUFReader(gguf_by_stem("qwen2.5-coder-1.5b-instruct-q4_k_m"))  # slow to parse (~10 s): once per module
 
 
 @pytest.mark.parametrize("name", ["blk.0.ffn_gate.weight", "blk.0.ffn_down.weight"])  # Q4_K, Q6_K

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import golden, golden_logits, real_store_path
+from realmodels import golden, golden_logits, real_store_path
 
 from flashlm.models import build_model
 from flashlm.offload.store import Store

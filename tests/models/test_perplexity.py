@@ -9,7 +9,7 @@ ids: this test is about the forward pass; the tokenizer has its own tests.
 from __future__ import annotations
 
 import pytest
-from conftest import GOLDEN, golden, real_store_path
+from realmodels import GOLDEN, golden, real_store_path
 
 import flashlm
 from flashlm.models.pull import gguf_path

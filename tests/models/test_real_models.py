@@ -6,7 +6,7 @@ import json
 import gguf
 import numpy as np
 import pytest
-from conftest import golden, real_store_path
+from realmodels import golden, real_store_path
 
 from flashlm.cli import main
 from flashlm.models.pull import gguf_path

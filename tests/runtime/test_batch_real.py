@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import golden, real_store_path
+from realmodels import golden, real_store_path
 
 import flashlm
 from flashlm.runtime.sampler import SamplingParams

@@ -8,14 +8,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from realmodels import GOLDEN, gguf_by_stem
 
 from flashlm.errors import FlashlmError, InputError
 from flashlm.runtime.chat_template import (ChatTemplate, ChatTemplateError,
                                            render_chat_template, validate_messages)
 from flashlm.runtime.tokenizer import Tokenizer
 
-GGUF_DIR = Path.home() / ".cache/flashlm/gguf"
-GOLDEN_DIR = Path("/work/shared/golden")
+GOLDEN_DIR = GOLDEN
 GOLDEN = sorted(p.stem for p in GOLDEN_DIR.glob("*.json"))
 USER = [{"role": "user", "content": "hi"}]
 
@@ -24,7 +24,7 @@ USER = [{"role": "user", "content": "hi"}]
 def gguf_tokenizer_meta(stem: str) -> dict:
     """The ``tokenizer.*`` metadata of a GGUF (flashlm's own header parser when it is
     there: gguf.GGUFReader takes ~10 s on a 150k-token vocabulary)."""
-    path = GGUF_DIR / f"{stem}.gguf"
+    path = gguf_by_stem(stem)
     if not path.exists():
         pytest.skip(f"{path} not downloaded: cannot read its chat template")
     try:
@@ -62,7 +62,7 @@ def test_golden_prompt_text(stem):
 def test_golden_prompt_ids(stem):
     mod = pytest.importorskip("flashlm.models.gguf_tokenizer",
                               reason="flashlm.models.gguf_tokenizer not written yet")
-    path = GGUF_DIR / f"{stem}.gguf"
+    path = gguf_by_stem(stem)
     if not path.exists():
         pytest.skip(f"{path} not downloaded")
     meta = gguf_tokenizer_meta(stem)

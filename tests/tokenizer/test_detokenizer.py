@@ -12,14 +12,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from realmodels import GOLDEN, gguf_by_stem
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
 from flashlm.errors import FlashlmError, InputError
 from flashlm.runtime.tokenizer import StreamingDetokenizer, Tokenizer
 
-GGUF_DIR = Path.home() / ".cache/flashlm/gguf"
-GOLDEN_DIR = Path("/work/shared/golden")
+GOLDEN_DIR = GOLDEN
 
 TEXTS = [
     "Hello, world!",
@@ -252,7 +252,7 @@ def test_stream_window_stays_small(bpe):
 def _gguf_tokenizer(stem: str) -> Tokenizer:
     mod = pytest.importorskip("flashlm.models.gguf_tokenizer",
                               reason="flashlm.models.gguf_tokenizer not written yet")
-    path = GGUF_DIR / f"{stem}.gguf"
+    path = gguf_by_stem(stem)
     if not path.exists():
         pytest.skip(f"{path} not downloaded")
     try:

@@ -1,7 +1,7 @@
 """GGUF tokenizer metadata -> tokenizer.json that gives llama.cpp's token ids.
 
-- Golden: every "tokenize" case of /work/shared/golden/<gguf-stem>.json (ids from
-  llama.cpp) against every GGUF in ~/.cache/flashlm/gguf (skipped if absent).
+- Golden: every "tokenize" case of shared/golden/<gguf-stem>.json (ids from
+  llama.cpp) against every catalog GGUF (pulled on first use).
 - Pre-tokenizer rules on crafted strings, each expected split worked out by hand from
   llama.cpp's regex list for that pre type (llama-vocab.cpp) and how unicode.cpp
   runs them (one regex after the other; matches and gaps both kept).
@@ -17,6 +17,7 @@ import unicodedata
 from pathlib import Path
 
 import pytest
+from realmodels import GOLDEN, gguf_by_stem
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, pre_tokenizers
@@ -25,15 +26,14 @@ from flashlm.errors import UnsupportedError
 from flashlm.models.gguf_tokenizer import (pre_tokenizer_regexes, read_tokenizer_meta,
                                            special_tokens, tokenizer_json_from_gguf)
 
-GGUF_DIR = Path.home() / ".cache/flashlm/gguf"
-GOLDEN_DIR = Path("/work/shared/golden")
-STEMS = sorted({p.stem for p in GOLDEN_DIR.glob("*.json")} | {p.stem for p in GGUF_DIR.glob("*.gguf")})
+GOLDEN_DIR = GOLDEN
+STEMS = sorted(p.stem for p in GOLDEN_DIR.glob("*.json"))
 
 _cache: dict[str, tuple[dict, Tokenizer]] = {}
 
 
 def _real(stem: str) -> tuple[dict, Tokenizer]:
-    path = GGUF_DIR / f"{stem}.gguf"
+    path = gguf_by_stem(stem)
     if not path.is_file():
         pytest.skip(f"{path} not downloaded")
     if stem not in _cache:
