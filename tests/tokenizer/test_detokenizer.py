@@ -12,6 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
+from synth import bytes_to_unicode
 from realmodels import GOLDEN, gguf_by_stem
 from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -32,20 +33,6 @@ TEXTS = [
 
 
 # ---- synthetic tokenizers ----
-
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
-        + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
 
 def byte_level_bpe() -> HFTokenizer:
     """256 byte tokens plus merges that split multi-byte characters across tokens:
