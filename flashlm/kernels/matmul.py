@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashlm.kernels import executor
 from flashlm.kernels.formats import FORMATS, QTensor
 from flashlm.kernels.gemv_basic import BASIC_KERNELS, DEQUANT_KERNELS, HAVE_SIMD
 
@@ -48,8 +49,8 @@ if _kq is not None:
     DEQUANT.update(getattr(_kq, "KQUANT_DEQUANT", {}))
 
 # Batch size from which dequantize-tile + BLAS beats the fused GEMM (measured).
-BLAS_MIN_ROWS: dict[str, int] = {fmt: 128 for fmt in FORMATS}
-TILE_ROWS = 256  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
+BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
+TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
 # Below this many weight bytes x activation rows a product runs in the calling thread.
 PARALLEL_MIN_BYTES = 256 * 1024
 
@@ -95,13 +96,15 @@ def _dequant_rows(fmt: str, data: np.ndarray, out: np.ndarray, pool=_SERIAL) -> 
 
 
 def _blas(fmt: str, data: np.ndarray, X: np.ndarray, out: np.ndarray, pool) -> None:
+    if hasattr(pool, "park"):
+        pool.park()  # BLAS runs its own threads: no pool worker may spin against them
     rows, cols = out.shape[1], X.shape[1]
     step = TILE_ROWS
     tile = np.empty((min(step, rows), cols), np.float32)
     for t0 in range(0, rows, step):
         t1 = min(rows, t0 + step)
         part = tile[: t1 - t0]
-        _dequant_rows(fmt, data[t0:t1], part, pool)
+        _dequant_rows(fmt, data[t0:t1], part)  # in this thread: BLAS owns the cores here
         np.matmul(X, part.T, out=out[:, t0:t1])
 
 
@@ -129,26 +132,35 @@ def _out(x: np.ndarray, w: QTensor, out: np.ndarray | None) -> np.ndarray:
     return out
 
 
-def _task(x: np.ndarray, w: QTensor, out: np.ndarray) -> tuple:
-    """(kernel, rows, args) of the fused GEMV/GEMM for one weight."""
-    gemv, gemm = KERNELS[w.fmt]
-    data = _kernel_array(w)
-    if x.ndim == 1:
-        return gemv, w.shape[0], (data, x, out)
-    if x.shape[0] == 1:
-        return gemv, w.shape[0], (data, x[0], out[0])
-    return gemm, w.shape[0], (data, x, out)
+def _run(x: np.ndarray, ws: list[QTensor], outs: list[np.ndarray], pool) -> None:
+    """The fused GEMV/GEMM of each weight, as one table of nogil tasks (kernels.executor)."""
+    datas = [_kernel_array(w) for w in ws]
 
+    def fill(tab: np.ndarray) -> int:
+        for t, (w, data, o) in enumerate(zip(ws, datas, outs)):
+            executor.fill(tab, t, w.fmt, data, x, o)
+        return len(ws)
 
-def _run(tasks: list, nbytes: int, pool) -> None:
-    if pool is None or nbytes < PARALLEL_MIN_BYTES:
-        for fn, n, args in tasks:
-            fn(*args, 0, n)
-    elif hasattr(pool, "run_many"):
-        pool.run_many(tasks)
+    nbytes = sum(w.nbytes for w in ws) * (1 if x.ndim == 1 else x.shape[0])
+    fits = len(ws) <= executor.MAX_TASKS
+    if pool is not None and nbytes >= PARALLEL_MIN_BYTES:
+        if fits and hasattr(pool, "run_table"):
+            pool.run_table(fill)
+            return
+        for w, data, o in zip(ws, datas, outs):  # a duck-typed pool: one run per weight
+            gemv, gemm = KERNELS[w.fmt]
+            if x.ndim == 1:
+                pool.run(gemv, w.shape[0], data, x, o)
+            else:
+                pool.run(gemm, w.shape[0], data, x, o)
+        return
+    if fits:  # small: in this thread, still without a Python call per kernel
+        tab = executor.new_table()
+        executor.run_chunks(tab, fill(tab), 0, 1)
     else:
-        for fn, n, args in tasks:
-            pool.run(fn, n, *args)
+        for w, data, o in zip(ws, datas, outs):
+            gemv, gemm = KERNELS[w.fmt]
+            (gemv if x.ndim == 1 else gemm)(data, x, o, 0, w.shape[0])
 
 
 def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None, *, pool=None) -> np.ndarray:
@@ -171,7 +183,7 @@ def matmul(x: np.ndarray, w: QTensor, out: np.ndarray | None = None, *, pool=Non
     if x.ndim == 2 and x.shape[0] >= BLAS_MIN_ROWS.get(w.fmt, 128):
         _blas(w.fmt, _kernel_array(w), x, out, _SERIAL if pool is None else pool)
     else:
-        _run([_task(x, w, out)], w.nbytes * (1 if x.ndim == 1 else x.shape[0]), pool)
+        _run(x, [w], [out], pool)
     return out
 
 
@@ -187,8 +199,7 @@ def matmul_many(x: np.ndarray, ws: list[QTensor], *, pool=None) -> list[np.ndarr
     if x.ndim == 2 and x.shape[0] >= min(BLAS_MIN_ROWS.get(w.fmt, 128) for w in ws):
         return [matmul(x, w, pool=pool) for w in ws]
     outs = [_out(x, w, None) for w in ws]
-    nbytes = sum(w.nbytes for w in ws) * (1 if x.ndim == 1 else x.shape[0])
-    _run([_task(x, w, o) for w, o in zip(ws, outs)], nbytes, pool)
+    _run(x, ws, outs, pool)
     return outs
 
 

@@ -2,27 +2,28 @@
 
 ``pool.run(fn, n, *args)`` cuts ``[0, n)`` into ``n_threads`` contiguous chunks and
 calls ``fn(*args, r0, r1)`` on each, the calling thread taking the first chunk.
-``fn`` is meant to be a ``@njit(nogil=True)`` kernel, so the threads really run in
-parallel and other Python threads (offloader readers) keep running meanwhile.
+``pool.run_table(fill)`` does the same for GEMV/GEMM tasks written into an int64
+table (``flashlm.kernels.executor``), which the workers run without the GIL.
 
-Dispatch: every worker waits on its own ``threading.Lock`` (the cheapest blocking
-primitive in CPython, a futex underneath). ``run`` releases the start locks of the
-workers that have work, computes its own chunk, then acquires their done locks.
-No thread is created per call.
+Dispatch. Workers spin in nogil Numba code (``kernels.sync``: atomic loads of a
+shared int64 control array, x86 ``pause``) for about SPIN_US after their last task,
+then sleep on a semaphore. ``run`` publishes a new generation with one atomic
+store, runs its own chunk, and spins until every worker has stored that
+generation as done. Table tasks never touch the GIL on the worker side, which
+matters: a worker that must take the GIL from the main thread waits on CPython's
+GIL condition variable, a futex wake-up of tens of microseconds.
+``park()`` sends spinning workers to sleep before BLAS runs its own threads.
 
-Measured with ``python perf/bench_matmul.py --extra`` on the 2-core AMD EPYC while
-three other heavy processes ran (load average 6-7, so absolute figures are noisy):
-- ``run`` overhead with a near-empty kernel and 2 threads: 18.7 us per call
-  (direct call 0.6 us); 18-22 us in a separate loop of 2000 calls. The caller
-  computes its chunk while the worker wakes, so part of it overlaps real work.
-- Q8_0 GEMV, 2 threads, pool vs Numba ``prange`` (default threading layer):
-  151936x896 10.8 vs 6.0 GB/s; 8960x1536 17.1 vs 34.3; 1536x8960 8.0 vs 1.0;
-  896x896 10.1 vs 27.5; 4864x896 13.9 vs 0.3 GB/s.
-  ``prange`` won twice and collapsed three times (its workers spin and lose the
-  core to other processes); the pool was kept: it never collapsed, it lets
-  other Python threads run (kernels are nogil; covered by a test), and
-  Numba's default workqueue layer must not be entered from two Python threads at
-  once, which the offloader's threads would risk.
+Measured on the 2-core EPYC (Zen 3), quiet machine, decode of qwen2.5-coder-0.5b
+(a timer around every backend call, 20 decode steps):
+- workers sleeping on locks (the first version): 38 ms per token; the 896x896 Q5_0
+  product took 127 us on the pool against 66 us in one thread;
+- spin-then-sleep workers running Python tasks: 28 ms per token;
+- table tasks run in nogil code on the workers: 24 ms per token (41 tok/s);
+  smollm2-135m 19.5 -> 11.8 ms per token.
+Numba ``prange`` (OpenMP layer) on the same Q5_0 GEMVs, same run: 128x896 264 us,
+4864x896 4.7 ms (pool: 85 us and 0.43 ms), so the pool was kept; it also lets other
+Python threads (offloader readers) run, since everything it runs is nogil.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from flashlm.kernels import sync
+from flashlm.kernels import executor, sync
 
 try:
     import psutil
@@ -88,9 +89,13 @@ class ThreadPool:
         self._tasks: list[tuple[Callable[..., Any], list[tuple[int, int]], tuple[Any, ...]]] = []
         self._errors: list[BaseException | None] = [None] * n
         # ctl[0]: task generation; ctl[1..nw]: generation each worker finished;
-        # ctl[1+nw..2nw]: 1 while that worker sleeps on its semaphore.
-        self._ctl = np.zeros(1 + 2 * nw, np.int64)
+        # ctl[1+nw..2nw]: 1 while that worker sleeps on its semaphore;
+        # ctl[1+2nw]: number of tasks in the table this generation (-1: Python tasks,
+        # -2: close).
+        self._ctl = np.zeros(2 + 2 * nw, np.int64)
+        self._table = executor.new_table()
         self._gen = 0
+        self._parked = False
         self._spins = max(1, int(spin_us * 1000 / _SPIN_NS))
         self._wake = [threading.Semaphore(0) for _ in range(nw)]
         self._threads = [threading.Thread(target=self._worker, args=(i,), daemon=True,
@@ -100,32 +105,43 @@ class ThreadPool:
 
     def _worker(self, i: int) -> None:
         ctl, nw, wake = self._ctl, self.n_threads - 1, self._wake[i]
+        slot = 1 + 2 * nw
         last = 0
         while True:
-            g = sync.spin_while_equal(ctl, 0, last, self._spins)  # nogil: others run meanwhile
-            if g == last:  # idle for a while: sleep until run() wakes us
-                sync.store(ctl, 1 + nw + i, 1)
-                if sync.load(ctl, 0) == last:
-                    wake.acquire()
-                sync.store(ctl, 1 + nw + i, 0)
-                continue
-            last = g
-            if self._closed:
-                sync.store(ctl, 1 + i, g)
-                return
+            # nogil: spins, and runs table (matmul) tasks without ever taking the GIL
             try:
-                for fn, chunks, args in self._tasks:
-                    r0, r1 = chunks[i + 1]
-                    if r1 > r0:
-                        fn(*args, r0, r1)
-            except BaseException as e:  # handed to the caller of run()
+                status, last = executor.worker_loop(ctl, self._table, slot, i + 1, self.n_threads, last,
+                                                    self._spins)
+            except BaseException as e:  # a table kernel raised: report it, mark this generation done
                 self._errors[i + 1] = e
-            finally:
-                sync.store(ctl, 1 + i, g)
+                last = sync.load(ctl, 0)
+                sync.store(ctl, 1 + i, last)
+                continue
+            if status == executor.CLOSED:
+                sync.store(ctl, 1 + i, last)
+                return
+            if status == executor.NEW_PYTHON_TASK and not self._parked:
+                try:
+                    for fn, chunks, args in self._tasks:
+                        r0, r1 = chunks[i + 1]
+                        if r1 > r0:
+                            fn(*args, r0, r1)
+                except BaseException as e:  # handed to the caller of run()
+                    self._errors[i + 1] = e
+                finally:
+                    sync.store(ctl, 1 + i, last)
+                continue
+            if status == executor.NEW_PYTHON_TASK:  # park(): sleep now, BLAS wants the cores
+                sync.store(ctl, 1 + i, last)
+            sync.store(ctl, 1 + nw + i, 1)  # idle: sleep until run() wakes us
+            if sync.load(ctl, 0) == last:
+                wake.acquire()
+            sync.store(ctl, 1 + nw + i, 0)
 
-    def _publish(self) -> int:
+    def _publish(self, ntasks: int = -1) -> int:
         """Start a new generation and wake sleeping workers; returns the generation."""
         ctl, nw = self._ctl, self.n_threads - 1
+        sync.store(ctl, 1 + 2 * nw, ntasks)
         self._gen += 1
         sync.store(ctl, 0, self._gen)
         for i in range(nw):
@@ -137,6 +153,41 @@ class ThreadPool:
         nw = self.n_threads - 1
         while not sync.spin_until_all(self._ctl, 1, 1 + nw, g, self._spins):
             time.sleep(0)  # a worker lost its core: let it run
+
+    def run_table(self, table_fill: Callable[[np.ndarray], int]) -> None:
+        """Run GEMV/GEMM tasks described in the pool's task table (see kernels.executor).
+
+        Args:
+            table_fill: writes the tasks into the table it is given and returns
+                their count (at most executor.MAX_TASKS).
+        """
+        with self._call_lock:
+            if self._closed:
+                raise RuntimeError("ThreadPool.run called after close()")
+            nt = table_fill(self._table)
+            if self.n_threads == 1:
+                executor.run_chunks(self._table, nt, 0, 1)
+                return
+            g = self._publish(nt)
+            try:
+                executor.run_chunks(self._table, nt, 0, self.n_threads)
+            except BaseException as e:
+                self._errors[0] = e
+            self._wait(g)
+            self._raise_errors()
+
+    def park(self) -> None:
+        """Send spinning workers to sleep now: call before handing the cores to other
+        threads (BLAS), so that idle workers do not spin against them."""
+        if self.n_threads == 1:
+            return
+        with self._call_lock:
+            if self._closed:
+                return
+            self._parked = True
+            g = self._publish()
+            self._wait(g)
+            self._parked = False
 
     def run(self, fn: Callable[..., Any], n: int, *args: Any) -> None:
         """Call ``fn(*args, r0, r1)`` over contiguous chunks of ``[0, n)`` in parallel.
@@ -187,10 +238,13 @@ class ThreadPool:
                 self._errors[0] = e
             self._wait(g)
             self._tasks = []
-            errors = [e for e in self._errors if e is not None]
-            self._errors = [None] * nt
-            if errors:
-                raise errors[0]
+            self._raise_errors()
+
+    def _raise_errors(self) -> None:
+        errors = [e for e in self._errors if e is not None]
+        self._errors = [None] * self.n_threads
+        if errors:
+            raise errors[0]
 
     def close(self) -> None:
         """Stop and join the worker threads (idempotent)."""
@@ -199,7 +253,7 @@ class ThreadPool:
                 return
             self._closed = True
             if self._threads:
-                self._publish()
+                self._publish(-2)
             for t in self._threads:
                 t.join()
 

@@ -96,3 +96,22 @@ def test_matmul_non_contiguous_x() -> None:
     qt, W = _weight("Q4_1", 9, 64)
     X = np.random.default_rng(0).standard_normal((3, 128)).astype(np.float32)[:, ::2]
     assert Checker(W, X).error(matmul(X, qt), 0, 3) < TOL
+
+
+@pytest.mark.parametrize("n", [0, 1, 3])
+def test_matmul_many_table_on_pool(n: int, pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every format in one pool dispatch (kernels.executor task table), GEMV and GEMM."""
+    monkeypatch.setattr(mm, "PARALLEL_MIN_BYTES", 0)
+    cols = 512
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(cols).astype(np.float32) if n == 0 else rng.standard_normal((n, cols)).astype(np.float32)
+    for group in (ALL_FMTS[:6], ALL_FMTS[6:]):
+        ws, refs = zip(*[_weight(f, 37 + 8 * i, cols, seed=i) for i, f in enumerate(group)])
+        for use_pool in (pool, None):
+            ys = mm.matmul_many(x, list(ws), pool=use_pool)
+            for f, y, W in zip(group, ys, refs):
+                X = x.reshape(-1, cols).astype(np.float64)
+                ref = X @ W.T
+                assert y.shape == (ref.shape[1],) if n == 0 else ref.shape
+                err = np.abs(y.reshape(ref.shape) - ref).max() / (np.abs(W).sum(1).max() * np.abs(X).max() + 1e-30)
+                assert err < TOL, (f, n, err)

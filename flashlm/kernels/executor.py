@@ -1,0 +1,188 @@
+"""Run a table of GEMV/GEMM row-range tasks entirely in nogil Numba code.
+
+The thread pool's workers must not need the GIL to start a matmul: taking it from
+the main thread goes through CPython's GIL condition variable, a futex wake-up of
+tens of microseconds, which is longer than a whole small GEMV. So a matmul task is
+described by numbers in an int64 table (format id, addresses and shapes of the
+weight, input and output arrays), and :func:`run_chunks` turns each row into typed
+array views and calls the format's kernel, all without the GIL. Workers spin on the
+pool's control array inside :func:`worker_loop` and only return to Python for work
+that is not in a table, or to sleep.
+
+Table row layout (int64): FMT, W_ADDR, W_ROWS, W_ROWLEN (array elements per
+weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR.
+The arrays behind the addresses must stay alive until the call returns (the
+caller holds them).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import carray, njit, types
+from numba.extending import intrinsic
+
+from flashlm.kernels import gemv_kquant as _kq
+from flashlm.kernels import sync
+from flashlm.kernels.gemv_basic import BASIC_KERNELS
+
+FMT_IDS = {f: i for i, f in enumerate(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                                        "Q4_K", "Q5_K", "Q6_K"])}
+FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR = range(8)
+ROW = 8
+MAX_TASKS = 16
+
+# status codes of worker_loop
+NEW_PYTHON_TASK, IDLE, CLOSED = 1, 2, 3
+
+_gv_f32, _gm_f32 = BASIC_KERNELS["F32"]
+_gv_f16, _gm_f16 = BASIC_KERNELS["F16"]
+_gv_bf16, _gm_bf16 = BASIC_KERNELS["BF16"]
+_gv_q4_0, _gm_q4_0 = BASIC_KERNELS["Q4_0"]
+_gv_q4_1, _gm_q4_1 = BASIC_KERNELS["Q4_1"]
+_gv_q5_0, _gm_q5_0 = BASIC_KERNELS["Q5_0"]
+_gv_q5_1, _gm_q5_1 = BASIC_KERNELS["Q5_1"]
+_gv_q8_0, _gm_q8_0 = BASIC_KERNELS["Q8_0"]
+_gv_q4_k, _gm_q4_k = _kq.KQUANT_KERNELS["Q4_K"]
+_gv_q5_k, _gm_q5_k = _kq.KQUANT_KERNELS["Q5_K"]
+_gv_q6_k, _gm_q6_k = _kq.KQUANT_KERNELS["Q6_K"]
+
+
+@intrinsic
+def _ptr(typingctx, addr, ty):
+    """An integer address as a typed pointer (``ty`` is a Numba number type)."""
+    dt = ty.instance_type
+    sig = types.CPointer(dt)(addr, ty)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@njit(nogil=True, cache=True)
+def _chunk(n, parts, i):
+    """Rows [r0, r1) of part ``i`` when [0, n) is split in ``parts`` (as threadpool.split)."""
+    p = min(parts, n)
+    if i >= p:
+        return n, n
+    q, rem = divmod(n, p)
+    r0 = i * q + min(i, rem)
+    return r0, r0 + q + (1 if i < rem else 0)
+
+
+@njit(nogil=True, cache=True)
+def _run_q(fmt, w, x, out, r0, r1):
+    if fmt == 3:
+        _gv_q4_0(w, x, out, r0, r1)
+    elif fmt == 4:
+        _gv_q4_1(w, x, out, r0, r1)
+    elif fmt == 5:
+        _gv_q5_0(w, x, out, r0, r1)
+    elif fmt == 6:
+        _gv_q5_1(w, x, out, r0, r1)
+    elif fmt == 7:
+        _gv_q8_0(w, x, out, r0, r1)
+    elif fmt == 8:
+        _gv_q4_k(w, x, out, r0, r1)
+    elif fmt == 9:
+        _gv_q5_k(w, x, out, r0, r1)
+    elif fmt == 10:
+        _gv_q6_k(w, x, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def _run_q_gemm(fmt, w, X, out, r0, r1):
+    if fmt == 3:
+        _gm_q4_0(w, X, out, r0, r1)
+    elif fmt == 4:
+        _gm_q4_1(w, X, out, r0, r1)
+    elif fmt == 5:
+        _gm_q5_0(w, X, out, r0, r1)
+    elif fmt == 6:
+        _gm_q5_1(w, X, out, r0, r1)
+    elif fmt == 7:
+        _gm_q8_0(w, X, out, r0, r1)
+    elif fmt == 8:
+        _gm_q4_k(w, X, out, r0, r1)
+    elif fmt == 9:
+        _gm_q5_k(w, X, out, r0, r1)
+    elif fmt == 10:
+        _gm_q6_k(w, X, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def run_chunks(tab, ntasks, part, parts):
+    """Run chunk ``part`` of ``parts`` of every task row in ``tab[:ntasks]``."""
+    for t in range(ntasks):
+        fmt = tab[t, FMT]
+        rows = tab[t, W_ROWS]
+        r0, r1 = _chunk(rows, parts, part)
+        if r1 <= r0:
+            continue
+        rowlen, n, cols = tab[t, W_ROWLEN], tab[t, N], tab[t, COLS]
+        nx = max(n, 1)
+        xs = carray(_ptr(tab[t, X_ADDR], types.float32), (nx, cols))
+        out = carray(_ptr(tab[t, OUT_ADDR], types.float32), (nx, rows))
+        if fmt == 0:
+            w32 = carray(_ptr(tab[t, W_ADDR], types.float32), (rows, rowlen))
+            if n == 0:
+                _gv_f32(w32, xs[0], out[0], r0, r1)
+            else:
+                _gm_f32(w32, xs, out, r0, r1)
+        elif fmt == 1 or fmt == 2:
+            w16 = carray(_ptr(tab[t, W_ADDR], types.uint16), (rows, rowlen))
+            if fmt == 1:
+                if n == 0:
+                    _gv_f16(w16, xs[0], out[0], r0, r1)
+                else:
+                    _gm_f16(w16, xs, out, r0, r1)
+            elif n == 0:
+                _gv_bf16(w16, xs[0], out[0], r0, r1)
+            else:
+                _gm_bf16(w16, xs, out, r0, r1)
+        else:
+            wq = carray(_ptr(tab[t, W_ADDR], types.uint8), (rows, rowlen))
+            if n == 0:
+                _run_q(fmt, wq, xs[0], out[0], r0, r1)
+            else:
+                _run_q_gemm(fmt, wq, xs, out, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def worker_loop(ctl, tab, ntasks_slot, wi, parts, last, spins):
+    """A pool worker's nogil loop: run table tasks as generations are published.
+
+    Control array: ctl[0] generation; ctl[1 + wi - 1] this worker's finished
+    generation; ctl[ntasks_slot] number of table tasks of the current generation,
+    or -1 when the task is Python code.
+
+    Returns (status, generation): NEW_PYTHON_TASK (run it in Python, then mark
+    done), IDLE (no new generation within ``spins`` rounds: go to sleep), or CLOSED
+    (ctl[ntasks_slot] == -2).
+    """
+    while True:
+        g = sync.spin_while_equal(ctl, 0, last, spins)
+        if g == last:
+            return IDLE, last
+        last = g
+        nt = sync.load(ctl, ntasks_slot)
+        if nt < 0:
+            return (NEW_PYTHON_TASK if nt == -1 else CLOSED), g
+        run_chunks(tab, nt, wi, parts)
+        sync.store(ctl, wi, g)
+
+
+def fill(tab: np.ndarray, t: int, fmt: str, data: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """Describe ``out = x @ W.T`` (rows of ``data``) in row ``t`` of ``tab``."""
+    row = tab[t]
+    row[FMT] = FMT_IDS[fmt]
+    row[W_ADDR] = data.ctypes.data
+    row[W_ROWS] = data.shape[0]
+    row[W_ROWLEN] = data.shape[1]
+    row[X_ADDR] = x.ctypes.data
+    row[N] = 0 if x.ndim == 1 or x.shape[0] == 1 else x.shape[0]  # one row: the GEMV kernel
+    row[COLS] = x.shape[-1]
+    row[OUT_ADDR] = out.ctypes.data
+
+
+def new_table() -> np.ndarray:
+    return np.zeros((MAX_TASKS, ROW), np.int64)
