@@ -10,7 +10,9 @@ pool's control array inside :func:`worker_loop` and only return to Python for wo
 that is not in a table, or to sleep.
 
 Table row layout (int64): FMT, W_ADDR, W_ROWS, W_ROWLEN (array elements per
-weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR.
+weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR. An attention
+task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, HKV,
+T_MAX, N_PAST and is split over query heads.
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
 """
@@ -23,11 +25,13 @@ from numba.extending import intrinsic
 from flashlm.kernels import gemv_kquant as _kq
 from flashlm.kernels import sync
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
+from flashlm.kernels.ops import _attention
 
 FMT_IDS = {f: i for i, f in enumerate(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                                         "Q4_K", "Q5_K", "Q6_K"])}
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR = range(8)
-ROW = 8
+ATTENTION = 20
+ROW = 12
 MAX_TASKS = 16
 
 # status codes of worker_loop
@@ -118,6 +122,14 @@ def run_chunks(tab, ntasks, part, parts):
         r0, r1 = _chunk(rows, parts, part)
         if r1 <= r0:
             continue
+        if fmt == ATTENTION:
+            n, d, hkv, tmax = tab[t, 5], tab[t, 6], tab[t, 8], tab[t, 9]
+            q = carray(_ptr(tab[t, 1], types.float32), (n, rows, d))
+            k = carray(_ptr(tab[t, 3], types.float32), (hkv, tmax, d))
+            v = carray(_ptr(tab[t, 4], types.float32), (hkv, tmax, d))
+            o = carray(_ptr(tab[t, 7], types.float32), (n, rows, d))
+            _attention(q, k, v, tab[t, 10], o, r0, r1)
+            continue
         rowlen, n, cols = tab[t, W_ROWLEN], tab[t, N], tab[t, COLS]
         nx = max(n, 1)
         xs = carray(_ptr(tab[t, X_ADDR], types.float32), (nx, cols))
@@ -182,6 +194,16 @@ def fill(tab: np.ndarray, t: int, fmt: str, data: np.ndarray, x: np.ndarray, out
     row[N] = 0 if x.ndim == 1 or x.shape[0] == 1 else x.shape[0]  # one row: the GEMV kernel
     row[COLS] = x.shape[-1]
     row[OUT_ADDR] = out.ctypes.data
+
+
+def fill_attention(tab: np.ndarray, t: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int,
+                   out: np.ndarray) -> int:
+    """Describe causal attention (kernels.ops.attention's arrays, all C-contiguous) in row ``t``."""
+    n, hq, d = q.shape
+    hkv, tmax, _ = k.shape
+    tab[t, :11] = (ATTENTION, q.ctypes.data, hq, k.ctypes.data, v.ctypes.data, n, d, out.ctypes.data, hkv, tmax,
+                   n_past)
+    return t + 1
 
 
 def new_table() -> np.ndarray:

@@ -478,6 +478,10 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
         return out
     if pool is None:
         _attention(q, k_cache, v_cache, n_past, out, 0, hq)
+    elif hasattr(pool, "run_table"):  # heads split on the pool without the GIL (kernels.executor)
+        from flashlm.kernels import executor
+
+        pool.run_table(lambda tab: executor.fill_attention(tab, 0, q, k_cache, v_cache, n_past, out))
     else:
         pool.run(_attention, hq, q, k_cache, v_cache, n_past, out)
     return out

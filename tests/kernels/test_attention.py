@@ -147,3 +147,19 @@ def test_attention_rejects_bad_input() -> None:
         attention(q.astype(np.float64), k, v, 3)
     with pytest.raises(ValueError):
         attention(q, k, v, 3, out=np.empty((2, 14, 32), np.float32))
+
+
+@pytest.mark.parametrize("n,n_past", [(1, 999), (17, 5)])
+def test_attention_on_thread_pool_table(n, n_past):
+    """The flashlm ThreadPool runs attention as a nogil table task; same result as one thread."""
+    from flashlm.runtime.threadpool import ThreadPool
+
+    rng = np.random.default_rng(3)
+    hq, hkv, d, tmax = 14, 2, 64, 1024
+    q = rng.standard_normal((n, hq, d)).astype(np.float32)
+    k = rng.standard_normal((hkv, tmax, d)).astype(np.float32)
+    v = rng.standard_normal((hkv, tmax, d)).astype(np.float32)
+    ref = attention(q, k, v, n_past)
+    with ThreadPool(2) as pool:
+        got = attention(q, k, v, n_past, pool=pool)
+    np.testing.assert_array_equal(got, ref)
