@@ -74,7 +74,7 @@ def timeit(fn, min_time: float = 0.25, min_runs: int = 5) -> float:
 
 def bandwidth(pool) -> float:
     """GB/s reading a 256 MB float32 buffer with ``pool``'s threads (best of 5)."""
-    a = np.ones((256 << 20) // 4 // 4096, np.float32).reshape(-1, 4096)
+    a = np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096)
     out = np.zeros(a.shape[0], np.float32)
     best = min(_t(lambda: pool.run(_read_kernel, a.shape[0], a, out)) for _ in range(6))
     return a.nbytes / best / 1e9
@@ -216,7 +216,7 @@ if pytest is not None:
         benchmark.extra_info["GB/s"] = qt.nbytes / benchmark.stats.stats.median / 1e9
 
     def test_bandwidth(benchmark, pool) -> None:
-        a = np.ones((256 << 20) // 4 // 4096, np.float32).reshape(-1, 4096)
+        a = np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096)
         out = np.zeros(a.shape[0], np.float32)
         benchmark(pool.run, _read_kernel, a.shape[0], a, out)
         benchmark.extra_info["GB/s"] = a.nbytes / benchmark.stats.stats.median / 1e9
