@@ -7,26 +7,24 @@
 - ``n`` rows with ``n < BLAS_MIN_ROWS[fmt]``: the fused GEMM kernel (each row of
   blocks decoded once into a float32 buffer and dotted with the n rows);
 - ``n >= BLAS_MIN_ROWS[fmt]``: tiles of ``TILE_ROWS`` weight rows are dequantized
-  (in parallel on the pool) and multiplied with numpy's BLAS; never the whole
-  matrix at once.
+  in this thread and multiplied with numpy's BLAS (which runs its own threads:
+  the pool is parked first so that no idle worker spins against them); never the
+  whole matrix at once.
 
-Kernels come from ``gemv_basic.BASIC_KERNELS`` and, when present,
-``gemv_kquant.KQUANT_KERNELS`` (same ``(gemv, gemm)`` row-range contract). For
-``dequantize`` of K-quants, ``gemv_kquant.KQUANT_DEQUANT[fmt](w, out, r0, r1)`` is
-used when it exists, else ``gguf.quants.dequantize``.
+The fused kernels of one call, or of several weights sharing the input
+(:func:`matmul_many`: q/k/v, gate/up), run as one table of nogil tasks
+(``kernels.executor``): on the pool when the product has PARALLEL_MIN_BYTES or
+more, else in this thread.
 
-BLAS_MIN_ROWS was chosen by measurement (``python perf/bench_matmul.py --extra``,
-"fused GEMM vs dequantize-tile + BLAS", 2 threads, 2-core EPYC shared with three
-other busy processes). Fused GEMM / tile+BLAS in ms, 1536x8960:
-  Q8_0 n=8 22.4/32.9, n=16 40.5/39.9, n=32 86/845, n=64 198/639;
-  Q4_1 n=8 26.1/61.3, n=64 118/636;  Q5_0 n=8 14.0/21.4, n=64 131/872;
-  4864x896: Q8_0 n=16 13.2/55.1, Q4_1 n=32 16.7/16.7, Q5_0 n=64 29.9/28.9.
-OpenBLAS's own 2 threads collapse when the cores are oversubscribed (numpy
-``X @ W.T`` 64x8960 @ 8960x1536 took 231-275 ms with 2 BLAS threads, 42 ms with
-OPENBLAS_NUM_THREADS=1), so the fused GEMM won at every n <= 64 here. The BLAS path
-is kept for long prefill chunks (n >= 128), where its O(n) compute advantage
-(about 234 GFLOP/s on a quiet machine, KERNELS.md) must win; re-measure on a quiet
-machine before lowering the threshold.
+Kernels come from ``gemv_basic.BASIC_KERNELS`` and ``gemv_kquant.KQUANT_KERNELS``
+(same ``(gemv, gemm)`` row-range contract). For ``dequantize`` of K-quants,
+``gemv_kquant.KQUANT_DEQUANT[fmt](w, out, r0, r1)`` is used.
+
+BLAS_MIN_ROWS and TILE_ROWS were chosen by measurement on a quiet 2-core EPYC,
+prefill of qwen2.5-coder-0.5b (Q5_0/Q8_0/Q4_K/Q6_K), tok/s fused GEMM / tile+BLAS:
+n=8 77/32, n=16 96/30, n=32 94/49, n=64 81/82, n=100 86/108; 512 tokens with
+256-row tiles 186 tok/s, with 1024-row tiles 200 tok/s. (On a machine shared with
+other busy processes OpenBLAS's threads collapse and the fused GEMM wins further up.)
 """
 
 from __future__ import annotations
