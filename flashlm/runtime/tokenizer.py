@@ -291,7 +291,7 @@ class StreamingDetokenizer:
 # ---- stop strings ----
 
 class StopChecker:
-    """Cut generated text at the first stop string, which may span several pieces.
+    """Cut generated text before the first stop string to complete, which may span pieces.
 
     Text that could be the start of a stop string is held back until it is
     known not to be one.
@@ -327,11 +327,14 @@ class StopChecker:
         if self.stopped:
             return "", True
         buf = self._held + text
-        cut = -1
+        # The stop string that completes first, as if the text came one character at a
+        # time (generation ends there, so a longer one that would end later never can);
+        # of two ending at the same place, the one that starts first.
+        cut, end = -1, -1
         for s in self.stops:
             i = buf.find(s)
-            if i >= 0 and (cut < 0 or i < cut):
-                cut, self.matched = i, s
+            if i >= 0 and (cut < 0 or (i + len(s), i) < (end, cut)):
+                cut, end, self.matched = i, i + len(s), s
         if cut >= 0:
             self.stopped, self._held = True, ""
             return buf[:cut], True

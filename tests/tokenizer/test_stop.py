@@ -23,8 +23,18 @@ def run(stops, pieces):
 
 
 def reference(stops, text):
-    cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(cuts)], True) if cuts else (text, False)
+    """Cut before the stop string that completes first (character by character); of two
+    completing at the same character, the one that starts first."""
+    hits = [(i + len(s), i) for s in stops if (i := text.find(s)) >= 0]
+    return (text[:min(hits)[1]], True) if hits else (text, False)
+
+
+def test_first_to_complete_wins():
+    # "b" completes before "aba" could: generation stops there, as it would token by token
+    assert run(["b", "aba"], ["aab", "a"]) == (["aa"], True)
+    assert run(["b", "aba"], ["aaba"]) == (["aa"], True)
+    # same end: the longer (earlier-starting) one is cut
+    assert run(["ba", "a"], ["xba"]) == (["x"], True)
 
 
 def test_no_stops_passes_through():
