@@ -115,6 +115,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               "prompt_tokens": len(ids), "stats": st.as_dict()}, ensure_ascii=False))
         else:
             sys.stdout.write("\n")
+            sys.stdout.flush()
             print(_stats_line(st), file=sys.stderr)
     finally:
         llm.close()
