@@ -183,17 +183,21 @@ def worker_loop(ctl, tab, ntasks_slot, wi, parts, last, spins):
         sync.store(ctl, wi, g)
 
 
+@njit(nogil=True, cache=True)
+def _fill_row(tab, t, fmt, data, x, out):
+    tab[t, FMT] = fmt
+    tab[t, W_ADDR] = data.ctypes.data
+    tab[t, W_ROWS] = data.shape[0]
+    tab[t, W_ROWLEN] = data.shape[1]
+    tab[t, X_ADDR] = x.ctypes.data
+    tab[t, N] = 0 if x.ndim == 1 or x.shape[0] == 1 else x.shape[0]  # one row: the GEMV kernel
+    tab[t, COLS] = x.shape[x.ndim - 1]
+    tab[t, OUT_ADDR] = out.ctypes.data
+
+
 def fill(tab: np.ndarray, t: int, fmt: str, data: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """Describe ``out = x @ W.T`` (rows of ``data``) in row ``t`` of ``tab``."""
-    row = tab[t]
-    row[FMT] = FMT_IDS[fmt]
-    row[W_ADDR] = data.ctypes.data
-    row[W_ROWS] = data.shape[0]
-    row[W_ROWLEN] = data.shape[1]
-    row[X_ADDR] = x.ctypes.data
-    row[N] = 0 if x.ndim == 1 or x.shape[0] == 1 else x.shape[0]  # one row: the GEMV kernel
-    row[COLS] = x.shape[-1]
-    row[OUT_ADDR] = out.ctypes.data
+    _fill_row(tab, t, FMT_IDS[fmt], data, x, out)
 
 
 def fill_attention(tab: np.ndarray, t: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int,
