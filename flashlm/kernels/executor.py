@@ -15,6 +15,10 @@ task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, HKV,
 T_MAX, N_PAST and is split over query heads.
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
+
+Numba caches these functions with the kernels ``HAVE_SIMD`` selected when they were
+first compiled (its cache does not key on globals): after changing
+FLASHLM_NO_SIMD, delete ``flashlm/kernels/__pycache__``.
 """
 from __future__ import annotations
 
