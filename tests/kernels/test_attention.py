@@ -162,4 +162,7 @@ def test_attention_on_thread_pool_table(n, n_past):
     ref = attention(q, k, v, n_past)
     with ThreadPool(2) as pool:
         got = attention(q, k, v, n_past, pool=pool)
-    np.testing.assert_array_equal(got, ref)
+    # Same kernel, but compiled inside the executor and split at head 7 (row tiles of
+    # 4 fall differently): equal up to float rounding, not bit for bit.
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert np.abs(got - ref).max() < 1e-6
