@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numba
 import numpy as np
@@ -108,14 +107,12 @@ def test_other_python_threads_run_during_kernels() -> None:
     try:
         with ThreadPool(2) as pool:
             c0 = count[0]
-            t0 = time.perf_counter()
-            pool.run(_spin, 2, 30_000_000, np.zeros(2))
-            elapsed = time.perf_counter() - t0
+            pool.run(_spin, 2, 30_000_000, np.zeros(2))  # tens of ms of nogil work per thread
             c1 = count[0]
     finally:
         stop.set()
         t.join()
-    assert elapsed > 0.01 and c1 - c0 > 1000
+    assert c1 - c0 > 1000  # the counting thread ran while both pool threads computed
 
 
 def test_concurrent_run_calls_are_serialized() -> None:
