@@ -127,3 +127,53 @@ def valid_cols(fmt: str, cols: int) -> bool:
     except ValueError:
         return False
     return True
+
+
+# the code paths simd.py can generate for a block-format dot, by module flags
+SIMD_VARIANTS = {
+    "avx2": dict(HAVE_AVX512=False),
+    "avx512": dict(HAVE_AVX512=True),
+}
+
+
+def cpu_runs_variant(flags: dict) -> bool:
+    """Whether this CPU can execute the code of ``flags`` (AVX2+FMA+F16C, and AVX-512F)."""
+    import llvmlite.binding as llb
+
+    from flashlm.kernels import simd
+
+    if not simd.HAVE_SIMD:
+        return False
+    return not flags.get("HAVE_AVX512") or bool(llb.get_host_cpu_features().get("avx512f", False))
+
+
+def simd_gemv_variant(fmt: str, flags: dict):
+    """A GEMV ``gemv(w, x, out, r0, r1)`` for a 32-weight block format, built from
+    ``simd._make_dot`` with simd's module flags set to ``flags`` while it compiles
+    (the intrinsic reads them at code generation), so every code path can be run in
+    one process whatever the CPU. Compiled here, not cached."""
+    import numba
+
+    from flashlm.kernels import simd
+
+    saved = {k: getattr(simd, k) for k in flags}
+    try:
+        for k, v in flags.items():
+            setattr(simd, k, v)
+        dot = simd._make_dot(fmt)
+
+        @numba.njit(nogil=True, fastmath=True)
+        def gemv(w, x, out, r0, r1):
+            nb = x.shape[0] // 32
+            rb = w.strides[0]
+            xs = np.empty(nb, np.float32)
+            for b in range(nb):
+                xs[b] = np.sum(x[b * 32:(b + 1) * 32])
+            for r in range(r0, r1):
+                out[r] = dot(w, r * rb, x, 0, xs, nb)
+
+        gemv.compile("void(u1[:, ::1], f4[::1], f4[::1], i8, i8)")
+        return gemv
+    finally:
+        for k, v in saved.items():
+            setattr(simd, k, v)

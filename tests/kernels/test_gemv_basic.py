@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _blocks import BASIC_FMTS, TOL, Checker, dequant_ref, kernel_array, max_error, random_weights, valid_cols
+from _blocks import (BASIC_FMTS, SIMD_VARIANTS, TOL, Checker, cpu_runs_variant, dequant_ref, kernel_array,
+                     max_error, random_weights, simd_gemv_variant, valid_cols)
 
 from flashlm.kernels import gemv_basic as gb
 from flashlm.kernels import simd
@@ -146,3 +147,21 @@ def test_simd_selection_follows_cpu_and_env(monkeypatch: pytest.MonkeyPatch) -> 
     assert gb.BASIC_KERNELS is (gb.SIMD_KERNELS if simd.HAVE_SIMD else gb.PLAIN_KERNELS)
     monkeypatch.setenv("FLASHLM_NO_SIMD", "1")
     assert simd._host_has_simd() is False
+
+
+@pytest.mark.parametrize("variant", list(SIMD_VARIANTS))
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("shape", [(33, 896), (5, 512), (3, 96), (4, 1536)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_every_simd_code_path(fmt: str, variant: str, shape: tuple[int, int]) -> None:
+    """Each code path simd.py can emit (AVX2 widen + convert, AVX-512 table lookup),
+    whichever this CPU's default is, against gguf."""
+    flags = SIMD_VARIANTS[variant]
+    if not cpu_runs_variant(flags):
+        pytest.skip(f"this CPU cannot run the {variant} code")
+    rows, cols = shape
+    rng = np.random.default_rng(cols + rows)
+    w = random_weights(fmt, rows, cols, rng)
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    simd_gemv_variant(fmt, flags)(w, x, out, 0, rows)
+    assert max_error(out, dequant_ref(w, fmt), x) < TOL

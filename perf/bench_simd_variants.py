@@ -1,0 +1,56 @@
+"""In-process A/B of the code paths simd.py can emit for the 32-weight block formats.
+
+    python perf/bench_simd_variants.py                         # Q4_0,Q4_1 at 512x896
+    python perf/bench_simd_variants.py --formats Q4_1 --shape 96x8960
+
+Every variant (``tests/kernels/_blocks.SIMD_VARIANTS``: the AVX2 widen + convert path,
+the AVX-512 table lookup) is compiled in this one process and timed
+in interleaved rounds on one thread, on a matrix that fits in L2, so that the
+figures compare code, not the machine's mood: on a shared VM two processes a minute
+apart differ by 15-20 %, the same process by 2-3 %. Prints G weights/s per core
+(best round) and the ratio to the first variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
+
+from _blocks import SIMD_VARIANTS, cpu_runs_variant, random_weights, simd_gemv_variant  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--formats", default="Q4_0,Q4_1")
+    ap.add_argument("--shape", default="512x896", help="rows x cols (keep it inside L2)")
+    ap.add_argument("--rounds", type=int, default=15)
+    args = ap.parse_args()
+    rows, cols = map(int, args.shape.split("x"))
+    variants = [v for v in SIMD_VARIANTS if cpu_runs_variant(SIMD_VARIANTS[v])]
+    x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
+    out = np.empty(rows, np.float32)
+    for fmt in args.formats.split(","):
+        w = random_weights(fmt, rows, cols, np.random.default_rng(0), extreme=False)
+        kernels = {v: simd_gemv_variant(fmt, SIMD_VARIANTS[v]) for v in variants}
+        best = dict.fromkeys(kernels, np.inf)
+        for _ in range(args.rounds):
+            for v, k in kernels.items():
+                t0 = time.perf_counter()
+                for _ in range(20):
+                    k(w, x, out, 0, rows)
+                best[v] = min(best[v], (time.perf_counter() - t0) / 20)
+        base = best[variants[0]]
+        cells = "  ".join(f"{v} {rows * cols / t / 1e9:5.2f} ({base / t:4.2f}x)" for v, t in best.items())
+        print(f"{fmt:5s} {rows}x{cols}  G weights/s per core: {cells}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
