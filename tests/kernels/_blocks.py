@@ -154,6 +154,7 @@ def simd_gemv_variant(fmt: str, flags: dict):
     one process whatever the CPU. Compiled here, not cached."""
     import numba
 
+    from flashlm.kernels import gemv_basic as gb
     from flashlm.kernels import simd
 
     saved = {k: getattr(simd, k) for k in flags}
@@ -163,14 +164,12 @@ def simd_gemv_variant(fmt: str, flags: dict):
         dot = simd._make_dot(fmt)
 
         @numba.njit(nogil=True, fastmath=True)
-        def gemv(w, x, out, r0, r1):
-            nb = x.shape[0] // 32
-            rb = w.strides[0]
-            xs = np.empty(nb, np.float32)
-            for b in range(nb):
-                xs[b] = np.sum(x[b * 32:(b + 1) * 32])
-            for r in range(r0, r1):
-                out[r] = dot(w, r * rb, x, 0, xs, nb)
+        def row_dot(w, o, x, xo, xs, n):
+            return dot(w, o, x, xo, xs, n)
+
+        @numba.njit(nogil=True, fastmath=True)
+        def gemv(w, x, out, r0, r1):  # the package's own GEMV driver around this dot
+            gb._gemv_blocks_simd(row_dot, w, x, out, r0, r1)
 
         gemv.compile("void(u1[:, ::1], f4[::1], f4[::1], i8, i8)")
         return gemv
