@@ -6,8 +6,9 @@ and numpy f32 ``X @ W.T`` on the dequantized matrix, measured in the same run.
     python perf/bench_matmul.py --extra            # + pool overhead, pool vs prange, GEMM vs BLAS
     pytest perf/bench_matmul.py --benchmark-only   # pytest-benchmark, a subset
 
-Columns: GB/s = weight bytes / time; %bw = GB/s / bandwidth measured here (a Numba
-read kernel over 256 MB on the same threads); x np = numpy f32 time / our time.
+Columns: GB/s = weight bytes / time (median); bw = read bandwidth measured just before
+the row (a Numba read kernel over 256 MB on the same threads, median of 5); %bw =
+GB/s / bw; x np = numpy f32 time / our time.
 """
 
 from __future__ import annotations
@@ -72,12 +73,19 @@ def timeit(fn, min_time: float = 0.25, min_runs: int = 5) -> float:
     return float(np.median(times))
 
 
-def bandwidth(pool) -> float:
-    """GB/s reading a 256 MB float32 buffer with ``pool``'s threads (best of 5)."""
-    a = np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096)
+_BW_BUF: list = []
+
+
+def bandwidth(pool, runs: int = 6, stat=min) -> float:
+    """GB/s reading a 256 MB float32 buffer with ``pool``'s threads (``stat`` of ``runs``
+    passes after a warm-up pass; the buffer is allocated once per process)."""
+    if not _BW_BUF:
+        _BW_BUF.append(np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096))
+    a = _BW_BUF[0]
     out = np.zeros(a.shape[0], np.float32)
-    best = min(_t(lambda: pool.run(_read_kernel, a.shape[0], a, out)) for _ in range(6))
-    return a.nbytes / best / 1e9
+    pool.run(_read_kernel, a.shape[0], a, out)
+    t = stat([_t(lambda: pool.run(_read_kernel, a.shape[0], a, out)) for _ in range(runs)])
+    return a.nbytes / t / 1e9
 
 
 def _t(fn) -> float:
@@ -94,24 +102,40 @@ def make_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> QTensor:
 # ---- tables ----
 
 
-def main_table(pool, fmts, shapes, batches, bw: float) -> None:
-    print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'%bw':>5s} {'x np':>6s}")
-    for rows, cols in shapes:
-        for fmt in fmts:
-            if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
-                continue
-            qt = make_weight(fmt, rows, cols)
-            Wf = mm.dequantize(qt)
-            for n in batches:
+def main_table(pool, fmts, shapes, batches) -> None:
+    """One row per format, shape and batch. ``bw`` is the read bandwidth measured just
+    before that row with the same statistic as the kernel (median), because on a shared
+    VM the bandwidth itself drifts by 15-25 % over a run; %bw = GB/s / bw.
+
+    numpy runs after all of our measurements: OpenBLAS leaves its threads busy after a
+    call, and the read bandwidth measured right after one numpy matvec fell from 46-48
+    to 25-27 GB/s (still 26-33 half a second later), which would charge BLAS's idle
+    spinning to whichever kernel came next."""
+    results = []
+    for n in batches:  # GEMV first: the GEMM path may call BLAS itself
+        for rows, cols in shapes:
+            for fmt in fmts:
+                if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
+                    continue
+                qt = make_weight(fmt, rows, cols)
                 X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
                 x = X[0] if n == 1 else X
                 out = np.empty((rows,) if n == 1 else (n, rows), np.float32)
+                bw = bandwidth(pool, 5, np.median)
                 t = timeit(lambda: mm.matmul(x, qt, out, pool=pool))
-                t_np = timeit(lambda: x @ Wf.T)
-                gbs = qt.nbytes / t / 1e9
-                print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} "
-                      f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
-            del Wf
+                results.append((fmt, rows, cols, n, t, bw))
+                print(f"  measured {fmt} {rows}x{cols} n={n}", end="\r", file=sys.stderr, flush=True)
+    print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'bw':>5s} {'%bw':>5s} {'x np':>6s}")
+    for fmt, rows, cols, n, t, bw in results:
+        qt = make_weight(fmt, rows, cols)
+        Wf = mm.dequantize(qt)
+        X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
+        x = X[0] if n == 1 else X
+        t_np = timeit(lambda: x @ Wf.T)
+        del Wf
+        gbs = qt.nbytes / t / 1e9
+        print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {bw:5.1f} "
+              f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
 
 
 def pool_overhead(pool) -> None:
@@ -175,10 +199,9 @@ def main() -> None:
           f"formats with kernels: {', '.join(f for f in FMTS if f in mm.KERNELS)}")
     with ThreadPool(args.threads) as pool, ThreadPool(1) as one:
         bw1, bw = bandwidth(one), bandwidth(pool)
-        print(f"memory bandwidth (read 256 MB): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
+        print(f"memory bandwidth (read 256 MB, best of 6): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
         if not args.no_table:
-            main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES, bw)
-            print(f"memory bandwidth again: {bandwidth(pool):.1f} GB/s")
+            main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES)
         if args.extra:
             pool_overhead(pool)
             pool_vs_prange(pool)
@@ -213,13 +236,15 @@ if pytest is not None:
         x = X[0] if n == 1 else X
         mm.matmul(x, qt, pool=pool)
         benchmark(mm.matmul, x, qt, pool=pool)
-        benchmark.extra_info["GB/s"] = qt.nbytes / benchmark.stats.stats.median / 1e9
+        if benchmark.stats:  # None under --benchmark-disable
+            benchmark.extra_info["GB/s"] = qt.nbytes / benchmark.stats.stats.median / 1e9
 
     def test_bandwidth(benchmark, pool) -> None:
         a = np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096)
         out = np.zeros(a.shape[0], np.float32)
         benchmark(pool.run, _read_kernel, a.shape[0], a, out)
-        benchmark.extra_info["GB/s"] = a.nbytes / benchmark.stats.stats.median / 1e9
+        if benchmark.stats:
+            benchmark.extra_info["GB/s"] = a.nbytes / benchmark.stats.stats.median / 1e9
 
 
 if __name__ == "__main__":

@@ -83,6 +83,22 @@ HAVE_AVX512: bool = _host_has_avx512()
 # per core on the 2-core Zen 4 this was written on): table lookup Q4_0 16.9 -> 18.7,
 # Q4_1 15.8 -> 16.2. Tried and dropped, no faster: the 5-bit table (vpermi2ps) for
 # Q5_0/Q5_1 (0.97x), 16 block scales per vpgatherdd (1.0x in L2, slower from DRAM).
+#
+# Where the time goes (same machine, inline-asm throughput loops): zmm vpermd, vpmovzxbd
+# and vcvtph2ps share one shuffle pipe (a vpermd+vpmovzxbd pair takes 2.0 cycles, each
+# alone 1.0), and the Q4_0 loop (vpmovzxbd, vpsrld, 2 vpermd, 3 FMA, vpbroadcastw +
+# vcvtph2ps per block) runs at ~6 cycles per block. gcc -O3 -march=native on the same
+# loop written with intrinsics runs at the same speed (perf/ref/q4_0_gemv.c: 19.3 G
+# weights/s per core, this kernel 18.8); with the block scales already float32 in
+# memory, folded into the FMA as a broadcast operand, 24.5 (1.27x): the f16 scale
+# conversion is the one removable cost found. Tried to remove it in place, measured
+# (kept none): converting 32 blocks' scales ahead into a stack buffer (0.8-1.09x);
+# gathering 16 scales per vpermi2b over 128-byte windows (0.7-0.95x at 2 threads on the
+# big shapes); a 65536-entry half->float table (1.1-1.34x when the matrix is in L2/L3,
+# 0.6-0.9x when it streams from DRAM, as every matrix does in decode); software
+# prefetch 1 KB ahead (1.03x mean over 36 runs, inside the noise); 4 accumulator sets
+# or 8-lane vectors (1.0x, 0.8-0.9x). What is left: float32 scales stored apart from the
+# quants at import time (+2 bytes per block), not done.
 
 UNROLL = int(os.environ.get("FLASHLM_UNROLL", "2"))  # independent accumulator sets in the dot loop
 LANES = int(os.environ.get("FLASHLM_LANES", "16"))  # float vector width of the arithmetic
