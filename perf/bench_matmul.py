@@ -107,10 +107,10 @@ def main_table(pool, fmts, shapes, batches) -> None:
     before that row with the same statistic as the kernel (median), because on a shared
     VM the bandwidth itself drifts by 15-25 % over a run; %bw = GB/s / bw.
 
-    numpy runs after all of our measurements: OpenBLAS leaves its threads busy after a
-    call, and the read bandwidth measured right after one numpy matvec fell from 46-48
-    to 25-27 GB/s (still 26-33 half a second later), which would charge BLAS's idle
-    spinning to whichever kernel came next."""
+    numpy runs after all of our measurements: OpenBLAS keeps its threads spinning for up
+    to ~0.2 s after a call; the read bandwidth measured right after one numpy matvec was
+    19-27 GB/s against 28-32 just before (no drop with OPENBLAS_THREAD_TIMEOUT=4), which
+    would charge BLAS's spinning to whichever kernel came next."""
     results = []
     for n in batches:  # GEMV first: the GEMM path may call BLAS itself
         for rows, cols in shapes:
