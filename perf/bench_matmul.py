@@ -14,6 +14,7 @@ GB/s / bw; x np = numpy f32 time / our time.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -73,15 +74,16 @@ def timeit(fn, min_time: float = 0.25, min_runs: int = 5) -> float:
     return float(np.median(times))
 
 
-_BW_BUF: list = []
+@functools.cache
+def _bw_buffer() -> np.ndarray:
+    """256 MB of float32 (larger than L3), allocated once per process."""
+    return np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096)
 
 
 def bandwidth(pool, runs: int = 6, stat=min) -> float:
     """GB/s reading a 256 MB float32 buffer with ``pool``'s threads (``stat`` of ``runs``
-    passes after a warm-up pass; the buffer is allocated once per process)."""
-    if not _BW_BUF:
-        _BW_BUF.append(np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096))
-    a = _BW_BUF[0]
+    passes after a warm-up pass)."""
+    a = _bw_buffer()
     out = np.zeros(a.shape[0], np.float32)
     pool.run(_read_kernel, a.shape[0], a, out)
     t = stat([_t(lambda: pool.run(_read_kernel, a.shape[0], a, out)) for _ in range(runs)])
@@ -111,31 +113,34 @@ def main_table(pool, fmts, shapes, batches) -> None:
     to ~0.2 s after a call; the read bandwidth measured right after one numpy matvec was
     19-27 GB/s against 28-32 just before (no drop with OPENBLAS_THREAD_TIMEOUT=4), which
     would charge BLAS's spinning to whichever kernel came next."""
-    results = []
+    weights: dict[tuple, QTensor] = {}  # made once, used by every batch and by numpy
+    results: dict[tuple, list] = {}
     for n in batches:  # GEMV first: the GEMM path may call BLAS itself
         for rows, cols in shapes:
             for fmt in fmts:
                 if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
                     continue
-                qt = make_weight(fmt, rows, cols)
+                key = (fmt, rows, cols)
+                if key not in weights:
+                    weights[key] = make_weight(fmt, rows, cols)
+                qt = weights[key]
                 X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
                 x = X[0] if n == 1 else X
                 out = np.empty((rows,) if n == 1 else (n, rows), np.float32)
                 bw = bandwidth(pool, 5, np.median)
                 t = timeit(lambda: mm.matmul(x, qt, out, pool=pool))
-                results.append((fmt, rows, cols, n, t, bw))
+                results.setdefault(key, []).append((n, x, t, bw))
                 print(f"  measured {fmt} {rows}x{cols} n={n}", end="\r", file=sys.stderr, flush=True)
     print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'bw':>5s} {'%bw':>5s} {'x np':>6s}")
-    for fmt, rows, cols, n, t, bw in results:
-        qt = make_weight(fmt, rows, cols)
+    for (fmt, rows, cols), rows_measured in results.items():
+        qt = weights.pop((fmt, rows, cols))
         Wf = mm.dequantize(qt)
-        X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
-        x = X[0] if n == 1 else X
-        t_np = timeit(lambda: x @ Wf.T)
+        for n, x, t, bw in rows_measured:
+            t_np = timeit(lambda: x @ Wf.T)
+            gbs = qt.nbytes / t / 1e9
+            print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {bw:5.1f} "
+                  f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
         del Wf
-        gbs = qt.nbytes / t / 1e9
-        print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {bw:5.1f} "
-              f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
 
 
 def pool_overhead(pool) -> None:
@@ -240,7 +245,7 @@ if pytest is not None:
             benchmark.extra_info["GB/s"] = qt.nbytes / benchmark.stats.stats.median / 1e9
 
     def test_bandwidth(benchmark, pool) -> None:
-        a = np.ones((256 << 20) // 4, np.float32).reshape(-1, 4096)
+        a = _bw_buffer()
         out = np.zeros(a.shape[0], np.float32)
         benchmark(pool.run, _read_kernel, a.shape[0], a, out)
         if benchmark.stats:
