@@ -3,12 +3,15 @@
     python perf/bench_simd_variants.py                         # Q4_0,Q4_1 at 512x896
     python perf/bench_simd_variants.py --formats Q4_1 --shape 96x8960
 
+    python perf/bench_simd_variants.py --formats Q4_K --shape 8960x1536 --threads 2
+
 Every variant (``tests/kernels/_blocks.SIMD_VARIANTS``: the AVX2 widen + convert path,
-the AVX-512 table lookup) is compiled in this one process and timed
-in interleaved rounds on one thread, on a matrix that fits in L2, so that the
-figures compare code, not the machine's mood: on a shared VM two processes a minute
-apart differ by 15-20 %, the same process by 2-3 %. Prints G weights/s per core
-(best round) and the ratio to the first variant.
+the AVX-512 table lookup, Q4_0/Q4_1 four blocks at a time; for Q4_K ``gemv_kquant.Q4K_GEMV_PATHS``: widen + convert,
+and the AVX-512 permuted-activation kernel) is compiled in this one process and timed
+in interleaved rounds, by default on one thread on a matrix that fits in L2, so that
+the figures compare code, not the machine's mood: on a shared VM two processes a minute
+apart differ by 15-20 %, the same process by 2-3 %. Prints G weights/s (best round;
+per core with one thread) and the ratio to the first variant.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests", "kernels"))
 
-from _blocks import SIMD_VARIANTS, cpu_runs_variant, random_weights, simd_gemv_variant  # noqa: E402
+from _blocks import SIMD_VARIANTS, cpu_runs_variant, random_weights, simd_gemv_variant, variant_applies  # noqa: E402
+
+from flashlm.kernels import gemv_kquant  # noqa: E402
+from flashlm.runtime.threadpool import ThreadPool  # noqa: E402
 
 
 def main() -> None:
@@ -32,25 +38,31 @@ def main() -> None:
     ap.add_argument("--formats", default="Q4_0,Q4_1")
     ap.add_argument("--shape", default="512x896", help="rows x cols (keep it inside L2)")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=1, help="row ranges split over this many pool threads")
     args = ap.parse_args()
     rows, cols = map(int, args.shape.split("x"))
     variants = [v for v in SIMD_VARIANTS if cpu_runs_variant(SIMD_VARIANTS[v])]
     x = np.random.default_rng(1).standard_normal(cols).astype(np.float32)
     out = np.empty(rows, np.float32)
-    for fmt in args.formats.split(","):
-        w = random_weights(fmt, rows, cols, np.random.default_rng(0), extreme=False)
-        kernels = {v: simd_gemv_variant(fmt, SIMD_VARIANTS[v]) for v in variants}
-        best = dict.fromkeys(kernels, np.inf)
-        for _ in range(args.rounds):
-            for v, k in kernels.items():
-                t0 = time.perf_counter()
-                for _ in range(20):
-                    k(w, x, out, 0, rows)
-                best[v] = min(best[v], (time.perf_counter() - t0) / 20)
-        base = best[variants[0]]
-        cells = "  ".join(f"{v} {rows * cols / t / 1e9:5.2f} ({base / t:4.2f}x)" for v, t in best.items())
-        print(f"{fmt:5s} {rows}x{cols}  G weights/s per core: {cells}", flush=True)
-
+    with ThreadPool(args.threads) as pool:
+        for fmt in args.formats.split(","):
+            w = random_weights(fmt, rows, cols, np.random.default_rng(0), extreme=False)
+            if fmt == "Q4_K":
+                kernels = dict(gemv_kquant.Q4K_GEMV_PATHS)
+            else:
+                kernels = {v: simd_gemv_variant(fmt, SIMD_VARIANTS[v]) for v in variants
+                           if variant_applies(fmt, SIMD_VARIANTS[v])}
+            best = dict.fromkeys(kernels, np.inf)
+            for _ in range(args.rounds):
+                for v, k in kernels.items():
+                    t0 = time.perf_counter()
+                    for _ in range(20):
+                        pool.run(k, rows, w, x, out)
+                    best[v] = min(best[v], (time.perf_counter() - t0) / 20)
+            base = best[next(iter(best))]
+            cells = "  ".join(f"{v} {rows * cols / t / 1e9:5.2f} ({base / t:4.2f}x)" for v, t in best.items())
+            unit = "per core" if args.threads == 1 else f"at {args.threads} threads"
+            print(f"{fmt:5s} {rows}x{cols}  G weights/s {unit}: {cells}", flush=True)
 
 if __name__ == "__main__":
     main()

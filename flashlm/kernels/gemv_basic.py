@@ -218,6 +218,16 @@ def _dot_q4_0(w, o, x, xo, xs, n):
     return simd.dot_q4_0(w, o, x, xo, xs, n)
 
 
+@jit
+def _dot4_q4_0(w, o, xp, xsl, ng):
+    return simd.dot4_q4_0(w, o, xp, xsl, ng)
+
+
+@jit
+def _dot4_q4_1(w, o, xp, xsl, ng):
+    return simd.dot4_q4_1(w, o, xp, xsl, ng)
+
+
 @jit_exact
 def _dec_q4_0(w, o, n, dst, do):
     simd.decode_q4_0(w, o, n, dst, do)
@@ -318,6 +328,32 @@ def _gemv_blocks_simd(dot, w, x, out, r0, r1):
 
 
 @jit(inline="always")
+def _gemv_blocks_simd4(dot4, dot, w, x, out, r0, r1):
+    """Q4_0/Q4_1: groups of 4 blocks by ``dot4`` on x permuted per simd.GROUP4_PERM, the
+    last nb % 4 blocks of each row by the one-block ``dot``."""
+    nb = x.shape[0] // 32
+    ng = nb // 4
+    rb = w.strides[0]
+    ub = w.shape[1] // nb if nb else 0
+    xs = np.empty(nb, np.float32)
+    for b in range(nb):
+        xs[b] = np.sum(x[b * 32:(b + 1) * 32])
+    xp = np.empty(ng * 128, np.float32)
+    xsl = np.zeros(ng * 16, np.float32)  # per-lane sums of xp (min term)
+    for g in range(ng):
+        for i in range(128):
+            v = x[128 * g + simd.GROUP4_PERM[i]]
+            xp[128 * g + i] = v
+            xsl[16 * g + i % 16] += v
+    xs_tail = xs[4 * ng:]
+    for r in range(r0, r1):
+        s = dot4(w, r * rb, xp, xsl, ng)
+        if 4 * ng < nb:
+            s += dot(w, r * rb + 4 * ng * ub, x, 128 * ng, xs_tail, nb - 4 * ng)
+        out[r] = s
+
+
+@jit(inline="always")
 def _gemm_blocks_simd(dec, w, X, out, r0, r1):
     n, cols = X.shape
     rb = w.strides[0]
@@ -372,6 +408,11 @@ def gemv_q4_0_simd(w, x, out, r0, r1):
 
 
 @jit
+def gemv_q4_0_simd4(w, x, out, r0, r1):  # AVX-512: 4 blocks at a time (simd.GROUP4)
+    _gemv_blocks_simd4(_dot4_q4_0, _dot_q4_0, w, x, out, r0, r1)
+
+
+@jit
 def gemm_q4_0_simd(w, X, out, r0, r1):
     _gemm_blocks_simd(_dec_q4_0, w, X, out, r0, r1)
 
@@ -399,6 +440,11 @@ def dequant_q4_0_plain(w, out, r0, r1):
 @jit
 def gemv_q4_1_simd(w, x, out, r0, r1):
     _gemv_blocks_simd(_dot_q4_1, w, x, out, r0, r1)
+
+
+@jit
+def gemv_q4_1_simd4(w, x, out, r0, r1):  # AVX-512: 4 blocks at a time (simd.GROUP4)
+    _gemv_blocks_simd4(_dot4_q4_1, _dot_q4_1, w, x, out, r0, r1)
 
 
 @jit
@@ -580,6 +626,9 @@ def gemm_bf16_plain(w, X, out, r0, r1):
 
 _FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 SIMD_KERNELS = {f: (globals()[f"gemv_{f.lower()}_simd"], globals()[f"gemm_{f.lower()}_simd"]) for f in _FMTS}
+if simd.GROUP4:
+    SIMD_KERNELS["Q4_0"] = (gemv_q4_0_simd4, gemm_q4_0_simd)
+    SIMD_KERNELS["Q4_1"] = (gemv_q4_1_simd4, gemm_q4_1_simd)
 PLAIN_KERNELS = {f: (globals()[f"gemv_{f.lower()}_plain"], globals()[f"gemm_{f.lower()}_plain"]) for f in _FMTS}
 BASIC_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
 

@@ -133,7 +133,15 @@ def valid_cols(fmt: str, cols: int) -> bool:
 SIMD_VARIANTS = {
     "avx2": dict(HAVE_AVX512=False),
     "avx512": dict(HAVE_AVX512=True),
+    "avx512-group4": dict(HAVE_AVX512=True, GROUP4=True),  # Q4_0/Q4_1 only
 }
+
+
+def variant_applies(fmt: str, flags: dict) -> bool:
+    """False for a variant whose flags change nothing for ``fmt`` (GROUP4 outside Q4_0/Q4_1)."""
+    from flashlm.kernels import simd
+
+    return not flags.get("GROUP4") or fmt in simd._GROUP4_FMTS
 
 
 def cpu_runs_variant(flags: dict) -> bool:
@@ -167,9 +175,20 @@ def simd_gemv_variant(fmt: str, flags: dict):
         def row_dot(w, o, x, xo, xs, n):
             return dot(w, o, x, xo, xs, n)
 
-        @numba.njit(nogil=True, fastmath=True)
-        def gemv(w, x, out, r0, r1):  # the package's own GEMV driver around this dot
-            gb._gemv_blocks_simd(row_dot, w, x, out, r0, r1)
+        if flags.get("GROUP4") and fmt in simd._GROUP4_FMTS:
+            dot4 = simd._make_dot4(fmt)
+
+            @numba.njit(nogil=True, fastmath=True)
+            def row_dot4(w, o, xp, xsl, ng):
+                return dot4(w, o, xp, xsl, ng)
+
+            @numba.njit(nogil=True, fastmath=True)
+            def gemv(w, x, out, r0, r1):  # the package's 4-block driver
+                gb._gemv_blocks_simd4(row_dot4, row_dot, w, x, out, r0, r1)
+        else:
+            @numba.njit(nogil=True, fastmath=True)
+            def gemv(w, x, out, r0, r1):  # the package's own GEMV driver around this dot
+                gb._gemv_blocks_simd(row_dot, w, x, out, r0, r1)
 
         gemv.compile("void(u1[:, ::1], f4[::1], f4[::1], i8, i8)")
         return gemv

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from _blocks import (BASIC_FMTS, SIMD_VARIANTS, TOL, Checker, cpu_runs_variant, dequant_ref, kernel_array,
-                     max_error, random_weights, simd_gemv_variant, valid_cols)
+                     max_error, random_weights, simd_gemv_variant, valid_cols, variant_applies)
 
 from flashlm.kernels import gemv_basic as gb
 from flashlm.kernels import simd
@@ -151,13 +151,17 @@ def test_simd_selection_follows_cpu_and_env(monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.mark.parametrize("variant", list(SIMD_VARIANTS))
 @pytest.mark.parametrize("fmt", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
-@pytest.mark.parametrize("shape", [(33, 896), (5, 512), (3, 96), (4, 1536)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(33, 896), (5, 512), (3, 96), (4, 1536), (6, 224), (2, 160)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
 def test_every_simd_code_path(fmt: str, variant: str, shape: tuple[int, int]) -> None:
-    """Each code path simd.py can emit (AVX2 widen + convert, AVX-512 table lookup),
-    whichever this CPU's default is, against gguf."""
+    """Each code path simd.py can emit (AVX2 widen + convert, AVX-512 table lookup, Q4_0/Q4_1
+    four blocks at a time with a tail of 1-3 single blocks), whichever this CPU's default
+    is, against gguf."""
     flags = SIMD_VARIANTS[variant]
     if not cpu_runs_variant(flags):
         pytest.skip(f"this CPU cannot run the {variant} code")
+    if not variant_applies(fmt, flags):
+        pytest.skip(f"{variant} is the same code as another variant for {fmt}")
     rows, cols = shape
     rng = np.random.default_rng(cols + rows)
     w = random_weights(fmt, rows, cols, rng)

@@ -92,6 +92,22 @@ def test_gemv(shape, fmt, impl):
     assert rel_err(out[None], W, x[None]) < TOL
 
 
+@pytest.mark.parametrize("path", sorted(K.Q4K_GEMV_PATHS))
+@pytest.mark.parametrize("shape", [(1536, 8960), (8960, 1536), (7, 512), (1, 256), (33, 768)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_q4_k_gemv_every_simd_path(shape, path):
+    """Each Q4_K GEMV code path this CPU runs (widen + convert; AVX-512 permuted x), on
+    its own, whichever one IMPLS["simd"] picked; with a row range off both ends."""
+    rows, cols = shape
+    w, W = case("Q4_K", rows, cols)
+    x = np.random.default_rng(4).standard_normal(cols).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    r0, r1 = (1, rows - 1) if rows > 2 else (0, rows)
+    K.Q4K_GEMV_PATHS[path](w, x, out, r0, r1)
+    assert np.isnan(out[:r0]).all() and np.isnan(out[r1:]).all()
+    assert rel_err(out[None, r0:r1], W[r0:r1], x[None]) < TOL
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("fmt", FMTS)
 @pytest.mark.parametrize("n", [1, 3, 8])
