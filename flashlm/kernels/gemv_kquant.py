@@ -252,10 +252,11 @@ def _emit_q45k_dot(five: bool):
 # ``x`` permuted the same way, once per call (``_permute_q4k``). A vector of step k
 # spans two sub-blocks (lanes 0-7, 8-15), so the scale is a half/half vector.
 # Per super-block: 14 shifts + 16 lookups + 16 FMA instead of 8 widen + 8 and + 8 shifts +
-# 16 converts + 16 FMA. Measured on the 2-core Zen 4 (/tmp A/B in one process, 2 runs,
-# G weights/s ratio to the widen kernel): 1.10x in L2 on one core; at 2 threads 1.09-1.12x
-# on 151936x1024, 1.06-1.22x on 8960x1536, 1.02-1.09x on 1536x8960. The same layout with
-# and + convert instead of the lookup measured 0.95-1.10x, with the or-exponent trick
+# 16 converts + 16 FMA. Measured on the 2-core Zen 4 (both compiled in one process,
+# interleaved; ``perf/bench_simd_variants.py --formats Q4_K``, G weights/s ratio to the
+# widen kernel): 1.10-1.20x in L2 on one core; at 2 threads 1.09-1.12x on 151936x1024,
+# 1.06-1.22x on 8960x1536, 1.02-1.10x on 1536x8960. The same order with and + convert
+# instead of the lookup measured 0.95-1.10x, with the or-exponent trick
 # (``(n | 0x4B000000) - 2^23``) 0.91-1.07x.
 _Q4K_PERM = np.array([64 * (2 * p + j // 8) + 32 * (k % 2) + 4 * (j % 8) + k // 2
                       for p in range(2) for k in range(8) for j in range(16)], np.int64)

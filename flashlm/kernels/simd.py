@@ -25,8 +25,9 @@ Numba's cache: it is keyed on the caller's source file, so after editing this
 file delete ``flashlm/kernels/__pycache__`` to force a recompile.
 
 With AVX-512F (``HAVE_AVX512``; ``FLASHLM_NO_AVX512=1`` turns it off) Q4_0/Q4_1 turn
-nibbles into floats by a 16-entry table lookup instead of widen + convert
-(``perf/bench_simd_variants.py`` compares both paths in one process).
+nibbles into floats by a 16-entry table lookup instead of widen + convert, and their
+GEMV takes 4 blocks at a time (``dot4_<fmt>``, ``GROUP4``; see ``_make_dot4``)
+(``perf/bench_simd_variants.py`` compares the paths in one process).
 
 ``HAVE_SIMD`` is true when the host CPU has AVX2, FMA and F16C (llvmlite's host
 feature list), Numba compiles for the host CPU (``NUMBA_CPU_NAME`` unset) and
@@ -98,8 +99,9 @@ HAVE_AVX512: bool = _host_has_avx512()
 # big shapes); a 65536-entry half->float table (1.1-1.34x when the matrix is in L2/L3,
 # 0.6-0.9x when it streams from DRAM, as every matrix does in decode); software
 # prefetch 1 KB ahead (1.03x mean over 36 runs, inside the noise); 4 accumulator sets
-# or 8-lane vectors (1.0x, 0.8-0.9x). What is left: float32 scales stored apart from the
-# quants at import time (+2 bytes per block), not done.
+# or 8-lane vectors (1.0x, 0.8-0.9x). What paid instead: 4 blocks per step with no
+# widening (``_make_dot4``, 1.4-1.6x). Not tried: float32 scales stored apart from the
+# quants at import time (+2 bytes per block).
 
 UNROLL = int(os.environ.get("FLASHLM_UNROLL", "2"))  # independent accumulator sets in the dot loop
 LANES = int(os.environ.get("FLASHLM_LANES", "16"))  # float vector width of the arithmetic
