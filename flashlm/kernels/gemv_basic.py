@@ -317,12 +317,18 @@ def _dot_row_simd(a, X, i):  # a (cols,) f32, X (n, cols) f32 C-contiguous -> a 
 
 
 @jit(inline="always")
+def _block_sums(x, b0, b1):  # sums of x over 32-weight blocks b0..b1-1 (min term of Q4_1/Q5_1)
+    xs = np.empty(b1 - b0, np.float32)
+    for b in range(b0, b1):
+        xs[b - b0] = np.sum(x[b * 32:(b + 1) * 32])
+    return xs
+
+
+@jit(inline="always")
 def _gemv_blocks_simd(dot, w, x, out, r0, r1):
     nb = x.shape[0] // 32
     rb = w.strides[0]
-    xs = np.empty(nb, np.float32)  # per-block sums of x, for the min term of Q4_1/Q5_1
-    for b in range(nb):
-        xs[b] = np.sum(x[b * 32:(b + 1) * 32])
+    xs = _block_sums(x, 0, nb)
     for r in range(r0, r1):
         out[r] = dot(w, r * rb, x, 0, xs, nb)
 
@@ -335,9 +341,7 @@ def _gemv_blocks_simd4(dot4, dot, w, x, out, r0, r1):
     ng = nb // 4
     rb = w.strides[0]
     ub = w.shape[1] // nb if nb else 0
-    xs = np.empty(nb, np.float32)
-    for b in range(nb):
-        xs[b] = np.sum(x[b * 32:(b + 1) * 32])
+    xs_tail = _block_sums(x, 4 * ng, nb)
     xp = np.empty(ng * 128, np.float32)
     xsl = np.zeros(ng * 16, np.float32)  # per-lane sums of xp (min term)
     for g in range(ng):
@@ -345,7 +349,6 @@ def _gemv_blocks_simd4(dot4, dot, w, x, out, r0, r1):
             v = x[128 * g + simd.GROUP4_PERM[i]]
             xp[128 * g + i] = v
             xsl[16 * g + i % 16] += v
-    xs_tail = xs[4 * ng:]
     for r in range(r0, r1):
         s = dot4(w, r * rb, xp, xsl, ng)
         if 4 * ng < nb:

@@ -34,7 +34,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from flashlm.kernels.config import jit
-from flashlm.kernels.simd import HAVE_AVX512, HAVE_SIMD, _lookup
+from flashlm.kernels.simd import HAVE_AVX512, HAVE_SIMD, _lookup, _prefetch
 
 QK = 256  # weights per super-block
 BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -135,13 +135,6 @@ def _arr_ptr(context, builder, aty, val):
 PREFETCH = 2048  # bytes ahead; with the next-block scale decode 1.5-2.5x on 8960-wide rows from DRAM
 
 
-def _prefetch(builder, base, off):
-    """Read prefetch of the cache line at i8* base + off (never faults)."""
-    fnty = ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32])
-    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
-    builder.call(fn, [builder.gep(base, [off]), _c(_I32, 0), _c(_I32, 0), _c(_I32, 1)])
-
-
 def _make_row_dot(block_bytes: int, scales, emit, lanes: int = 16):
     """Intrinsic ``row_dot(w, r, x, sx, nb, sbuf) -> float32``: row r of w dotted with x.
 
@@ -175,8 +168,7 @@ def _make_row_dot(block_bytes: int, scales, emit, lanes: int = 16):
                 nxt = builder.add(i, _c(i.type, 1))
                 nxt = builder.select(builder.icmp_signed("<", nxt, nblk), nxt, i)  # last: redo own
                 v.store(scales(v, at(wrow, nxt, block_bytes)), at(sp, nxt, 64), 0)
-                for k in range(0, block_bytes, 64):
-                    _prefetch(builder, ptrs[0], _c(i.type, PREFETCH + k))
+                _prefetch(builder, ptrs[0], PREFETCH, block_bytes)
                 accs = emit(v, *ptrs, [builder.load(s) for s in slots])
                 for s, a in zip(slots, accs):
                     builder.store(a, s)

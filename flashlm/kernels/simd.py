@@ -281,6 +281,26 @@ def _to_floats(builder: ir.IRBuilder, qs: list, kind, lanes: int) -> list:
     return out
 
 
+# Software prefetch of the weight stream, PREFETCH bytes ahead of the block being read.
+# Measured (2 threads, weights read from memory, variants compiled in one process): rows of
+# 8960 weights 1.13-1.3x (Q8_0 11.6-13.5 -> 14.8-15.2 GB/s, Q5_0 9.8-10.3 -> 12.3-12.5,
+# Q4_1 10.1 -> 13.2), 151936x896 1.0-1.1x, 6144x2240 1.0x; 1 KB and 4 KB ahead about the
+# same as 2 KB. Without it a long row is read at ~60 % of the speed of short rows: its
+# activations (35 KB for 8960 weights) no longer fit in L1 next to the weight stream.
+PREFETCH = 2048
+
+
+def _prefetch(builder: ir.IRBuilder, p: ir.Value, off: ir.Value | int, span: int = 64) -> None:
+    """Prefetch the lines of the ``span`` bytes at i8* ``p + off`` (read, non-temporal hint,
+    as gemv_kquant does); a prefetch never faults, so it may run past the end of the data."""
+    i32 = ir.IntType(32)
+    fnty = ir.FunctionType(ir.VoidType(), [_I8.as_pointer(), i32, i32, i32])
+    fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0i8")
+    for k in range(0, span, 64):
+        at = ir.Constant(ir.IntType(64), off + k) if isinstance(off, int) else builder.add(off, off.type(k))
+        builder.call(fn, [builder.gep(p, [at]), i32(0), i32(0), i32(1)])
+
+
 def _data_ptr(context, builder, aty, aval) -> ir.Value:
     arr = context.make_array(aty)(context, builder, value=aval)
     return builder.bitcast(arr.data, _I8.as_pointer())
@@ -319,6 +339,8 @@ def _make_dot(fmt: str):
         ngroups = builder.sdiv(nunits, nunits.type(UNROLL))
         with cgutils.for_range(builder, ngroups) as loop:
             base = builder.mul(loop.index, nunits.type(UNROLL))
+            _prefetch(builder, wp, builder.add(builder.mul(base, base.type(ubytes)), base.type(PREFETCH)),
+                      UNROLL * ubytes)
             for k in range(UNROLL):
                 block(k, builder.add(base, base.type(k)))
         with cgutils.for_range(builder, nunits, start=builder.mul(ngroups, nunits.type(UNROLL))) as loop:
@@ -411,6 +433,7 @@ def _make_dot4(fmt: str):
         with cgutils.for_range(b, ngroups) as loop:
             g = loop.index
             p = b.gep(wp, [b.mul(g, g.type(4 * ubytes))])
+            _prefetch(b, p, PREFETCH, 4 * ubytes)
             head = _load(b, p, 0, v64)  # blocks 0-2 whole, block 3's header (and some quants)
             tail = _load(b, p, 3 * ubytes + qoff, _V16I8)  # block 3's quants
             tail = b.shuffle_vector(tail, ir.Constant(_V16I8, ir.Undefined),
