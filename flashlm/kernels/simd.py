@@ -282,11 +282,11 @@ def _to_floats(builder: ir.IRBuilder, qs: list, kind, lanes: int) -> list:
 
 
 # Software prefetch of the weight stream, PREFETCH bytes ahead of the block being read.
-# Measured (2 threads, weights read from memory, variants compiled in one process): rows of
-# 8960 weights 1.13-1.3x (Q8_0 11.6-13.5 -> 14.8-15.2 GB/s, Q5_0 9.8-10.3 -> 12.3-12.5,
-# Q4_1 10.1 -> 13.2), 151936x896 1.0-1.1x, 6144x2240 1.0x; 1 KB and 4 KB ahead about the
-# same as 2 KB. Without it a long row is read at ~60 % of the speed of short rows: its
-# activations (35 KB for 8960 weights) no longer fit in L1 next to the weight stream.
+# Measured (2 threads, weights read from memory, PREFETCH 0 vs 2048 compiled in one
+# process): 1536x8960 Q4_0 1.32x, Q4_1 1.52x, Q5_0 1.27x, Q8_0 1.10x; 8960x1536 1.0-1.17x;
+# 151936x896 1.0-1.09x; F16/BF16 1.0x. 1 KB and 4 KB ahead measured about the same as 2 KB.
+# Long rows stay slower than short ones for Q8_0 and F16/BF16 (35 KB of activations per
+# 8960-wide row do not stay in L1 next to the weight stream); see README.
 PREFETCH = 2048
 
 
