@@ -6,8 +6,12 @@ and numpy f32 ``X @ W.T`` on the dequantized matrix, measured in the same run.
     python perf/bench_matmul.py --extra            # + pool overhead, pool vs prange, GEMM vs BLAS
     pytest perf/bench_matmul.py --benchmark-only   # pytest-benchmark, a subset
 
-Columns: GB/s = weight bytes / time (median); bw = read bandwidth measured just before
-the row (a Numba read kernel over 256 MB on the same threads, median of 5); %bw =
+Q5_0R is Q5_0 as a store keeps it (kernels/repacked.py: imported GGUF Q5_0 tensors are
+rewritten into it), 70 bytes per 96 weights against Q5_0's 66; the Gw/s column (weights
+per second) compares the two by time.
+
+Columns: GB/s = weight bytes / time (median); Gw/s = weights / time; bw = read
+bandwidth measured just before the row (a Numba read kernel over 256 MB on the same threads, median of 5); %bw =
 GB/s / bw; x np = numpy f32 time / our time. Each call reads its weights from memory,
 not from L3: the timing cycles through copies of the matrix that together exceed 128 MB
 (``dram_copies``), as a decode step meets each matrix once per token.
@@ -35,7 +39,7 @@ from flashlm.kernels import simd  # noqa: E402
 from flashlm.kernels.formats import QTensor  # noqa: E402
 from flashlm.runtime.threadpool import ThreadPool  # noqa: E402
 
-FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_0R", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896),
           (1536, 8960), (8960, 1536), (576, 1536), (1536, 1536))
 BIG = ((151936, 896), (8960, 1536), (1536, 8960))
@@ -154,14 +158,16 @@ def main_table(pool, fmts, shapes, batches) -> None:
                 t = timeit(cycling(lambda w: mm.matmul(x, w, out, pool=pool), dram_copies(qt)))
                 results.setdefault(key, []).append((n, x, t, bw))
                 print(f"  measured {fmt} {rows}x{cols} n={n}", end="\r", file=sys.stderr, flush=True)
-    print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'bw':>5s} {'%bw':>5s} {'x np':>6s}")
+    print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'Gw/s':>6s} {'bw':>5s} {'%bw':>5s} "
+          f"{'x np':>6s}")
     for (fmt, rows, cols), rows_measured in results.items():
         qt = weights.pop((fmt, rows, cols))
         Wfs = dram_copies(QTensor(mm.dequantize(qt), "F32", qt.shape))
         for n, x, t, bw in rows_measured:
             t_np = timeit(cycling(lambda W: x @ W.data.T, Wfs))
             gbs = qt.nbytes / t / 1e9
-            print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {bw:5.1f} "
+            gws = rows * cols / t / 1e9
+            print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {gws:6.2f} {bw:5.1f} "
                   f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
         del Wfs
 
@@ -244,7 +250,7 @@ except ImportError:  # script use without pytest
     pytest = None
 
 if pytest is not None:
-    _CASES = [(f, s) for f in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "F16", "Q4_K", "Q6_K")
+    _CASES = [(f, s) for f in ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_0R", "Q5_1", "F16", "Q4_K", "Q6_K")
               for s in ((4864, 896), (8960, 1536), (151936, 896)) if valid_cols(f, s[1])]
 
     @pytest.fixture(scope="module")

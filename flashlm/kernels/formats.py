@@ -7,6 +7,8 @@ Arrays handed to kernels:
   F16  -> float16 (rows, cols)
   BF16 -> uint16  (rows, cols)   (upper half of an f32)
   quantized -> uint8 (rows, cols // block_size * type_size)
+  grouped store layouts (``GROUPED``, written on import, see kernels/repacked.py)
+            -> uint8 (rows, row_nbytes(fmt, cols))
 """
 from __future__ import annotations
 
@@ -27,9 +29,14 @@ FORMATS: dict[str, tuple[int, int, int]] = {
     "Q5_K": (13, 256, 176),
     "Q6_K": (14, 256, 210),
     "BF16": (30, 1, 2),
+    "Q5_0R": (-1, 32, 22),  # store-only layout of Q5_0 (no GGUF id): see GROUPED
 }
+# Store-only layouts: (blocks per group, bytes per group, bytes per tail block). A row is
+# nb // blocks groups, then the last nb % blocks blocks in the GGUF format's layout.
+GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22)}
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
-GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items()}
+GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items() if v[0] >= 0}
+GGUF_FORMATS = tuple(GGUF_ID_TO_NAME.values())
 
 
 def block_size(fmt: str) -> int:
@@ -44,7 +51,25 @@ def row_nbytes(fmt: str, cols: int) -> int:
     bs, ts = FORMATS[fmt][1], FORMATS[fmt][2]
     if cols % bs:
         raise ValueError(f"{fmt}: row length {cols} is not a multiple of the block size {bs}")
+    if fmt in GROUPED:
+        g, gb, tb = GROUPED[fmt]
+        nb = cols // bs
+        return nb // g * gb + nb % g * tb
     return cols // bs * ts
+
+
+def row_cols(fmt: str, nbytes: int) -> int:
+    """The row length (weights) whose ``fmt`` row takes ``nbytes`` (inverse of row_nbytes)."""
+    bs, ts = FORMATS[fmt][1], FORMATS[fmt][2]
+    if fmt in GROUPED:
+        g, gb, tb = GROUPED[fmt]
+        k, rem = divmod(nbytes, gb)
+        if rem % tb or rem // tb >= g:
+            raise ValueError(f"{fmt}: {nbytes} bytes is not a whole row")
+        return (g * k + rem // tb) * bs
+    if nbytes % ts:
+        raise ValueError(f"{fmt}: {nbytes} bytes is not a whole row")
+    return nbytes // ts * bs
 
 
 def tensor_nbytes(fmt: str, shape: tuple[int, ...]) -> int:

@@ -16,9 +16,10 @@ The fused kernels of one call, or of several weights sharing the input
 (``kernels.executor``): on the pool when the product has PARALLEL_MIN_BYTES or
 more, else in this thread.
 
-Kernels come from ``gemv_basic.BASIC_KERNELS`` and ``gemv_kquant.KQUANT_KERNELS``
-(same ``(gemv, gemm)`` row-range contract). For ``dequantize`` of K-quants,
-``gemv_kquant.KQUANT_DEQUANT[fmt](w, out, r0, r1)`` is used.
+Kernels come from ``gemv_basic.BASIC_KERNELS``, ``gemv_kquant.KQUANT_KERNELS`` and
+``repacked.REPACKED_KERNELS`` (store-only layouts such as Q5_0R), all with the same
+``(gemv, gemm)`` row-range contract; ``dequantize`` uses the matching
+``*_DEQUANT[fmt](w, out, r0, r1)``.
 
 BLAS_MIN_ROWS and TILE_ROWS were chosen by measurement on a quiet 2-core EPYC,
 prefill of qwen2.5-coder-0.5b (Q5_0/Q8_0/Q4_K/Q6_K), tok/s fused GEMM / tile+BLAS:
@@ -34,14 +35,15 @@ import numpy as np
 from flashlm.kernels import executor
 from flashlm.kernels.formats import FORMATS, QTensor
 from flashlm.kernels.gemv_basic import BASIC_KERNELS, DEQUANT_KERNELS, HAVE_SIMD
+from flashlm.kernels.repacked import REPACKED_DEQUANT, REPACKED_KERNELS
 
 try:  # K-quants, written separately
     from flashlm.kernels import gemv_kquant as _kq
 except ImportError:  # not there yet
     _kq = None
 
-KERNELS: dict[str, tuple] = dict(BASIC_KERNELS)
-DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS)
+KERNELS: dict[str, tuple] = dict(BASIC_KERNELS, **REPACKED_KERNELS)
+DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **REPACKED_DEQUANT)
 if _kq is not None:
     KERNELS.update(getattr(_kq, "KQUANT_KERNELS", {}))
     DEQUANT.update(getattr(_kq, "KQUANT_DEQUANT", {}))

@@ -5,9 +5,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-# Bumped whenever an importer's output changes (tokenizer rules, config fields), so
-# stores imported by an older flashlm are re-imported from their cached source.
-IMPORTER_VERSION = 3
+# Bumped whenever an importer's output changes (tokenizer rules, config fields, store
+# layouts: 4 = Q5_0 kept as Q5_0R), so stores imported by an older flashlm are
+# re-imported from their cached source.
+IMPORTER_VERSION = 4
 
 # model_type -> module in flashlm.models that implements it
 ARCH_ALIASES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}

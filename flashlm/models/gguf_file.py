@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from flashlm.errors import GGUFError, UnsupportedError
-from flashlm.kernels.formats import FORMATS, GGUF_ID_TO_NAME, tensor_nbytes
+from flashlm.kernels.formats import GGUF_FORMATS, GGUF_ID_TO_NAME, tensor_nbytes
 
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -133,7 +133,7 @@ class GGUFFile:
                 tname = _GGML_NAMES.get(ttype, f"type id {ttype}")
                 raise UnsupportedError(
                     f"{self.path}: tensor {name} has type {tname}, which flashlm does not run "
-                    f"(supported: {', '.join(FORMATS)}); re-quantize the model to one of those"
+                    f"(supported: {', '.join(GGUF_FORMATS)}); re-quantize the model to one of those"
                 )
             shape = tuple(int(d) for d in reversed(dims)) or (1,)
             try:

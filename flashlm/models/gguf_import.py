@@ -1,11 +1,17 @@
-"""Import a GGUF file into a flashlm store, keeping every tensor's block format."""
+"""Import a GGUF file into a flashlm store, keeping every tensor's values and block format;
+formats with a store layout of their own (``kernels.repacked.STORE_LAYOUT``: Q5_0 -> Q5_0R)
+are rewritten into it, losslessly."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import numpy as np
 from typing import Any
 
 from flashlm.errors import GGUFError, UnsupportedError
+from flashlm.kernels.formats import tensor_nbytes
+from flashlm.kernels.repacked import STORE_LAYOUT, pack
 from flashlm.models.config import ARCH_ALIASES, IMPORTER_VERSION, ModelConfig
 from flashlm.models.gguf_file import GGUFFile
 from flashlm.offload.store import StoreWriter
@@ -105,12 +111,17 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, progress: boo
     shapes = {n: t.shape for n, t in g.tensors.items()}
     config = config_from_gguf_meta(g.meta, shapes, str(src))
     files, tok_info = gguf_tokenizer_files(g.meta, str(src))
-    total = sum(t.nbytes for t in g.tensors.values())
+    total = sum(tensor_nbytes(STORE_LAYOUT.get(t.fmt, t.fmt), t.shape) for t in g.tensors.values())
     # Write embedding, then layers in order, then the head: the order layers stream in.
     order = sorted(g.tensors.values(), key=lambda t: _tensor_order(t.name))
     with byte_progress(total, f"import {src.name}", enabled=progress) as bar, StoreWriter(dst, progress=bar) as w:
         for t in order:
-            w.add_tensor(t.name, g.tensor_bytes(t.name), t.fmt, t.shape)
+            data = g.tensor_bytes(t.name)
+            if t.fmt in STORE_LAYOUT:
+                fmt, data = pack(t.fmt, np.asarray(data).reshape(t.shape[:-1] + (-1,)), t.shape)
+            else:
+                fmt = t.fmt
+            w.add_tensor(t.name, data, fmt, t.shape)
         for name, content in files.items():
             w.add_file(name, content)
         source = {"kind": "gguf", "file": src.name, "bytes": g.size, "importer_version": IMPORTER_VERSION}

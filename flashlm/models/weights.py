@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from flashlm.errors import GGUFError, UnsupportedError
-from flashlm.kernels.formats import FLOAT_DTYPES, FORMATS, QTensor, row_nbytes
+from flashlm.kernels.formats import FLOAT_DTYPES, GGUF_FORMATS, QTensor, row_nbytes
 from flashlm.models.config import ModelConfig
 
 
@@ -110,7 +110,7 @@ def gguf_meta(reader: Any, *, skip_prefixes: tuple[str, ...] = ("tokenizer.ggml.
 def qtensor_from_gguf(t: Any) -> QTensor:
     """A zero-copy QTensor of one ``gguf.ReaderTensor`` (shape = reversed GGUF shape)."""
     fmt = t.tensor_type.name
-    if fmt not in FORMATS:
+    if fmt not in GGUF_FORMATS:
         raise UnsupportedError(f"tensor {t.name}: GGUF type {fmt} is not supported")
     shape = tuple(int(s) for s in reversed(t.shape.tolist()))
     data = np.asarray(t.data)

@@ -39,7 +39,10 @@ def to_f32(w: QTensor) -> np.ndarray:
         return (w.data.astype(np.uint32) << 16).view(np.float32).reshape(w.shape)
     import gguf
 
-    out = gguf.quants.dequantize(w.data, gguf.GGMLQuantizationType[w.fmt])
+    from flashlm.kernels.repacked import unpack
+
+    fmt, data = unpack(w.fmt, w.data, w.shape)  # a store-only layout (Q5_0R): its GGUF blocks
+    out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[fmt])
     return np.asarray(out, np.float32).reshape(w.shape)
 
 

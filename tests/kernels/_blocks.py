@@ -18,9 +18,11 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from flashlm.kernels.formats import FORMATS, row_nbytes
+from flashlm.kernels.formats import FORMATS, row_cols, row_nbytes
+from flashlm.kernels.repacked import GGUF_OF, pack, unpack
 
 QUANT_FMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+STORE_FMTS = ("Q5_0R",)  # store-only layouts (kernels/repacked.py): made by packing the GGUF format
 FLOAT_FMTS = ("F32", "F16", "BF16")
 BASIC_FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
@@ -41,6 +43,8 @@ def _random_f16(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 def random_weights(fmt: str, rows: int, cols: int, rng: np.random.Generator,
                    extreme: bool = True) -> np.ndarray:
     """Random valid weights for ``fmt`` in the kernel array layout (see module doc)."""
+    if fmt in GGUF_OF:  # a store layout: random blocks of its GGUF format, packed
+        return pack(GGUF_OF[fmt], random_weights(GGUF_OF[fmt], rows, cols, rng, extreme), (rows, cols))[1]
     if fmt == "F32":
         return rng.standard_normal((rows, cols)).astype(np.float32)
     if fmt == "F16":
@@ -79,6 +83,7 @@ def dequant_ref(w: np.ndarray, fmt: str, rows: np.ndarray | None = None) -> np.n
         return w.view(np.float16).astype(np.float64)
     if fmt == "BF16":
         return (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    fmt, w = unpack(fmt, w, (w.shape[0], row_cols(fmt, w.shape[1])))  # a store layout: its GGUF blocks
     qtype = gguf.GGMLQuantizationType[fmt]
     return gguf.quants.dequantize(np.ascontiguousarray(w), qtype).astype(np.float64)
 

@@ -4,14 +4,14 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from _blocks import BASIC_FMTS, QUANT_FMTS, TOL, Checker, dequant_ref, random_weights
+from _blocks import BASIC_FMTS, QUANT_FMTS, STORE_FMTS, TOL, Checker, dequant_ref, random_weights
 
 from flashlm.kernels import matmul as mm
 from flashlm.kernels.matmul import dequantize, matmul
 from flashlm.kernels.formats import QTensor
 from flashlm.runtime.threadpool import ThreadPool
 
-ALL_FMTS = tuple(dict.fromkeys(BASIC_FMTS + QUANT_FMTS))
+ALL_FMTS = tuple(dict.fromkeys(BASIC_FMTS + QUANT_FMTS + STORE_FMTS))
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def _weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[QTensor, np.
 
 
 @pytest.mark.parametrize("use_pool", [False, True])
-@pytest.mark.parametrize("fmt", BASIC_FMTS)
+@pytest.mark.parametrize("fmt", BASIC_FMTS + STORE_FMTS)
 def test_matmul_all_paths(fmt: str, use_pool: bool, pool, monkeypatch: pytest.MonkeyPatch) -> None:
     rows, cols = 67, 512
     qt, W = _weight(fmt, rows, cols)
@@ -65,8 +65,8 @@ def test_dequantize_equals_gguf(fmt: str) -> None:
     qt, _ = _weight(fmt, 23, 512, seed=3)
     full = dequantize(qt)
     assert full.dtype == np.float32 and full.shape == (23, 512)
-    if fmt in ("F32", "F16", "BF16"):
-        ref = dequant_ref(qt.data, fmt).astype(np.float32)
+    if fmt in ("F32", "F16", "BF16") or fmt in STORE_FMTS:
+        ref = dequant_ref(qt.data, fmt).astype(np.float32)  # store layouts: gguf on the unpacked blocks
     else:
         ref = gguf.quants.dequantize(qt.data, gguf.GGMLQuantizationType[fmt])
     np.testing.assert_array_equal(full, ref)

@@ -9,6 +9,7 @@ import pytest
 from synth import write_tiny_gguf
 
 from flashlm.errors import GGUFError, UnsupportedError
+from flashlm.kernels.repacked import STORE_LAYOUT, unpack
 from flashlm.models.gguf_file import GGUFFile
 from flashlm.models.gguf_import import import_gguf
 from flashlm.offload.store import Store, is_store
@@ -23,7 +24,9 @@ def reference_tensors(path):
 
 @pytest.mark.parametrize("fmt", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_tiny_gguf_import_keeps_bytes(tmp_path, arch, fmt):
+def test_tiny_gguf_import_keeps_values(tmp_path, arch, fmt):
+    """Every tensor's bytes as gguf-py reads them; Q5_0 in its store layout Q5_0R, whose
+    unpacked blocks are those bytes."""
     hidden = 256 if fmt.endswith("_K") else 64
     src = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, fmt=fmt, hidden=hidden, ffn=256, n_heads=4, n_kv=2)
     store = Store(import_gguf(src, tmp_path / "store"))
@@ -31,9 +34,10 @@ def test_tiny_gguf_import_keeps_bytes(tmp_path, arch, fmt):
     assert set(store.tensor_info) == set(ref)
     for name, (tname, raw, shape) in ref.items():
         t = store.tensor(name)
-        assert t.fmt == tname, name
+        assert t.fmt == STORE_LAYOUT.get(tname, tname), name
         assert t.shape == shape, name
-        assert t.data.tobytes() == raw, name
+        gfmt, data = unpack(t.fmt, t.data, t.shape)
+        assert gfmt == tname and data.tobytes() == raw, name
     c = store.config
     assert c.model_type == arch and c.num_hidden_layers == 2 and c.hidden_size == hidden
     assert c.num_attention_heads == 4 and c.num_key_value_heads == 2 and c.head_dim == hidden // 4

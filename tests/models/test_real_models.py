@@ -9,6 +9,7 @@ import pytest
 from realmodels import golden, real_store_path
 
 from flashlm.cli import main
+from flashlm.kernels.repacked import GGUF_OF, STORE_LAYOUT, unpack
 from flashlm.models.pull import gguf_path
 from flashlm.models.registry import catalog
 from flashlm.offload.store import Store
@@ -22,18 +23,22 @@ def test_info_layers_and_formats(real_model, capsys):
     assert info["layers"] == entry["layers"] == store.config.num_hidden_layers
     assert info["architecture"] == entry["architecture"]
     assert info["hidden_size"] == entry["hidden"] and info["vocab_size"] == entry["vocab"]
-    assert {f: v["tensors"] for f, v in info["formats"].items()} == entry["formats"]
+    # as stored: Q5_0 in its store layout Q5_0R (kernels/repacked.py)
+    assert {GGUF_OF.get(f, f): v["tensors"] for f, v in info["formats"].items()} == entry["formats"]
 
 
 def test_every_tensor_equals_gguf_bytes(real_model):
+    """Every tensor's GGUF bytes, unpacked from its store layout where it has one."""
     store = Store(real_store_path(real_model))
     reader = gguf.GGUFReader(str(gguf_path(real_model)))
     assert len(reader.tensors) == len(store.tensor_info)
     for t in reader.tensors:
         ours = store.tensor(t.name)
-        assert ours.fmt == t.tensor_type.name, t.name
+        assert ours.fmt == STORE_LAYOUT.get(t.tensor_type.name, t.tensor_type.name), t.name
         assert ours.shape == tuple(int(x) for x in reversed(t.shape)), t.name
-        assert np.array_equal(ours.data.reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
+        fmt, data = unpack(ours.fmt, ours.data, ours.shape)
+        assert fmt == t.tensor_type.name, t.name
+        assert np.array_equal(data.reshape(-1).view(np.uint8), np.asarray(t.data).reshape(-1).view(np.uint8)), t.name
 
 
 def test_store_checksums(real_model):

@@ -1,0 +1,340 @@
+"""Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``.
+
+The store format is ours, so a GGUF format whose kernel is compute-bound can be
+rewritten on import into a layout that costs fewer vector operations per weight.
+The values are the same: every kernel here is checked against ``gguf.quants.dequantize``
+of the original blocks, and :func:`unpack` gives the GGUF bytes back exactly.
+
+Q5_0R (from Q5_0, weight = d * (q - 16), q 5 bits). A row of nb = cols // 32 blocks is
+nb // 3 groups of 3 blocks (96 weights, 70 bytes), then the last nb % 3 blocks as GGUF
+Q5_0 blocks (22 bytes each)::
+
+    bytes 0..63   16 little-endian uint32 lanes; bits 5k..5k+4 of lane j hold the quant
+                  of weight 16k + j of the group (k = 0..5; block k // 2)
+    bytes 64..69  the 3 block scales d (IEEE half), as in the GGUF blocks
+
+One step of the GEMV is ``q >> 5k`` (no shift for k = 0) and a 32-entry table lookup
+(``vpermi2ps`` reads the low 5 bits of each index, so no mask either) for 16 weights in
+natural order, so x is read as it is. GGUF Q5_0 needs per 32 weights a nibble split, a
+widen, a 5th-bit test and select, two converts and a scale broadcast + convert.
+Measured on the 2-core Zen 4 (AVX-512), both kernels compiled in one process,
+``python perf/bench_simd_variants.py --formats Q5_0R --shape S --threads 2 --dram``
+(weights read from memory), G weights/s Q5_0 -> Q5_0R: 8960x1536 20.8 -> 30.8 (1.48x),
+151936x896 17.3 -> 25.9 (1.50x), 1536x8960 19.1 -> 22.4 (1.17x); ``--shape 512x1536`` (one
+core, in L2) 10.5 -> 15.6 (1.49x). The 70 bytes per 96 weights are 6 % more than GGUF's
+66. Tried and dropped: float32 scales stored apart (76 bytes per group; 0.9-1.1x of the
+half scales); two rows per step sharing the x loads (0.74-0.96x).
+
+Kernels follow ``gemv_basic``'s row-range contract (``gemv(w, x, out, r0, r1)``,
+``gemm(w, X, out, r0, r1)``, ``dequant(w, out, r0, r1)``); ``w`` is the uint8
+(rows, row_bytes) array of ``formats.view_as``.
+"""
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from flashlm.kernels import simd
+from flashlm.kernels.config import jit, jit_exact
+from flashlm.kernels.formats import GROUPED, row_nbytes
+from flashlm.kernels.gemv_basic import _dot_plain, _dot_row_simd, _f16_at, f16_to_f32
+from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
+                                  _data_ptr, _hsum, _load, _prefetch, _splat)
+
+STORE_LAYOUT = {"Q5_0": "Q5_0R"}  # GGUF format -> the layout a store keeps it in
+GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
+_G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per tail block
+_GW = 32 * _G  # weights per group
+
+# ---- packing (import time) and unpacking (reference, export) ----
+
+
+@jit_exact
+def _pack_q5_0r(src, dst):
+    rows = src.shape[0]
+    nb = src.shape[1] // 22
+    ng = nb // _G
+    q = np.empty(_GW, np.int64)
+    for r in range(rows):
+        for g in range(ng):
+            for bi in range(_G):
+                o = 22 * (_G * g + bi)
+                qh = (np.int64(src[r, o + 2]) | (np.int64(src[r, o + 3]) << 8)
+                      | (np.int64(src[r, o + 4]) << 16) | (np.int64(src[r, o + 5]) << 24))
+                for j in range(16):
+                    b = np.int64(src[r, o + 6 + j])
+                    q[32 * bi + j] = (b & 15) | (((qh >> j) & 1) << 4)
+                    q[32 * bi + 16 + j] = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            go = _GB * g
+            for j in range(16):
+                v = np.int64(0)
+                for k in range(6):
+                    v |= q[16 * k + j] << (5 * k)
+                for t in range(4):
+                    dst[r, go + 4 * j + t] = (v >> (8 * t)) & 255
+            for bi in range(_G):
+                o = 22 * (_G * g + bi)
+                dst[r, go + 64 + 2 * bi] = src[r, o]
+                dst[r, go + 65 + 2 * bi] = src[r, o + 1]
+        tail = 22 * _G * ng
+        for i in range(22 * (nb - _G * ng)):
+            dst[r, _GB * ng + i] = src[r, tail + i]
+
+
+@jit_exact
+def _unpack_q5_0r(src, dst):
+    rows = src.shape[0]
+    nb = dst.shape[1] // 22
+    ng = nb // _G
+    for r in range(rows):
+        for g in range(ng):
+            go = _GB * g
+            for bi in range(_G):
+                o = 22 * (_G * g + bi)
+                dst[r, o] = src[r, go + 64 + 2 * bi]
+                dst[r, o + 1] = src[r, go + 65 + 2 * bi]
+                qh = np.int64(0)
+                for j in range(16):
+                    qs = np.int64(0)
+                    for half in range(2):
+                        k, jj = 2 * bi + half, j + 16 * half
+                        lane = 4 * j
+                        v = (np.int64(src[r, go + lane]) | (np.int64(src[r, go + lane + 1]) << 8)
+                             | (np.int64(src[r, go + lane + 2]) << 16) | (np.int64(src[r, go + lane + 3]) << 24))
+                        q = (v >> (5 * k)) & 31
+                        qs |= (q & 15) << (4 * half)
+                        qh |= (q >> 4) << jj
+                    dst[r, o + 6 + j] = qs
+                for t in range(4):
+                    dst[r, o + 2 + t] = (qh >> (8 * t)) & 255
+        tail = 22 * _G * ng
+        for i in range(22 * (nb - _G * ng)):
+            dst[r, tail + i] = src[r, _GB * ng + i]
+
+
+def _rows2d(data: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(data.reshape(-1, data.shape[-1]))
+
+
+def pack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
+    """A tensor's GGUF bytes (``formats.view_as`` array) -> (store format, store array).
+    Formats without a store layout come back unchanged."""
+    if fmt not in STORE_LAYOUT:
+        return fmt, data
+    new = STORE_LAYOUT[fmt]
+    src = _rows2d(np.asarray(data, np.uint8))
+    out = np.empty((src.shape[0], row_nbytes(new, shape[-1])), np.uint8)
+    _pack_q5_0r(src, out)
+    return new, out.reshape(tuple(shape[:-1]) + (out.shape[1],))
+
+
+def unpack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
+    """The inverse of :func:`pack`: (GGUF format, its block bytes), bit for bit."""
+    if fmt not in GGUF_OF:
+        return fmt, data
+    old = GGUF_OF[fmt]
+    src = _rows2d(np.asarray(data, np.uint8))
+    out = np.empty((src.shape[0], row_nbytes(old, shape[-1])), np.uint8)
+    _unpack_q5_0r(src, out)
+    return old, out.reshape(tuple(shape[:-1]) + (out.shape[1],))
+
+
+# ---- SIMD: one group of 96 weights per step ----
+
+_TABLE = [float(i - 16) for i in range(32)]
+
+
+def _quants(b: ir.IRBuilder, q: ir.Value, k: int) -> ir.Value:
+    """<16 x float> q - 16 of field k of the 16 lanes ``q``."""
+    idx = q if k == 0 else b.lshr(q, _const_vec(_V16I32, 5 * k))
+    if simd.HAVE_AVX512:  # 32-entry table (module flag read at code generation: tests flip it): vpermi2ps reads the low 5 bits of each index
+        fnty = ir.FunctionType(_V16F, [_V16F, _V16I32, _V16F])
+        fn = cgutils.get_or_insert_function(b.module, fnty, "llvm.x86.avx512.vpermi2var.ps.512")
+        lo, hi = (ir.Constant(_V16F, [ir.Constant(_F32, v) for v in part]) for part in (_TABLE[:16], _TABLE[16:]))
+        return b.call(fn, [lo, idx, hi])
+    f = b.sitofp(b.and_(idx, _const_vec(_V16I32, 31)), _V16F)
+    return b.fsub(f, ir.Constant(_V16F, [ir.Constant(_F32, 16.0)] * 16))
+
+
+def _scales(b: ir.IRBuilder, p: ir.Value) -> ir.Value:
+    """<4 x float> of the group's 3 half scales (lane 3 unused)."""
+    h = _load(b, p, 64, ir.VectorType(ir.HalfType(), 2))
+    h3 = _load(b, p, 68, ir.HalfType())
+    v = b.shuffle_vector(h, h, ir.Constant(ir.VectorType(_I32, 4), [0, 1, 0, 0]))
+    v = b.insert_element(v, h3, _I32(2))
+    return b.fpext(v, ir.VectorType(_F32, 4))
+
+
+@intrinsic
+def dot_q5_0r(typingctx, w, woff, x, xoff, ngroups):
+    """float32: the first ``ngroups`` groups of the row at byte ``woff`` of ``w`` dotted
+    with x[xoff:]; 16-lane accumulator, the block scale as one FMA per 32 weights."""
+
+    def gen(context, b, sig, args):
+        w, woff, x, xoff, ng = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        xp = b.gep(_data_ptr(context, b, sig.args[2], x), [b.mul(xoff, xoff.type(4))])
+        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
+        with cgutils.for_range(b, ng) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_GB))])
+            _prefetch(b, p, simd.PREFETCH, _GB)
+            q = _load(b, p, 0, _V16I32)
+            xb = b.gep(xp, [b.mul(g, g.type(4 * _GW))])
+            d = _scales(b, p)
+            a = b.load(acc)
+            for bi in range(_G):
+                t = None
+                for k in (2 * bi, 2 * bi + 1):
+                    pr = b.fmul(_quants(b, q, k), _load(b, xb, 64 * k, _V16F), flags=_FLAGS)
+                    t = pr if t is None else b.fadd(t, pr, flags=_FLAGS)
+                ds = b.shuffle_vector(d, d, ir.Constant(ir.VectorType(_I32, 16), [bi] * 16))
+                a = b.fadd(a, b.fmul(t, ds, flags=_FLAGS), flags=_FLAGS)
+            b.store(a, acc)
+        return _hsum(b, b.load(acc))
+
+    return types.float32(w, types.intp, x, types.intp, types.intp), gen
+
+
+@intrinsic
+def decode_q5_0r(typingctx, w, woff, ngroups, dst, doff):
+    """The first ``ngroups`` groups of the row at byte ``woff`` -> float32 dst[doff:],
+    each weight exactly d * (q - 16) as gguf computes it (no FMA)."""
+
+    def gen(context, b, sig, args):
+        w, woff, ng, dst, doff = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        dp = b.gep(_data_ptr(context, b, sig.args[3], dst), [b.mul(doff, doff.type(4))])
+        with cgutils.for_range(b, ng) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_GB))])
+            q = _load(b, p, 0, _V16I32)
+            d = _scales(b, p)
+            out = b.gep(dp, [b.mul(g, g.type(4 * _GW))])
+            for k in range(2 * _G):
+                ds = _splat(b, b.extract_element(d, _I32(k // 2)), _V16F)
+                v = b.fmul(ds, _quants(b, q, k))
+                b.store(v, b.bitcast(b.gep(out, [ir.Constant(ir.IntType(64), 64 * k)]), _V16F.as_pointer()),
+                        align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, types.intp, types.intp, dst, types.intp), gen
+
+
+@jit(inline="always")
+def _gemv_simd(dot, w, x, out, r0, r1):
+    """Groups by ``dot`` (a jitted ``dot_q5_0r``), the 1-2 tail blocks by simd.dot_q5_0."""
+    nb = x.shape[0] // 32
+    ng = nb // _G
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        s = dot(w, r * rb, x, 0, ng)
+        if _G * ng < nb:
+            s += simd.dot_q5_0(w, r * rb + _GB * ng, x, _GW * ng, x, nb - _G * ng)
+        out[r] = s
+
+
+@jit
+def _dot(w, o, x, xo, ng):
+    return dot_q5_0r(w, o, x, xo, ng)
+
+
+@jit
+def gemv_q5_0r_simd(w, x, out, r0, r1):
+    _gemv_simd(_dot, w, x, out, r0, r1)
+
+
+@jit_exact(inline="always")
+def _decode_row_simd(w, off, nb, dst, doff):
+    ng = nb // _G
+    decode_q5_0r(w, off, ng, dst, doff)
+    if _G * ng < nb:
+        simd.decode_q5_0(w, off + _GB * ng, nb - _G * ng, dst, doff + _GW * ng)
+
+
+@jit
+def gemm_q5_0r_simd(w, X, out, r0, r1):
+    n, cols = X.shape
+    rb = w.strides[0]
+    row = np.empty(cols, np.float32)
+    for r in range(r0, r1):
+        _decode_row_simd(w, r * rb, cols // 32, row, 0)
+        for i in range(n):
+            out[i, r] = _dot_row_simd(row, X, i)
+
+
+@jit_exact
+def dequant_q5_0r_simd(w, out, r0, r1):
+    cols = out.shape[1]
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        _decode_row_simd(w, r * rb, cols // 32, out, r * cols)
+
+
+# ---- plain Numba (no AVX2/FMA/F16C): one row decoded exactly, then dotted ----
+
+
+@jit_exact
+def _decode_row_plain(w, r, dst):
+    cols = dst.shape[0]
+    nb = cols // 32
+    ng = nb // _G
+    for g in range(ng):
+        go = _GB * g
+        for k in range(2 * _G):
+            d = _f16_at(w, r, go + 64 + 2 * (k // 2))
+            for j in range(16):
+                o = go + 4 * j
+                v = (np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8) | (np.int64(w[r, o + 2]) << 16)
+                     | (np.int64(w[r, o + 3]) << 24))
+                dst[_GW * g + 16 * k + j] = d * np.float32(np.int64((v >> (5 * k)) & 31) - 16)
+    for bi in range(nb - _G * ng):
+        o = _GB * ng + 22 * bi
+        d = f16_to_f32(np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8))
+        qh = (np.int64(w[r, o + 2]) | (np.int64(w[r, o + 3]) << 8) | (np.int64(w[r, o + 4]) << 16)
+              | (np.int64(w[r, o + 5]) << 24))
+        base = _GW * ng + 32 * bi
+        for j in range(16):
+            b = np.int64(w[r, o + 6 + j])
+            lo = (b & 15) | (((qh >> j) & 1) << 4)
+            hi = (b >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            dst[base + j] = d * np.float32(np.int64(lo) - 16)
+            dst[base + 16 + j] = d * np.float32(np.int64(hi) - 16)
+
+
+@jit
+def gemv_q5_0r_plain(w, x, out, r0, r1):
+    cols = x.shape[0]
+    row = np.empty(cols, np.float32)
+    x2 = x.reshape((1, cols))
+    for r in range(r0, r1):
+        _decode_row_plain(w, r, row)
+        out[r] = _dot_plain(row, x2, 0)
+
+
+@jit
+def gemm_q5_0r_plain(w, X, out, r0, r1):
+    n, cols = X.shape
+    row = np.empty(cols, np.float32)
+    for r in range(r0, r1):
+        _decode_row_plain(w, r, row)
+        for i in range(n):
+            out[i, r] = _dot_plain(row, X, i)
+
+
+@jit_exact
+def dequant_q5_0r_plain(w, out, r0, r1):
+    for r in range(r0, r1):
+        _decode_row_plain(w, r, out[r])
+
+
+SIMD_KERNELS = {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd)}
+PLAIN_KERNELS = {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain)}
+DEQUANT_SIMD = {"Q5_0R": dequant_q5_0r_simd}
+DEQUANT_PLAIN = {"Q5_0R": dequant_q5_0r_plain}
+REPACKED_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
+REPACKED_DEQUANT = DEQUANT_SIMD if HAVE_SIMD else DEQUANT_PLAIN
+gemv_q5_0r, gemm_q5_0r = REPACKED_KERNELS["Q5_0R"]

@@ -1,0 +1,182 @@
+"""Store-only layouts (kernels/repacked.py): Q5_0R packing and its kernels against gguf.
+
+Weights are random GGUF Q5_0 blocks (valid scales, zero and extreme ones), packed; the
+reference is ``gguf.quants.dequantize`` of the unpacked blocks, which must be the
+original bytes exactly. Error measure as in test_gemv_basic (``_blocks.row_errors``).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+from _blocks import TOL, Checker, cpu_runs_variant, dequant_ref, max_error, random_weights
+
+from flashlm.kernels import repacked as rp
+from flashlm.kernels import simd
+from flashlm.kernels.formats import row_cols, row_nbytes
+
+IMPLS = {"simd": rp.SIMD_KERNELS, "plain": rp.PLAIN_KERNELS}
+DEQUANT = {"simd": rp.DEQUANT_SIMD, "plain": rp.DEQUANT_PLAIN}
+# real shapes, and rows of 1 and 2 blocks (only the GGUF tail), nb % 3 = 0, 1, 2
+SHAPES = [(896, 896), (128, 896), (4864, 896), (896, 4864), (1536, 8960), (8960, 1536), (576, 1536),
+          (1, 896), (7, 32), (5, 64), (33, 96), (9, 128), (3, 160)]
+
+
+def _q5_0(rows: int, cols: int, seed: int, extreme: bool = True) -> np.ndarray:
+    return random_weights("Q5_0", rows, cols, np.random.default_rng(seed), extreme)
+
+
+@pytest.mark.parametrize("cols", [32, 64, 96, 128, 160, 896, 4864, 8960])
+def test_pack_unpack_round_trip_is_exact(cols: int) -> None:
+    """Any bytes at all in the quant and high-bit fields come back unchanged."""
+    rng = np.random.default_rng(cols)
+    w = _q5_0(6, cols, cols)
+    w.reshape(6, -1, 22)[:, :, 2:] = rng.integers(0, 256, size=w.reshape(6, -1, 22)[:, :, 2:].shape, dtype=np.uint8)
+    fmt, packed = rp.pack("Q5_0", w, (6, cols))
+    assert fmt == "Q5_0R" and packed.shape == (6, row_nbytes("Q5_0R", cols)) and packed.dtype == np.uint8
+    assert row_cols("Q5_0R", packed.shape[1]) == cols
+    back_fmt, back = rp.unpack(fmt, packed, (6, cols))
+    assert back_fmt == "Q5_0" and np.array_equal(back, w)
+
+
+def test_layout_is_as_documented() -> None:
+    """Lane j, bits 5k..5k+4 = quant of weight 16k + j; then the 3 scales; then the tail block."""
+    cols = 128  # one group and one tail block
+    w = _q5_0(1, cols, 9)
+    blk = w.reshape(-1, 22)
+    q = []
+    for b in blk:
+        qh = int.from_bytes(b[2:6].tobytes(), "little")
+        q += [(int(b[6 + j]) & 15) | ((qh >> j) & 1) << 4 for j in range(16)]
+        q += [(int(b[6 + j]) >> 4) | ((qh >> (j + 16)) & 1) << 4 for j in range(16)]
+    packed = rp.pack("Q5_0", w, (1, cols))[1][0]
+    lanes = packed[:64].view("<u4")
+    for k in range(6):
+        assert [(int(v) >> (5 * k)) & 31 for v in lanes] == q[16 * k:16 * k + 16]
+    assert packed[64:70].tobytes() == b"".join(blk[i, 0:2].tobytes() for i in range(3))
+    assert packed[70:].tobytes() == blk[3].tobytes()
+
+
+def test_pack_leaves_other_formats_alone() -> None:
+    w = random_weights("Q4_0", 3, 64, np.random.default_rng(0))
+    assert rp.pack("Q4_0", w, (3, 64))[1] is w and rp.unpack("Q4_0", w, (3, 64))[1] is w
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_kernels_match_gguf(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    rng = np.random.default_rng(rows + 3 * cols)
+    w = _q5_0(rows, cols, rows + cols)
+    p = rp.pack("Q5_0", w, shape)[1]
+    x = rng.standard_normal(cols).astype(np.float32)
+    X = rng.standard_normal((8, cols)).astype(np.float32)
+    check = Checker(dequant_ref(w, "Q5_0"), np.concatenate([x[None], X]))
+    for name, table in IMPLS.items():
+        gemv, gemm = table["Q5_0R"]
+        out = np.full(rows, np.nan, np.float32)
+        gemv(p, x, out, 0, rows)
+        assert check.error(out, 0, 1) < TOL, f"{name} gemv {shape}"
+        for n in (1, 3, 8):
+            out2 = np.full((n, rows), np.nan, np.float32)
+            gemm(p, X[:n], out2, 0, rows)
+            assert check.error(out2, 1, 1 + n) < TOL, f"{name} gemm n={n} {shape}"
+
+
+def test_vocab_shape_gemv_sampled_rows() -> None:
+    """151936 x 896 (an output head): all rows computed, a sample checked in float64."""
+    rows, cols = 151936, 896
+    rng = np.random.default_rng(8)
+    w = _q5_0(rows, cols, 8)
+    p = rp.pack("Q5_0", w, (rows, cols))[1]
+    sel = np.unique(np.concatenate([[0, rows - 1], rng.integers(0, rows, 1500)]))
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    rp.gemv_q5_0r(p, x, out, 0, rows)
+    assert not np.isnan(out).any()
+    assert max_error(out[sel], dequant_ref(w, "Q5_0", sel), x) < TOL
+
+
+@pytest.mark.parametrize("impl", list(DEQUANT))
+def test_dequant_bit_exact(impl: str) -> None:
+    for cols in (96, 128, 160, 896):
+        w = _q5_0(13, cols, cols)
+        out = np.empty((13, cols), np.float32)
+        DEQUANT[impl]["Q5_0R"](rp.pack("Q5_0", w, (13, cols))[1], out, 0, 13)
+        assert np.array_equal(out.astype(np.float64), dequant_ref(w, "Q5_0"), equal_nan=True), cols
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_row_range_only_writes_its_rows(impl: str) -> None:
+    rng = np.random.default_rng(3)
+    p = rp.pack("Q5_0", _q5_0(40, 160, 3), (40, 160))[1]
+    x = rng.standard_normal(160).astype(np.float32)
+    X = rng.standard_normal((2, 160)).astype(np.float32)
+    gemv, gemm = IMPLS[impl]["Q5_0R"]
+    out = np.full(40, -7.0, np.float32)
+    gemv(p, x, out, 10, 17)
+    assert np.all(out[:10] == -7.0) and np.all(out[17:] == -7.0) and np.all(out[10:17] != -7.0)
+    out2 = np.full((2, 40), -7.0, np.float32)
+    gemm(p, X, out2, 0, 5)
+    assert np.all(out2[:, 5:] == -7.0) and np.all(out2[:, :5] != -7.0)
+
+
+def test_check_detects_swapped_nibbles_and_wrong_scale() -> None:
+    """The kernels' output on the packed weight matches the reference of the original blocks
+    and not that of blocks with one nibble pair swapped or one scale doubled (in a group and
+    in a tail block)."""
+    rows, cols = 8, 128
+    rng = np.random.default_rng(2)
+    w = _q5_0(rows, cols, 2, extreme=False)
+    for byte in (6, 3 * 22 + 6):  # group, tail
+        w[0, byte] = 0x1E  # nibbles 14 and 1
+    p = rp.pack("Q5_0", w, (rows, cols))[1]
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = np.empty(rows, np.float32)
+    for table in IMPLS.values():
+        table["Q5_0R"][0](p, x, out, 0, rows)
+        assert max_error(out, dequant_ref(w, "Q5_0"), x) < TOL
+        for byte in (6, 3 * 22 + 6):
+            bad = w.copy()
+            bad[0, byte] = 0xE1
+            assert max_error(out, dequant_ref(bad, "Q5_0"), x) > 10 * TOL
+            bad = w.copy()
+            d = bad[3, byte - 6:byte - 4].view(np.float16)
+            d[0] = d[0] * np.float16(2.0)
+            assert max_error(out, dequant_ref(bad, "Q5_0"), x) > 10 * TOL
+
+
+@pytest.mark.parametrize("avx512", [False, True], ids=["avx2", "avx512"])
+def test_every_simd_code_path(avx512: bool) -> None:
+    """The AVX2 lookup (and + convert) and the AVX-512 32-entry table, whichever this CPU's
+    default is, compiled here with simd's module flag set."""
+    if not cpu_runs_variant({"HAVE_AVX512": avx512}):
+        pytest.skip("this CPU cannot run that code")
+    saved = simd.HAVE_AVX512
+    try:
+        simd.HAVE_AVX512 = avx512
+
+        @numba.njit(nogil=True, fastmath=True)
+        def dot(w, o, x, xo, ng):
+            return rp.dot_q5_0r(w, o, x, xo, ng)
+
+        @numba.njit(nogil=True, fastmath=True)
+        def gemv(w, x, out, r0, r1):
+            rp._gemv_simd(dot, w, x, out, r0, r1)
+
+        @numba.njit(nogil=True)
+        def dequant(w, out, r0, r1):
+            for r in range(r0, r1):
+                rp._decode_row_simd(w, r * w.strides[0], out.shape[1] // 32, out, r * out.shape[1])
+
+        for rows, cols in ((33, 896), (4, 1536), (3, 160)):
+            w = _q5_0(rows, cols, cols)
+            p = rp.pack("Q5_0", w, (rows, cols))[1]
+            x = np.random.default_rng(rows).standard_normal(cols).astype(np.float32)
+            out = np.full(rows, np.nan, np.float32)
+            gemv(p, x, out, 0, rows)
+            assert max_error(out, dequant_ref(w, "Q5_0"), x) < TOL
+            full = np.empty((rows, cols), np.float32)
+            dequant(p, full, 0, rows)
+            assert np.array_equal(full.astype(np.float64), dequant_ref(w, "Q5_0"), equal_nan=True)
+    finally:
+        simd.HAVE_AVX512 = saved
