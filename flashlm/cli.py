@@ -99,6 +99,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 @command
 def cmd_info(args: argparse.Namespace) -> int:
+    from flashlm.kernels.formats import GGUF_OF
     from flashlm.models.registry import resolve
     from flashlm.offload.store import Store
 
@@ -143,6 +144,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  vocab          {c.vocab_size}, context {c.max_position_embeddings}, tied embeddings: {c.tie_word_embeddings}")
     print(f"  size           {_human(s.nbytes)}")
     print("  formats        " + ", ".join(f"{f} x{counts[f]} ({_human(by_fmt[f])})" for f in sorted(by_fmt)))
+    for f in sorted(set(by_fmt) & set(GGUF_OF)):
+        print(f"                 ({f}: GGUF {GGUF_OF[f]} in flashlm's store layout, same values)")
     print(f"  per layer      {_human(min(layer_bytes))} .. {_human(max(layer_bytes))}: "
           + ", ".join(f"{f} {_human(b)}" for f, b in sorted(layer_fmt.items())))
     return 0

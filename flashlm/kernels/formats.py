@@ -34,6 +34,8 @@ FORMATS: dict[str, tuple[int, int, int]] = {
 # Store-only layouts: (blocks per group, bytes per group, bytes per tail block). A row is
 # nb // blocks groups, then the last nb % blocks blocks in the GGUF format's layout.
 GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22)}
+STORE_LAYOUT = {"Q5_0": "Q5_0R"}  # GGUF format -> the layout a store keeps it in (kernels/repacked.py)
+GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items() if v[0] >= 0}
 GGUF_FORMATS = tuple(GGUF_ID_TO_NAME.values())

@@ -39,13 +39,11 @@ from numba.extending import intrinsic
 
 from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
-from flashlm.kernels.formats import GROUPED, row_nbytes
+from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, row_nbytes
 from flashlm.kernels.gemv_basic import _dot_plain, _dot_row_simd, _f16_at, f16_to_f32
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
                                   _data_ptr, _hsum, _load, _prefetch, _splat)
 
-STORE_LAYOUT = {"Q5_0": "Q5_0R"}  # GGUF format -> the layout a store keeps it in
-GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
 _G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per tail block
 _GW = 32 * _G  # weights per group
 
