@@ -1,17 +1,16 @@
 """Import a GGUF file into a flashlm store, keeping every tensor's values and block format;
-formats with a store layout of their own (``kernels.repacked.STORE_LAYOUT``: Q5_0 -> Q5_0R)
-are rewritten into it, losslessly."""
+formats with a store layout of their own (``kernels.formats.STORE_LAYOUT``: Q5_0 -> Q5_0R)
+are rewritten into it, losslessly (``kernels.repacked.pack``)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-
-import numpy as np
 from typing import Any
 
+import numpy as np
+
 from flashlm.errors import GGUFError, UnsupportedError
-from flashlm.kernels.formats import tensor_nbytes
-from flashlm.kernels.repacked import STORE_LAYOUT, pack
+from flashlm.kernels.formats import STORE_LAYOUT, tensor_nbytes
 from flashlm.models.config import ARCH_ALIASES, IMPORTER_VERSION, ModelConfig
 from flashlm.models.gguf_file import GGUFFile
 from flashlm.offload.store import StoreWriter
@@ -118,6 +117,8 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, progress: boo
         for t in order:
             data = g.tensor_bytes(t.name)
             if t.fmt in STORE_LAYOUT:
+                from flashlm.kernels.repacked import pack  # Numba kernels: loaded only when needed
+
                 fmt, data = pack(t.fmt, np.asarray(data).reshape(t.shape[:-1] + (-1,)), t.shape)
             else:
                 fmt = t.fmt
