@@ -97,8 +97,19 @@ def test_newer_format_version(tmp_path):
     m = json.loads((dst / "manifest.json").read_text())
     m["version"] = FORMAT_VERSION + 1
     (dst / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(StoreError, match=r"format version 2 is newer than this flashlm reads \(1\)"):
+    with pytest.raises(StoreError, match=rf"format version {FORMAT_VERSION + 1} is newer than this flashlm reads "
+                                         rf"\({FORMAT_VERSION}\)"):
         Store(dst)
+
+
+def test_version_1_store_still_opens(tmp_path):
+    """Stores written before store-only layouts (version 1: GGUF block formats only) open."""
+    dst = tmp_path / "store"
+    write_store(dst)
+    m = json.loads((dst / "manifest.json").read_text())
+    m["version"] = 1
+    (dst / "manifest.json").write_text(json.dumps(m))
+    assert Store(dst).tensor_info
 
 
 def test_tensor_out_of_bounds_in_manifest(tmp_path):
