@@ -40,7 +40,7 @@ from numba.extending import intrinsic
 from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
 from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, row_nbytes
-from flashlm.kernels.gemv_basic import _dot_plain, _dot_row_simd, _f16_at, f16_to_f32
+from flashlm.kernels.gemv_basic import _dequant_blocks_simd, _dot_plain, _f16_at, _gemm_blocks_simd, f16_to_f32
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
                                   _data_ptr, _hsum, _load, _prefetch, _splat)
 
@@ -117,27 +117,27 @@ def _rows2d(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, data.shape[-1]))
 
 
+def _convert(kernel, fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``kernel(src rows, dst rows)`` into a fresh uint8 array of ``fmt`` rows."""
+    src = _rows2d(np.asarray(data, np.uint8))
+    out = np.empty((src.shape[0], row_nbytes(fmt, shape[-1])), np.uint8)
+    kernel(src, out)
+    return out.reshape(tuple(shape[:-1]) + (out.shape[1],))
+
+
 def pack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
     """A tensor's GGUF bytes (``formats.view_as`` array) -> (store format, store array).
     Formats without a store layout come back unchanged."""
     if fmt not in STORE_LAYOUT:
         return fmt, data
-    new = STORE_LAYOUT[fmt]
-    src = _rows2d(np.asarray(data, np.uint8))
-    out = np.empty((src.shape[0], row_nbytes(new, shape[-1])), np.uint8)
-    _pack_q5_0r(src, out)
-    return new, out.reshape(tuple(shape[:-1]) + (out.shape[1],))
+    return STORE_LAYOUT[fmt], _convert(_pack_q5_0r, STORE_LAYOUT[fmt], data, shape)
 
 
 def unpack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
     """The inverse of :func:`pack`: (GGUF format, its block bytes), bit for bit."""
     if fmt not in GGUF_OF:
         return fmt, data
-    old = GGUF_OF[fmt]
-    src = _rows2d(np.asarray(data, np.uint8))
-    out = np.empty((src.shape[0], row_nbytes(old, shape[-1])), np.uint8)
-    _unpack_q5_0r(src, out)
-    return old, out.reshape(tuple(shape[:-1]) + (out.shape[1],))
+    return GGUF_OF[fmt], _convert(_unpack_q5_0r, GGUF_OF[fmt], data, shape)
 
 
 # ---- SIMD: one group of 96 weights per step ----
@@ -245,7 +245,7 @@ def gemv_q5_0r_simd(w, x, out, r0, r1):
     _gemv_simd(_dot, w, x, out, r0, r1)
 
 
-@jit_exact(inline="always")
+@jit_exact
 def _decode_row_simd(w, off, nb, dst, doff):
     ng = nb // _G
     decode_q5_0r(w, off, ng, dst, doff)
@@ -254,22 +254,13 @@ def _decode_row_simd(w, off, nb, dst, doff):
 
 
 @jit
-def gemm_q5_0r_simd(w, X, out, r0, r1):
-    n, cols = X.shape
-    rb = w.strides[0]
-    row = np.empty(cols, np.float32)
-    for r in range(r0, r1):
-        _decode_row_simd(w, r * rb, cols // 32, row, 0)
-        for i in range(n):
-            out[i, r] = _dot_row_simd(row, X, i)
+def gemm_q5_0r_simd(w, X, out, r0, r1):  # gemv_basic's GEMM driver: each row decoded once
+    _gemm_blocks_simd(_decode_row_simd, w, X, out, r0, r1)
 
 
 @jit_exact
 def dequant_q5_0r_simd(w, out, r0, r1):
-    cols = out.shape[1]
-    rb = w.strides[0]
-    for r in range(r0, r1):
-        _decode_row_simd(w, r * rb, cols // 32, out, r * cols)
+    _dequant_blocks_simd(_decode_row_simd, w, out, r0, r1)
 
 
 # ---- plain Numba (no AVX2/FMA/F16C): one row decoded exactly, then dotted ----
