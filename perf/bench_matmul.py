@@ -39,10 +39,11 @@ from flashlm.kernels import simd  # noqa: E402
 from flashlm.kernels.formats import QTensor  # noqa: E402
 from flashlm.runtime.threadpool import ThreadPool  # noqa: E402
 
-FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_0R", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_0R", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q6_KR")
 SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896),
           (1536, 8960), (8960, 1536), (576, 1536), (1536, 1536))
-BIG = ((151936, 896), (8960, 1536), (1536, 8960))
+# (151936, 1536): the 1.5B's output head, only for formats that cannot have 896-wide rows (K-quants)
+BIG = ((151936, 896), (151936, 1536), (8960, 1536), (1536, 8960))
 BATCHES = (1, 8, 64)
 
 
@@ -147,6 +148,8 @@ def main_table(pool, fmts, shapes, batches) -> None:
             for fmt in fmts:
                 if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
                     continue
+                if (rows, cols) == (151936, 1536) and valid_cols(fmt, 896):
+                    continue  # has the (151936, 896) vocab row already
                 key = (fmt, rows, cols)
                 if key not in weights:
                     weights[key] = make_weight(fmt, rows, cols)

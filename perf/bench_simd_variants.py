@@ -5,6 +5,7 @@
 
     python perf/bench_simd_variants.py --formats Q4_K --shape 8960x1536 --threads 2
     python perf/bench_simd_variants.py --formats Q5_0R --shape 8960x1536 --threads 2 --dram
+    python perf/bench_simd_variants.py --formats Q6_KR --shape 8960x1536 --threads 2 --dram
 
 Every variant (``tests/kernels/_blocks.SIMD_VARIANTS``: the AVX2 widen + convert path,
 the AVX-512 table lookup, Q4_0/Q4_1 four blocks at a time; for Q4_K ``gemv_kquant.Q4K_GEMV_PATHS``: widen + convert,
@@ -55,7 +56,8 @@ def main() -> None:
             elif fmt in repacked.GGUF_OF:  # the GGUF layout's kernel against the store layout's
                 g = repacked.GGUF_OF[fmt]
                 wg = repacked.unpack(fmt, w, (rows, cols))[1]
-                kernels = {g: (gemv_basic.SIMD_KERNELS[g][0], wg), fmt: (repacked.SIMD_KERNELS[fmt][0], w)}
+                ggml = gemv_basic.SIMD_KERNELS.get(g) or gemv_kquant.KQUANT_KERNELS[g]
+                kernels = {g: (ggml[0], wg), fmt: (repacked.SIMD_KERNELS[fmt][0], w)}
             else:
                 kernels = {v: (simd_gemv_variant(fmt, SIMD_VARIANTS[v]), w) for v in variants
                            if variant_applies(fmt, SIMD_VARIANTS[v])}

@@ -130,14 +130,15 @@ def pack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.nd
     Formats without a store layout come back unchanged."""
     if fmt not in STORE_LAYOUT:
         return fmt, data
-    return STORE_LAYOUT[fmt], _convert(_pack_q5_0r, STORE_LAYOUT[fmt], data, shape)
+    store = STORE_LAYOUT[fmt]
+    return store, _convert(_CONVERTERS[store][0], store, data, shape)
 
 
 def unpack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
     """The inverse of :func:`pack`: (GGUF format, its block bytes), bit for bit."""
     if fmt not in GGUF_OF:
         return fmt, data
-    return GGUF_OF[fmt], _convert(_unpack_q5_0r, GGUF_OF[fmt], data, shape)
+    return GGUF_OF[fmt], _convert(_CONVERTERS[fmt][1], GGUF_OF[fmt], data, shape)
 
 
 # ---- SIMD: one group of 96 weights per step ----
@@ -294,36 +295,312 @@ def _decode_row_plain(w, r, dst):
             dst[base + 16 + j] = d * np.float32(np.int64(hi) - 16)
 
 
-@jit
-def gemv_q5_0r_plain(w, x, out, r0, r1):
+@jit(inline="always")
+def _gemv_plain(dec, w, x, out, r0, r1):
     cols = x.shape[0]
     row = np.empty(cols, np.float32)
     x2 = x.reshape((1, cols))
     for r in range(r0, r1):
-        _decode_row_plain(w, r, row)
+        dec(w, r, row)
         out[r] = _dot_plain(row, x2, 0)
 
 
-@jit
-def gemm_q5_0r_plain(w, X, out, r0, r1):
+@jit(inline="always")
+def _gemm_plain(dec, w, X, out, r0, r1):
     n, cols = X.shape
     row = np.empty(cols, np.float32)
     for r in range(r0, r1):
-        _decode_row_plain(w, r, row)
+        dec(w, r, row)
         for i in range(n):
             out[i, r] = _dot_plain(row, X, i)
 
 
+@jit_exact(inline="always")
+def _dequant_plain(dec, w, out, r0, r1):
+    for r in range(r0, r1):
+        dec(w, r, out[r])
+
+
+@jit
+def gemv_q5_0r_plain(w, x, out, r0, r1):
+    _gemv_plain(_decode_row_plain, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q5_0r_plain(w, X, out, r0, r1):
+    _gemm_plain(_decode_row_plain, w, X, out, r0, r1)
+
+
 @jit_exact
 def dequant_q5_0r_plain(w, out, r0, r1):
+    _dequant_plain(_decode_row_plain, w, out, r0, r1)
+
+
+# ---- Q6_KR: Q6_K with each sub-block's 16 quants in one lane ----
+#
+# Q6_K (weight = d * sc[j] * (q - 32), q 6 bits, j = the 16-weight sub-block, sc int8)
+# keeps its 210-byte super-blocks of 256 weights; only the 192 quant bytes move:
+#
+#     bytes 0..191    3 x 16 little-endian uint32: dword m of lane j (bytes 64m + 4j) holds
+#                     quant k = 5m + i of sub-block j (weight 16j + k) at bits 6i..6i+5
+#                     (i = 0..4) and bits 2m..2m+1 of quant 15 at bits 30..31
+#     bytes 192..209  the 16 int8 sub-block scales and d (half), as in GGUF Q6_K
+#
+# Lane j is sub-block j, so the scales are one per-lane vector per super-block, and step
+# k of the GEMV (16 weights: weight k of every sub-block) is ``dword & (63 << 6i)`` +
+# convert + FMA, with no shift: the field's place value 2^6i is divided out of x instead,
+# once per call (``_prep_x``: x reordered to the lane order and scaled by 2^-6i, exact,
+# plus -32 times each sub-block's sum of x, which starts the sum so the -32 costs nothing
+# per weight). Quant 15 takes 3 shifts and 2 bit-selects. GGUF Q6_K needs per 32 weights
+# two nibble masks, a shift and an or for the 2 high bits, the -32, a byte -> dword widen,
+# a convert and a per-sub-block scale broadcast.
+
+_QK6, _BB6, _XP6 = 256, 210, 272  # weights, bytes per super-block; prepared x floats per super-block
+_CHAINS = 4  # independent partial sums per super-block (one FMA chain would be latency-bound)
+_XSCALE6 = np.array([2.0 ** (-6 * (k % 5)) if k < 15 else 1.0 for k in range(16)], np.float32)
+
+
+@jit_exact
+def _q6k_quant(src, r, o, i):
+    """Quant (0..63) of weight i of the GGUF Q6_K block at byte o of row r."""
+    h, c, l = i // 128, (i % 128) // 32, i % 32
+    nib = (np.int64(src[r, o + 64 * h + l + 32 * (c & 1)]) >> (4 * (c >> 1))) & 15
+    return nib | (((np.int64(src[r, o + 128 + 32 * h + l]) >> (2 * c)) & 3) << 4)
+
+
+@jit_exact
+def _q6kr_quant(src, r, o, i):
+    """Quant (0..63) of weight i of the Q6_KR super-block at byte o of row r."""
+    j, k = i // 16, i % 16
+    if k < 15:
+        return (_dword(src, r, o + 64 * (k // 5) + 4 * j) >> (6 * (k % 5))) & 63
+    q = np.int64(0)
+    for m in range(3):
+        q |= (_dword(src, r, o + 64 * m + 4 * j) >> 30) << (2 * m)
+    return q
+
+
+@jit_exact
+def _dword(src, r, o):
+    return (np.int64(src[r, o]) | (np.int64(src[r, o + 1]) << 8) | (np.int64(src[r, o + 2]) << 16)
+            | (np.int64(src[r, o + 3]) << 24))
+
+
+@jit_exact
+def _pack_q6_kr(src, dst):
+    lanes = np.empty(48, np.int64)
+    for r in range(src.shape[0]):
+        for b in range(src.shape[1] // _BB6):
+            o = _BB6 * b
+            lanes[:] = 0
+            for i in range(_QK6):
+                q = _q6k_quant(src, r, o, i)
+                j, k = i // 16, i % 16
+                if k < 15:
+                    lanes[16 * (k // 5) + j] |= q << (6 * (k % 5))
+                else:
+                    for m in range(3):
+                        lanes[16 * m + j] |= ((q >> (2 * m)) & 3) << 30
+            for t in range(48):
+                for u in range(4):
+                    dst[r, o + 4 * t + u] = (lanes[t] >> (8 * u)) & 255
+            for u in range(192, _BB6):
+                dst[r, o + u] = src[r, o + u]
+
+
+@jit_exact
+def _unpack_q6_kr(src, dst):
+    for r in range(src.shape[0]):
+        for b in range(src.shape[1] // _BB6):
+            o = _BB6 * b
+            for u in range(192):
+                dst[r, o + u] = 0
+            for i in range(_QK6):
+                q = _q6kr_quant(src, r, o, i)
+                h, c, l = i // 128, (i % 128) // 32, i % 32
+                ql = o + 64 * h + l + 32 * (c & 1)
+                dst[r, ql] = dst[r, ql] | ((q & 15) << (4 * (c >> 1)))
+                qh = o + 128 + 32 * h + l
+                dst[r, qh] = dst[r, qh] | ((q >> 4) << (2 * c))
+            for u in range(192, _BB6):
+                dst[r, o + u] = src[r, o + u]
+
+
+def _q6_field(b: ir.IRBuilder, dw: list, k: int, place: bool) -> ir.Value:
+    """<16 x float> quant k of the 16 lanes: with ``place`` still times 2^6i (k < 15),
+    else the quant itself."""
+    if k < 15:
+        d, i = dw[k // 5], k % 5
+        if not place and i:
+            d = b.lshr(d, _const_vec(_V16I32, 6 * i))
+        return b.sitofp(b.and_(d, _const_vec(_V16I32, 63 << (6 * i) if place else 63)), _V16F)
+    u, v, w = (b.lshr(dw[m], _const_vec(_V16I32, 30 - 2 * m)) for m in range(3))  # bits 0-1, 2-3, 4-5
+    r = b.or_(b.and_(v, _const_vec(_V16I32, 12)), b.and_(w, _const_vec(_V16I32, -13)))
+    return b.sitofp(b.or_(u, b.and_(r, _const_vec(_V16I32, -4))), _V16F)
+
+
+def _q6_block(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value]:
+    """The 3 dword vectors and the <16 x float> d * sc[j] of the super-block at i8* p
+    (computed as gguf does: d * float(sc))."""
+    dw = [_load(b, p, 64 * m, _V16I32) for m in range(3)]
+    sc = b.sitofp(_load(b, p, 192, ir.VectorType(ir.IntType(8), 16)), _V16F)
+    d = b.fpext(_load(b, p, 208, ir.HalfType()), _F32)
+    return dw, b.fmul(_splat(b, d, _V16F), sc)
+
+
+@intrinsic
+def dot_q6_kr(typingctx, w, woff, xp, nb):
+    """float32: the ``nb`` super-blocks of the row at byte ``woff`` of ``w`` dotted with
+    the prepared x (``_prep_x``)."""
+
+    def gen(context, b, sig, args):
+        w, woff, xp, nb = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        xq = _data_ptr(context, b, sig.args[2], xp)
+        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
+        contract = ("contract",)  # no reassociation: it would fold the partial sums into one chain
+        with cgutils.for_range(b, nb) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_BB6))])
+            _prefetch(b, p, simd.PREFETCH, _BB6)
+            xb = b.gep(xq, [b.mul(g, g.type(4 * _XP6))])
+            dw, sv = _q6_block(b, p)
+            ts = [_load(b, xb, 4 * _QK6, _V16F)] + [None] * (_CHAINS - 1)  # -32 * sub-block sums of x
+            for k in range(16):
+                pr = b.fmul(_q6_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
+                t = ts[k % _CHAINS]
+                ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
+            while len(ts) > 1:
+                ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
+            b.store(b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS), acc)
+        return _hsum(b, b.load(acc))
+
+    return types.float32(w, types.intp, xp, types.intp), gen
+
+
+def _transpose16(b: ir.IRBuilder, m: list) -> list:
+    """16 <16 x float> rows -> their transpose: at each scale s = 8, 4, 2, 1 the off-diagonal
+    s x s blocks of every 2s x 2s block swap (64 two-source shuffles)."""
+    s = 8
+    while s:
+        new = list(m)
+        for k in range(16):
+            if k & s:
+                continue
+            lo = [j if not j & s else 16 + j - s for j in range(16)]
+            hi = [j + s if not j & s else 16 + j for j in range(16)]
+            new[k] = b.shuffle_vector(m[k], m[k + s], _const_vec(_V16I32, lo))
+            new[k + s] = b.shuffle_vector(m[k], m[k + s], _const_vec(_V16I32, hi))
+        m, s = new, s // 2
+    return m
+
+
+@intrinsic
+def decode_q6_kr(typingctx, w, woff, nb, dst, doff):
+    """The ``nb`` super-blocks of the row at byte ``woff`` -> float32 dst[doff:] in
+    weight order, each weight exactly (d * sc) * (q - 32) as gguf computes it (no FMA)."""
+
+    def gen(context, b, sig, args):
+        w, woff, nb, dst, doff = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        dp = b.gep(_data_ptr(context, b, sig.args[3], dst), [b.mul(doff, doff.type(4))])
+        c32 = ir.Constant(_V16F, [32.0] * 16)
+        with cgutils.for_range(b, nb) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_BB6))])
+            dw, sv = _q6_block(b, p)
+            vals = [b.fmul(sv, b.fsub(_q6_field(b, dw, k, False), c32)) for k in range(16)]  # lane j: weight 16j + k
+            out = b.gep(dp, [b.mul(g, g.type(4 * _QK6))])
+            for j, v in enumerate(_transpose16(b, vals)):
+                b.store(v, b.bitcast(b.gep(out, [ir.Constant(ir.IntType(64), 64 * j)]), _V16F.as_pointer()),
+                        align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, types.intp, types.intp, dst, types.intp), gen
+
+
+@intrinsic
+def _prep_x(typingctx, x, xp, nb):
+    """x (nb * 256,) -> xp (nb * 272,): per super-block x[16j + k] * 2^-6(k % 5) at
+    16k + j (k < 15; quant 15 unscaled), then -32 * sum(x[16j:16j + 16]) at 256 + j."""
+
+    def gen(context, b, sig, args):
+        xq, pq = (_data_ptr(context, b, sig.args[i], args[i]) for i in range(2))
+        with cgutils.for_range(b, args[2]) as loop:
+            g = loop.index
+            src = b.gep(xq, [b.mul(g, g.type(4 * _QK6))])
+            dst = b.gep(pq, [b.mul(g, g.type(4 * _XP6))])
+            cols = _transpose16(b, [_load(b, src, 64 * j, _V16F) for j in range(16)])  # cols[k][j] = x[16j + k]
+            total = None
+            for k, v in enumerate(cols):
+                total = v if total is None else b.fadd(total, v)
+                scaled = b.fmul(v, _splat(b, ir.Constant(_F32, float(_XSCALE6[k])), _V16F))
+                b.store(scaled, b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 64 * k)]), _V16F.as_pointer()),
+                        align=1)
+            b.store(b.fmul(total, ir.Constant(_V16F, [-32.0] * 16)),
+                    b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 4 * _QK6)]), _V16F.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(x, xp, types.intp), gen
+
+
+@jit
+def gemv_q6_kr_simd(w, x, out, r0, r1):
+    nb = x.shape[0] // _QK6
+    xp = np.empty(nb * _XP6, np.float32)
+    _prep_x(x, xp, nb)
+    rb = w.strides[0]
     for r in range(r0, r1):
-        _decode_row_plain(w, r, out[r])
+        out[r] = dot_q6_kr(w, r * rb, xp, nb)
 
 
-SIMD_KERNELS = {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd)}
-PLAIN_KERNELS = {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain)}
-DEQUANT_SIMD = {"Q5_0R": dequant_q5_0r_simd}
-DEQUANT_PLAIN = {"Q5_0R": dequant_q5_0r_plain}
+@jit_exact
+def _decode_row_q6_kr_simd(w, off, n32, dst, doff):  # gemv_basic's drivers count 32-weight units
+    decode_q6_kr(w, off, n32 // 8, dst, doff)
+
+
+@jit
+def gemm_q6_kr_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_decode_row_q6_kr_simd, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q6_kr_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_decode_row_q6_kr_simd, w, out, r0, r1)
+
+
+@jit_exact
+def _decode_row_q6_kr_plain(w, r, dst):
+    for b in range(dst.shape[0] // _QK6):
+        o = _BB6 * b
+        d = _f16_at(w, r, o + 208)
+        for j in range(16):
+            dsc = d * np.float32(np.int8(w[r, o + 192 + j]))
+            for k in range(16):
+                dst[_QK6 * b + 16 * j + k] = dsc * np.float32(_q6kr_quant(w, r, o, 16 * j + k) - 32)
+
+
+@jit
+def gemv_q6_kr_plain(w, x, out, r0, r1):
+    _gemv_plain(_decode_row_q6_kr_plain, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q6_kr_plain(w, X, out, r0, r1):
+    _gemm_plain(_decode_row_q6_kr_plain, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q6_kr_plain(w, out, r0, r1):
+    _dequant_plain(_decode_row_q6_kr_plain, w, out, r0, r1)
+
+
+_CONVERTERS = {"Q5_0R": (_pack_q5_0r, _unpack_q5_0r), "Q6_KR": (_pack_q6_kr, _unpack_q6_kr)}
+SIMD_KERNELS = {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd), "Q6_KR": (gemv_q6_kr_simd, gemm_q6_kr_simd)}
+PLAIN_KERNELS = {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain), "Q6_KR": (gemv_q6_kr_plain, gemm_q6_kr_plain)}
+DEQUANT_SIMD = {"Q5_0R": dequant_q5_0r_simd, "Q6_KR": dequant_q6_kr_simd}
+DEQUANT_PLAIN = {"Q5_0R": dequant_q5_0r_plain, "Q6_KR": dequant_q6_kr_plain}
 REPACKED_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
 REPACKED_DEQUANT = DEQUANT_SIMD if HAVE_SIMD else DEQUANT_PLAIN
 gemv_q5_0r, gemm_q5_0r = REPACKED_KERNELS["Q5_0R"]
+gemv_q6_kr, gemm_q6_kr = REPACKED_KERNELS["Q6_KR"]

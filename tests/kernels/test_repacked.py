@@ -180,3 +180,133 @@ def test_every_simd_code_path(avx512: bool) -> None:
             assert np.array_equal(full.astype(np.float64), dequant_ref(w, "Q5_0"), equal_nan=True)
     finally:
         simd.HAVE_AVX512 = saved
+
+
+# ---- Q6_KR (Q6_K with each sub-block's quants in one lane) ----
+
+K_SHAPES = [(1536, 8960), (8960, 1536), (576, 1536), (256, 1536), (896, 4864), (1, 256), (7, 512), (33, 768)]
+
+
+def _q6_k(rows: int, cols: int, seed: int, extreme: bool = True) -> np.ndarray:
+    return random_weights("Q6_K", rows, cols, np.random.default_rng(seed), extreme)
+
+
+def _q6_k_quants(blk: np.ndarray) -> list[int]:
+    """The 256 quants (0..63) of one GGUF Q6_K block, in weight order (ggml's layout)."""
+    q = [0] * 256
+    for h in range(2):
+        for c in range(4):
+            for l in range(32):
+                ql = int(blk[64 * h + l + 32 * (c & 1)]) >> (4 * (c >> 1)) & 15
+                qh = int(blk[128 + 32 * h + l]) >> (2 * c) & 3
+                q[128 * h + 32 * c + l] = ql | qh << 4
+    return q
+
+
+@pytest.mark.parametrize("cols", [256, 512, 8960])
+def test_q6_kr_round_trip_is_exact(cols: int) -> None:
+    """Any bytes at all in the quant, scale and d fields come back unchanged."""
+    w = np.random.default_rng(cols).integers(0, 256, size=(5, cols // 256 * 210), dtype=np.uint8)
+    fmt, packed = rp.pack("Q6_K", w, (5, cols))
+    assert fmt == "Q6_KR" and packed.shape == w.shape == (5, row_nbytes("Q6_KR", cols))
+    back_fmt, back = rp.unpack(fmt, packed, (5, cols))
+    assert back_fmt == "Q6_K" and np.array_equal(back, w)
+
+
+def test_q6_kr_layout_is_as_documented() -> None:
+    """Dword m of lane j: quant 5m + i of sub-block j at bits 6i, bits 2m..2m+1 of quant 15
+    at bits 30-31; then the scales and d as in GGUF."""
+    w = _q6_k(1, 512, 4)
+    packed = rp.pack("Q6_K", w, (1, 512))[1][0]
+    for b in range(2):
+        blk, pk = w[0, 210 * b:210 * (b + 1)], packed[210 * b:210 * (b + 1)]
+        q = _q6_k_quants(blk)
+        dw = pk[:192].view("<u4").reshape(3, 16)
+        for j in range(16):
+            for k in range(15):
+                assert (int(dw[k // 5, j]) >> (6 * (k % 5))) & 63 == q[16 * j + k], (b, j, k)
+            assert sum((int(dw[m, j]) >> 30) << (2 * m) for m in range(3)) == q[16 * j + 15]
+        assert pk[192:].tobytes() == blk[192:].tobytes()
+
+
+@pytest.mark.parametrize("shape", K_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_q6_kr_kernels_match_gguf(shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    rng = np.random.default_rng(rows + 5 * cols)
+    w = _q6_k(rows, cols, rows + cols)
+    p = rp.pack("Q6_K", w, shape)[1]
+    x = rng.standard_normal(cols).astype(np.float32)
+    X = rng.standard_normal((8, cols)).astype(np.float32)
+    check = Checker(dequant_ref(w, "Q6_K"), np.concatenate([x[None], X]))
+    for name, table in IMPLS.items():
+        gemv, gemm = table["Q6_KR"]
+        out = np.full(rows, np.nan, np.float32)
+        gemv(p, x, out, 0, rows)
+        assert check.error(out, 0, 1) < TOL, f"{name} gemv {shape}"
+        for n in (1, 3, 8):
+            out2 = np.full((n, rows), np.nan, np.float32)
+            gemm(p, X[:n], out2, 0, rows)
+            assert check.error(out2, 1, 1 + n) < TOL, f"{name} gemm n={n} {shape}"
+
+
+def test_q6_kr_vocab_rows_gemv_sampled() -> None:
+    """151936 rows (an output head): all rows computed, a sample checked in float64."""
+    rows, cols = 151936, 256
+    rng = np.random.default_rng(12)
+    w = _q6_k(rows, cols, 12)
+    p = rp.pack("Q6_K", w, (rows, cols))[1]
+    sel = np.unique(np.concatenate([[0, rows - 1], rng.integers(0, rows, 1500)]))
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    rp.gemv_q6_kr(p, x, out, 0, rows)
+    assert not np.isnan(out).any()
+    assert max_error(out[sel], dequant_ref(w, "Q6_K", sel), x) < TOL
+
+
+@pytest.mark.parametrize("impl", list(DEQUANT))
+def test_q6_kr_dequant_bit_exact(impl: str) -> None:
+    for cols in (256, 1536):
+        w = _q6_k(11, cols, cols)
+        out = np.empty((11, cols), np.float32)
+        DEQUANT[impl]["Q6_KR"](rp.pack("Q6_K", w, (11, cols))[1], out, 0, 11)
+        assert np.array_equal(out.astype(np.float64), dequant_ref(w, "Q6_K"), equal_nan=True), cols
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_q6_kr_row_range_only_writes_its_rows(impl: str) -> None:
+    rng = np.random.default_rng(5)
+    p = rp.pack("Q6_K", _q6_k(40, 512, 5), (40, 512))[1]
+    x = rng.standard_normal(512).astype(np.float32)
+    X = rng.standard_normal((2, 512)).astype(np.float32)
+    gemv, gemm = IMPLS[impl]["Q6_KR"]
+    out = np.full(40, -7.0, np.float32)
+    gemv(p, x, out, 10, 17)
+    assert np.all(out[:10] == -7.0) and np.all(out[17:] == -7.0) and np.all(out[10:17] != -7.0)
+    out2 = np.full((2, 40), -7.0, np.float32)
+    gemm(p, X, out2, 0, 5)
+    assert np.all(out2[:, 5:] == -7.0) and np.all(out2[:, :5] != -7.0)
+
+
+@pytest.mark.parametrize("weight", [0, 15, 16 * 7 + 4, 255], ids=lambda i: f"weight{i}")
+def test_q6_kr_check_detects_a_wrong_quant_or_scale(weight: int) -> None:
+    """The kernels' output on the packed weight matches the reference of the original
+    blocks, and not that of blocks with one quant's high bits changed (a field at every
+    kind of place: bits 0, quant 15, a middle field, the last weight) or a sub-block
+    scale doubled."""
+    rows, cols = 6, 512
+    rng = np.random.default_rng(weight)
+    w = _q6_k(rows, cols, 7, extreme=False)
+    w.reshape(rows, 2, 210)[:, :, 192:208] = 40  # every sub-block scale 40: no zero scale hides a change
+    p = rp.pack("Q6_K", w, (rows, cols))[1]
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = np.empty(rows, np.float32)
+    h, c, l = weight // 128, (weight % 128) // 32, weight % 32
+    for table in IMPLS.values():
+        table["Q6_KR"][0](p, x, out, 0, rows)
+        assert max_error(out, dequant_ref(w, "Q6_K"), x) < TOL
+        bad = w.copy()
+        bad[2, 210 + 128 + 32 * h + l] ^= 3 << (2 * c)  # block 1, the quant's 2 high bits flipped
+        assert max_error(out, dequant_ref(bad, "Q6_K"), x) > 10 * TOL
+        bad = w.copy()
+        bad[2, 210 + 192 + weight // 16] = 80
+        assert max_error(out, dequant_ref(bad, "Q6_K"), x) > 10 * TOL
