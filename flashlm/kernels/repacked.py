@@ -1,4 +1,4 @@
-"""Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``.
+"""Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``, Q6_K as ``Q6_KR``.
 
 The store format is ours, so a GGUF format whose kernel is compute-bound can be
 rewritten on import into a layout that costs fewer vector operations per weight.
@@ -18,12 +18,15 @@ One step of the GEMV is ``q >> 5k`` (no shift for k = 0) and a 32-entry table lo
 natural order, so x is read as it is. GGUF Q5_0 needs per 32 weights a nibble split, a
 widen, a 5th-bit test and select, two converts and a scale broadcast + convert.
 Measured on the 2-core Zen 4 (AVX-512), both kernels compiled in one process,
-``python perf/bench_simd_variants.py --formats Q5_0R --shape S --threads 2 --dram``
+``python perf/bench_simd_variants.py --formats Q5_0R --shape ROWSxCOLS --threads 2 --dram``
 (weights read from memory), G weights/s Q5_0 -> Q5_0R: 8960x1536 20.8 -> 30.8 (1.48x),
 151936x896 17.3 -> 25.9 (1.50x), 1536x8960 19.1 -> 22.4 (1.17x); ``--shape 512x1536`` (one
 core, in L2) 10.5 -> 15.6 (1.49x). The 70 bytes per 96 weights are 6 % more than GGUF's
 66. Tried and dropped: float32 scales stored apart (76 bytes per group; 0.9-1.1x of the
-half scales); two rows per step sharing the x loads (0.74-0.96x).
+half scales); two rows per step sharing the x loads (0.74-0.96x); one accumulator per block
+of the group (0.92-0.99x).
+
+Q6_KR (from Q6_K): see the section below; same 210 bytes per 256 weights.
 
 Kernels follow ``gemv_basic``'s row-range contract (``gemv(w, x, out, r0, r1)``,
 ``gemm(w, X, out, r0, r1)``, ``dequant(w, out, r0, r1)``); ``w`` is the uint8
@@ -354,6 +357,16 @@ def dequant_q5_0r_plain(w, out, r0, r1):
 # per weight). Quant 15 takes 3 shifts and 2 bit-selects. GGUF Q6_K needs per 32 weights
 # two nibble masks, a shift and an or for the 2 high bits, the -32, a byte -> dword widen,
 # a convert and a per-sub-block scale broadcast.
+# Measured on the 2-core Zen 4, both kernels in one process (``python
+# perf/bench_simd_variants.py --formats Q6_KR --shape ROWSxCOLS [--threads 2 --dram]``), G
+# weights/s Q6_K -> Q6_KR: 512x1536 one core in L2 13.3 -> 21.6 (1.62x); at 2 threads from
+# memory 8960x1536 22.9 -> 30.2 (1.32x; another run 28.0 -> 29.3, 1.05x), 151936x1536
+# 16.0 -> 24.6 (1.53x; another run 1.13x), 256x1536 9.8 -> 11.6 (1.19x), 1536x8960 0.92-0.95x
+# (long rows: the 38 KB of prepared x per row do not stay in L1; no layout here helped
+# them). The partial sums must stay apart: with reassociation allowed LLVM folded them
+# into one chain of 16 dependent FMAs per super-block (1.16x instead of 1.6x in L2).
+# Tried and dropped: two rows per step sharing x (0.79-0.98x from memory); column tiles
+# of 8-24 super-blocks with the next row's tile prefetched (0.80-1.02x on 1536x8960).
 
 _QK6, _BB6, _XP6 = 256, 210, 272  # weights, bytes per super-block; prepared x floats per super-block
 _CHAINS = 4  # independent partial sums per super-block (one FMA chain would be latency-bound)
