@@ -1,6 +1,6 @@
-"""Store-only layouts (kernels/repacked.py): Q5_0R packing and its kernels against gguf.
+"""Store-only layouts (kernels/repacked.py): Q5_0R and Q6_KR packing and their kernels against gguf.
 
-Weights are random GGUF Q5_0 blocks (valid scales, zero and extreme ones), packed; the
+Weights are random GGUF Q5_0 / Q6_K blocks (valid scales, zero and extreme ones), packed; the
 reference is ``gguf.quants.dequantize`` of the unpacked blocks, which must be the
 original bytes exactly. Error measure as in test_gemv_basic (``_blocks.row_errors``).
 """
