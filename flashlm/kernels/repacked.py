@@ -44,6 +44,7 @@ from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
 from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, row_nbytes
 from flashlm.kernels.gemv_basic import _dequant_blocks_simd, _dot_plain, _f16_at, _gemm_blocks_simd, f16_to_f32
+from flashlm.kernels.gemv_kquant import _q6k_q
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
                                   _data_ptr, _hsum, _load, _prefetch, _splat)
 
@@ -51,6 +52,12 @@ _G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per 
 _GW = 32 * _G  # weights per group
 
 # ---- packing (import time) and unpacking (reference, export) ----
+
+
+@jit_exact
+def _dword(src, r, o):  # little-endian uint32 at byte o of row r
+    return (np.int64(src[r, o]) | (np.int64(src[r, o + 1]) << 8) | (np.int64(src[r, o + 2]) << 16)
+            | (np.int64(src[r, o + 3]) << 24))
 
 
 @jit_exact
@@ -103,9 +110,7 @@ def _unpack_q5_0r(src, dst):
                     for half in range(2):
                         k, jj = 2 * bi + half, j + 16 * half
                         lane = 4 * j
-                        v = (np.int64(src[r, go + lane]) | (np.int64(src[r, go + lane + 1]) << 8)
-                             | (np.int64(src[r, go + lane + 2]) << 16) | (np.int64(src[r, go + lane + 3]) << 24))
-                        q = (v >> (5 * k)) & 31
+                        q = (_dword(src, r, go + lane) >> (5 * k)) & 31
                         qs |= (q & 15) << (4 * half)
                         qh |= (q >> 4) << jj
                     dst[r, o + 6 + j] = qs
@@ -281,9 +286,7 @@ def _decode_row_plain(w, r, dst):
             d = _f16_at(w, r, go + 64 + 2 * (k // 2))
             for j in range(16):
                 o = go + 4 * j
-                v = (np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8) | (np.int64(w[r, o + 2]) << 16)
-                     | (np.int64(w[r, o + 3]) << 24))
-                dst[_GW * g + 16 * k + j] = d * np.float32(np.int64((v >> (5 * k)) & 31) - 16)
+                dst[_GW * g + 16 * k + j] = d * np.float32(((_dword(w, r, o) >> (5 * k)) & 31) - 16)
     for bi in range(nb - _G * ng):
         o = _GB * ng + 22 * bi
         d = f16_to_f32(np.int64(w[r, o]) | (np.int64(w[r, o + 1]) << 8))
@@ -374,14 +377,6 @@ _XSCALE6 = np.array([2.0 ** (-6 * (k % 5)) if k < 15 else 1.0 for k in range(16)
 
 
 @jit_exact
-def _q6k_quant(src, r, o, i):
-    """Quant (0..63) of weight i of the GGUF Q6_K block at byte o of row r."""
-    h, c, l = i // 128, (i % 128) // 32, i % 32
-    nib = (np.int64(src[r, o + 64 * h + l + 32 * (c & 1)]) >> (4 * (c >> 1))) & 15
-    return nib | (((np.int64(src[r, o + 128 + 32 * h + l]) >> (2 * c)) & 3) << 4)
-
-
-@jit_exact
 def _q6kr_quant(src, r, o, i):
     """Quant (0..63) of weight i of the Q6_KR super-block at byte o of row r."""
     j, k = i // 16, i % 16
@@ -394,12 +389,6 @@ def _q6kr_quant(src, r, o, i):
 
 
 @jit_exact
-def _dword(src, r, o):
-    return (np.int64(src[r, o]) | (np.int64(src[r, o + 1]) << 8) | (np.int64(src[r, o + 2]) << 16)
-            | (np.int64(src[r, o + 3]) << 24))
-
-
-@jit_exact
 def _pack_q6_kr(src, dst):
     lanes = np.empty(48, np.int64)
     for r in range(src.shape[0]):
@@ -407,7 +396,7 @@ def _pack_q6_kr(src, dst):
             o = _BB6 * b
             lanes[:] = 0
             for i in range(_QK6):
-                q = _q6k_quant(src, r, o, i)
+                q = np.int64(_q6k_q(src, r, o, i // 16, i % 16)) + 32  # GGUF's quant, 0..63
                 j, k = i // 16, i % 16
                 if k < 15:
                     lanes[16 * (k // 5) + j] |= q << (6 * (k % 5))

@@ -62,64 +62,6 @@ def test_pack_leaves_other_formats_alone() -> None:
     assert rp.pack("Q4_0", w, (3, 64))[1] is w and rp.unpack("Q4_0", w, (3, 64))[1] is w
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_kernels_match_gguf(shape: tuple[int, int]) -> None:
-    rows, cols = shape
-    rng = np.random.default_rng(rows + 3 * cols)
-    w = _q5_0(rows, cols, rows + cols)
-    p = rp.pack("Q5_0", w, shape)[1]
-    x = rng.standard_normal(cols).astype(np.float32)
-    X = rng.standard_normal((8, cols)).astype(np.float32)
-    check = Checker(dequant_ref(w, "Q5_0"), np.concatenate([x[None], X]))
-    for name, table in IMPLS.items():
-        gemv, gemm = table["Q5_0R"]
-        out = np.full(rows, np.nan, np.float32)
-        gemv(p, x, out, 0, rows)
-        assert check.error(out, 0, 1) < TOL, f"{name} gemv {shape}"
-        for n in (1, 3, 8):
-            out2 = np.full((n, rows), np.nan, np.float32)
-            gemm(p, X[:n], out2, 0, rows)
-            assert check.error(out2, 1, 1 + n) < TOL, f"{name} gemm n={n} {shape}"
-
-
-def test_vocab_shape_gemv_sampled_rows() -> None:
-    """151936 x 896 (an output head): all rows computed, a sample checked in float64."""
-    rows, cols = 151936, 896
-    rng = np.random.default_rng(8)
-    w = _q5_0(rows, cols, 8)
-    p = rp.pack("Q5_0", w, (rows, cols))[1]
-    sel = np.unique(np.concatenate([[0, rows - 1], rng.integers(0, rows, 1500)]))
-    x = rng.standard_normal(cols).astype(np.float32)
-    out = np.full(rows, np.nan, np.float32)
-    rp.gemv_q5_0r(p, x, out, 0, rows)
-    assert not np.isnan(out).any()
-    assert max_error(out[sel], dequant_ref(w, "Q5_0", sel), x) < TOL
-
-
-@pytest.mark.parametrize("impl", list(DEQUANT))
-def test_dequant_bit_exact(impl: str) -> None:
-    for cols in (96, 128, 160, 896):
-        w = _q5_0(13, cols, cols)
-        out = np.empty((13, cols), np.float32)
-        DEQUANT[impl]["Q5_0R"](rp.pack("Q5_0", w, (13, cols))[1], out, 0, 13)
-        assert np.array_equal(out.astype(np.float64), dequant_ref(w, "Q5_0"), equal_nan=True), cols
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_row_range_only_writes_its_rows(impl: str) -> None:
-    rng = np.random.default_rng(3)
-    p = rp.pack("Q5_0", _q5_0(40, 160, 3), (40, 160))[1]
-    x = rng.standard_normal(160).astype(np.float32)
-    X = rng.standard_normal((2, 160)).astype(np.float32)
-    gemv, gemm = IMPLS[impl]["Q5_0R"]
-    out = np.full(40, -7.0, np.float32)
-    gemv(p, x, out, 10, 17)
-    assert np.all(out[:10] == -7.0) and np.all(out[17:] == -7.0) and np.all(out[10:17] != -7.0)
-    out2 = np.full((2, 40), -7.0, np.float32)
-    gemm(p, X, out2, 0, 5)
-    assert np.all(out2[:, 5:] == -7.0) and np.all(out2[:, :5] != -7.0)
-
-
 def test_check_detects_swapped_nibbles_and_wrong_scale() -> None:
     """The kernels' output on the packed weight matches the reference of the original blocks
     and not that of blocks with one nibble pair swapped or one scale doubled (in a group and
@@ -229,64 +171,6 @@ def test_q6_kr_layout_is_as_documented() -> None:
         assert pk[192:].tobytes() == blk[192:].tobytes()
 
 
-@pytest.mark.parametrize("shape", K_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
-def test_q6_kr_kernels_match_gguf(shape: tuple[int, int]) -> None:
-    rows, cols = shape
-    rng = np.random.default_rng(rows + 5 * cols)
-    w = _q6_k(rows, cols, rows + cols)
-    p = rp.pack("Q6_K", w, shape)[1]
-    x = rng.standard_normal(cols).astype(np.float32)
-    X = rng.standard_normal((8, cols)).astype(np.float32)
-    check = Checker(dequant_ref(w, "Q6_K"), np.concatenate([x[None], X]))
-    for name, table in IMPLS.items():
-        gemv, gemm = table["Q6_KR"]
-        out = np.full(rows, np.nan, np.float32)
-        gemv(p, x, out, 0, rows)
-        assert check.error(out, 0, 1) < TOL, f"{name} gemv {shape}"
-        for n in (1, 3, 8):
-            out2 = np.full((n, rows), np.nan, np.float32)
-            gemm(p, X[:n], out2, 0, rows)
-            assert check.error(out2, 1, 1 + n) < TOL, f"{name} gemm n={n} {shape}"
-
-
-def test_q6_kr_vocab_rows_gemv_sampled() -> None:
-    """151936 rows (an output head): all rows computed, a sample checked in float64."""
-    rows, cols = 151936, 256
-    rng = np.random.default_rng(12)
-    w = _q6_k(rows, cols, 12)
-    p = rp.pack("Q6_K", w, (rows, cols))[1]
-    sel = np.unique(np.concatenate([[0, rows - 1], rng.integers(0, rows, 1500)]))
-    x = rng.standard_normal(cols).astype(np.float32)
-    out = np.full(rows, np.nan, np.float32)
-    rp.gemv_q6_kr(p, x, out, 0, rows)
-    assert not np.isnan(out).any()
-    assert max_error(out[sel], dequant_ref(w, "Q6_K", sel), x) < TOL
-
-
-@pytest.mark.parametrize("impl", list(DEQUANT))
-def test_q6_kr_dequant_bit_exact(impl: str) -> None:
-    for cols in (256, 1536):
-        w = _q6_k(11, cols, cols)
-        out = np.empty((11, cols), np.float32)
-        DEQUANT[impl]["Q6_KR"](rp.pack("Q6_K", w, (11, cols))[1], out, 0, 11)
-        assert np.array_equal(out.astype(np.float64), dequant_ref(w, "Q6_K"), equal_nan=True), cols
-
-
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_q6_kr_row_range_only_writes_its_rows(impl: str) -> None:
-    rng = np.random.default_rng(5)
-    p = rp.pack("Q6_K", _q6_k(40, 512, 5), (40, 512))[1]
-    x = rng.standard_normal(512).astype(np.float32)
-    X = rng.standard_normal((2, 512)).astype(np.float32)
-    gemv, gemm = IMPLS[impl]["Q6_KR"]
-    out = np.full(40, -7.0, np.float32)
-    gemv(p, x, out, 10, 17)
-    assert np.all(out[:10] == -7.0) and np.all(out[17:] == -7.0) and np.all(out[10:17] != -7.0)
-    out2 = np.full((2, 40), -7.0, np.float32)
-    gemm(p, X, out2, 0, 5)
-    assert np.all(out2[:, 5:] == -7.0) and np.all(out2[:, :5] != -7.0)
-
-
 @pytest.mark.parametrize("weight", [0, 15, 16 * 7 + 4, 255], ids=lambda i: f"weight{i}")
 def test_q6_kr_check_detects_a_wrong_quant_or_scale(weight: int) -> None:
     """The kernels' output on the packed weight matches the reference of the original
@@ -310,3 +194,78 @@ def test_q6_kr_check_detects_a_wrong_quant_or_scale(weight: int) -> None:
         bad = w.copy()
         bad[2, 210 + 192 + weight // 16] = 80
         assert max_error(out, dequant_ref(bad, "Q6_K"), x) > 10 * TOL
+
+
+# ---- both layouts: kernels against gguf on the unpacked blocks ----
+
+LAYOUTS = {"Q5_0R": "Q5_0", "Q6_KR": "Q6_K"}  # store layout -> its GGUF format
+CASES = [("Q5_0R", s) for s in SHAPES] + [("Q6_KR", s) for s in K_SHAPES]
+VOCAB_COLS = {"Q5_0R": 896, "Q6_KR": 256}  # 151936 rows (an output head)
+DEQUANT_COLS = {"Q5_0R": (96, 128, 160, 896), "Q6_KR": (256, 1536)}
+RANGE_COLS = {"Q5_0R": 160, "Q6_KR": 512}
+
+
+def _gguf(layout: str, rows: int, cols: int, seed: int) -> np.ndarray:
+    return random_weights(LAYOUTS[layout], rows, cols, np.random.default_rng(seed))
+
+
+@pytest.mark.parametrize("layout,shape", CASES, ids=[f"{f}-{s[0]}x{s[1]}" for f, s in CASES])
+def test_kernels_match_gguf(layout: str, shape: tuple[int, int]) -> None:
+    rows, cols = shape
+    rng = np.random.default_rng(rows + 3 * cols)
+    w = _gguf(layout, rows, cols, rows + cols)
+    p = rp.pack(LAYOUTS[layout], w, shape)[1]
+    x = rng.standard_normal(cols).astype(np.float32)
+    X = rng.standard_normal((8, cols)).astype(np.float32)
+    check = Checker(dequant_ref(w, LAYOUTS[layout]), np.concatenate([x[None], X]))
+    for name, table in IMPLS.items():
+        gemv, gemm = table[layout]
+        out = np.full(rows, np.nan, np.float32)
+        gemv(p, x, out, 0, rows)
+        assert check.error(out, 0, 1) < TOL, f"{name} gemv {shape}"
+        for n in (1, 3, 8):
+            out2 = np.full((n, rows), np.nan, np.float32)
+            gemm(p, X[:n], out2, 0, rows)
+            assert check.error(out2, 1, 1 + n) < TOL, f"{name} gemm n={n} {shape}"
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_vocab_rows_gemv_sampled(layout: str) -> None:
+    """151936 rows: all computed by the default kernel, a sample checked in float64."""
+    rows, cols = 151936, VOCAB_COLS[layout]
+    rng = np.random.default_rng(8)
+    w = _gguf(layout, rows, cols, 8)
+    p = rp.pack(LAYOUTS[layout], w, (rows, cols))[1]
+    sel = np.unique(np.concatenate([[0, rows - 1], rng.integers(0, rows, 1500)]))
+    x = rng.standard_normal(cols).astype(np.float32)
+    out = np.full(rows, np.nan, np.float32)
+    rp.REPACKED_KERNELS[layout][0](p, x, out, 0, rows)
+    assert not np.isnan(out).any()
+    assert max_error(out[sel], dequant_ref(w, LAYOUTS[layout], sel), x) < TOL
+
+
+@pytest.mark.parametrize("impl", list(DEQUANT))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_dequant_bit_exact(layout: str, impl: str) -> None:
+    for cols in DEQUANT_COLS[layout]:
+        w = _gguf(layout, 13, cols, cols)
+        out = np.empty((13, cols), np.float32)
+        DEQUANT[impl][layout](rp.pack(LAYOUTS[layout], w, (13, cols))[1], out, 0, 13)
+        assert np.array_equal(out.astype(np.float64), dequant_ref(w, LAYOUTS[layout]), equal_nan=True), cols
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_row_range_only_writes_its_rows(layout: str, impl: str) -> None:
+    rng = np.random.default_rng(3)
+    cols = RANGE_COLS[layout]
+    p = rp.pack(LAYOUTS[layout], _gguf(layout, 40, cols, 3), (40, cols))[1]
+    x = rng.standard_normal(cols).astype(np.float32)
+    X = rng.standard_normal((2, cols)).astype(np.float32)
+    gemv, gemm = IMPLS[impl][layout]
+    out = np.full(40, -7.0, np.float32)
+    gemv(p, x, out, 10, 17)
+    assert np.all(out[:10] == -7.0) and np.all(out[17:] == -7.0) and np.all(out[10:17] != -7.0)
+    out2 = np.full((2, 40), -7.0, np.float32)
+    gemm(p, X, out2, 0, 5)
+    assert np.all(out2[:, 5:] == -7.0) and np.all(out2[:, :5] != -7.0)
