@@ -33,7 +33,7 @@ from flashlm.kernels.gemv_basic import BASIC_KERNELS
 from flashlm.kernels.ops import _attention
 
 FMT_IDS = {f: i for i, f in enumerate(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                                        "Q4_K", "Q5_K", "Q6_K", "Q5_0R", "Q6_KR"])}
+                                        "Q4_K", "Q5_K", "Q6_K", "Q5_0R", "Q6_KR", "Q4_KR"])}
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR = range(8)
 ATTENTION = 20
 ROW = 12
@@ -55,6 +55,7 @@ _gv_q5_k, _gm_q5_k = _kq.KQUANT_KERNELS["Q5_K"]
 _gv_q6_k, _gm_q6_k = _kq.KQUANT_KERNELS["Q6_K"]
 _gv_q5_0r, _gm_q5_0r = _rp.REPACKED_KERNELS["Q5_0R"]
 _gv_q6_kr, _gm_q6_kr = _rp.REPACKED_KERNELS["Q6_KR"]
+_gv_q4_kr, _gm_q4_kr = _rp.REPACKED_KERNELS["Q4_KR"]
 
 
 @intrinsic
@@ -102,6 +103,8 @@ def _run_q(fmt, w, x, out, r0, r1):
         _gv_q5_0r(w, x, out, r0, r1)
     elif fmt == 12:
         _gv_q6_kr(w, x, out, r0, r1)
+    elif fmt == 13:
+        _gv_q4_kr(w, x, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -126,6 +129,8 @@ def _run_q_gemm(fmt, w, X, out, r0, r1):
         _gm_q5_0r(w, X, out, r0, r1)
     elif fmt == 12:
         _gm_q6_kr(w, X, out, r0, r1)
+    elif fmt == 13:
+        _gm_q4_kr(w, X, out, r0, r1)
 
 
 @njit(nogil=True, cache=True)

@@ -31,11 +31,12 @@ FORMATS: dict[str, tuple[int, int, int]] = {
     "BF16": (30, 1, 2),
     "Q5_0R": (-1, 32, 22),  # store-only layout of Q5_0 (no GGUF id): see GROUPED
     "Q6_KR": (-1, 256, 210),  # store-only layout of Q6_K: same block size, quants reordered
+    "Q4_KR": (-1, 256, 144),  # store-only layout of Q4_K: same block size, quants reordered
 }
 # Store-only layouts: (blocks per group, bytes per group, bytes per tail block). A row is
 # nb // blocks groups, then the last nb % blocks blocks in the GGUF format's layout.
 GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22)}
-STORE_LAYOUT = {"Q5_0": "Q5_0R", "Q6_K": "Q6_KR"}  # GGUF format -> the layout a store keeps it in (kernels/repacked.py)
+STORE_LAYOUT = {"Q5_0": "Q5_0R", "Q6_K": "Q6_KR", "Q4_K": "Q4_KR"}  # GGUF format -> the layout a store keeps it in (kernels/repacked.py)
 GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items() if v[0] >= 0}

@@ -44,7 +44,8 @@ from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
 from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, row_nbytes
 from flashlm.kernels.gemv_basic import _dequant_blocks_simd, _dot_plain, _f16_at, _gemm_blocks_simd, f16_to_f32
-from flashlm.kernels.gemv_kquant import _q6k_q
+from flashlm.kernels.gemv_kquant import _V as _KV
+from flashlm.kernels.gemv_kquant import _q6k_q, _q45k_q, _scale_min
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
                                   _data_ptr, _hsum, _load, _prefetch, _splat)
 
@@ -521,29 +522,36 @@ def decode_q6_kr(typingctx, w, woff, nb, dst, doff):
     return types.void(w, types.intp, types.intp, dst, types.intp), gen
 
 
-@intrinsic
-def _prep_x(typingctx, x, xp, nb):
-    """x (nb * 256,) -> xp (nb * 272,): per super-block x[16j + k] * 2^-6(k % 5) at
-    16k + j (k < 15; quant 15 unscaled), then -32 * sum(x[16j:16j + 16]) at 256 + j."""
+def _make_prep_x(xscale: np.ndarray, sum_factor: float):
+    """Intrinsic ``prep(x, xp, nb)``: x (nb * 256,) -> xp (nb * 272,), per super-block
+    x[16j + k] * xscale[k] at 16k + j (lane j holds the 16 weights 16j..16j + 15), then
+    sum_factor * sum(x[16j:16j + 16]) at 256 + j."""
 
-    def gen(context, b, sig, args):
-        xq, pq = (_data_ptr(context, b, sig.args[i], args[i]) for i in range(2))
-        with cgutils.for_range(b, args[2]) as loop:
-            g = loop.index
-            src = b.gep(xq, [b.mul(g, g.type(4 * _QK6))])
-            dst = b.gep(pq, [b.mul(g, g.type(4 * _XP6))])
-            cols = _transpose16(b, [_load(b, src, 64 * j, _V16F) for j in range(16)])  # cols[k][j] = x[16j + k]
-            total = None
-            for k, v in enumerate(cols):
-                total = v if total is None else b.fadd(total, v)
-                scaled = b.fmul(v, _splat(b, ir.Constant(_F32, float(_XSCALE6[k])), _V16F))
-                b.store(scaled, b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 64 * k)]), _V16F.as_pointer()),
-                        align=1)
-            b.store(b.fmul(total, ir.Constant(_V16F, [-32.0] * 16)),
-                    b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 4 * _QK6)]), _V16F.as_pointer()), align=1)
-        return context.get_dummy_value()
+    @intrinsic
+    def prep(typingctx, x, xp, nb):
+        def gen(context, b, sig, args):
+            xq, pq = (_data_ptr(context, b, sig.args[i], args[i]) for i in range(2))
+            with cgutils.for_range(b, args[2]) as loop:
+                g = loop.index
+                src = b.gep(xq, [b.mul(g, g.type(4 * _QK6))])
+                dst = b.gep(pq, [b.mul(g, g.type(4 * _XP6))])
+                cols = _transpose16(b, [_load(b, src, 64 * j, _V16F) for j in range(16)])  # cols[k][j] = x[16j + k]
+                total = None
+                for k, v in enumerate(cols):
+                    total = v if total is None else b.fadd(total, v)
+                    scaled = b.fmul(v, _splat(b, ir.Constant(_F32, float(xscale[k])), _V16F))
+                    b.store(scaled, b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 64 * k)]),
+                                              _V16F.as_pointer()), align=1)
+                b.store(b.fmul(total, ir.Constant(_V16F, [sum_factor] * 16)),
+                        b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 4 * _QK6)]), _V16F.as_pointer()), align=1)
+            return context.get_dummy_value()
 
-    return types.void(x, xp, types.intp), gen
+        return types.void(x, xp, types.intp), gen
+
+    return prep
+
+
+_prep_x = _make_prep_x(_XSCALE6, -32.0)
 
 
 @jit
@@ -597,12 +605,208 @@ def dequant_q6_kr_plain(w, out, r0, r1):
     _dequant_plain(_decode_row_q6_kr_plain, w, out, r0, r1)
 
 
-_CONVERTERS = {"Q5_0R": (_pack_q5_0r, _unpack_q5_0r), "Q6_KR": (_pack_q6_kr, _unpack_q6_kr)}
-SIMD_KERNELS = {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd), "Q6_KR": (gemv_q6_kr_simd, gemm_q6_kr_simd)}
-PLAIN_KERNELS = {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain), "Q6_KR": (gemv_q6_kr_plain, gemm_q6_kr_plain)}
-DEQUANT_SIMD = {"Q5_0R": dequant_q5_0r_simd, "Q6_KR": dequant_q6_kr_simd}
-DEQUANT_PLAIN = {"Q5_0R": dequant_q5_0r_plain, "Q6_KR": dequant_q6_kr_plain}
+# ---- Q4_KR: Q4_K with each half sub-block's 16 quants in one lane ----
+#
+# Q4_K (weight = d * sc[j] * q - dmin * m[j], q 4 bits, j = the 32-weight sub-block,
+# sc and m 6 bits) keeps its 144-byte super-blocks of 256 weights; only the 128 quant
+# bytes move:
+#
+#     bytes 0..15     d, dmin (half) and the 12 bytes of packed scales and mins, as GGUF
+#     bytes 16..143   2 x 16 little-endian uint32: dword m of lane j (bytes 16 + 64m + 4j)
+#                     holds quant 8m + i of half sub-block j (weight 16j + 8m + i) at
+#                     bits 4i..4i+3 (i = 0..7)
+#
+# Lane j is half sub-block j, so d * sc and dmin * m are one per-lane vector each per
+# super-block (sub-block j // 2), the min term is one FMA against the prepared half
+# sub-block sums of x, and step k of the GEMV is ``dword & (15 << 4i)`` + convert + FMA
+# with the place value divided out of x once per call, as for Q6_KR (i = 7: a shift
+# instead of the mask, the sign bit). GGUF Q4_K's 16-weight vectors span two sub-blocks
+# in a fixed order, so the scales and mins had to be shuffled to each of them.
+
+_BB4 = 144
+_XSCALE4 = np.array([2.0 ** (-4 * (k % 8)) if k % 8 < 7 else 1.0 for k in range(16)], np.float32)
+
+
+@jit_exact
+def _q4kr_quant(src, r, o, i):
+    """Quant (0..15) of weight i of the Q4_KR super-block at byte o of row r."""
+    j, k = i // 16, i % 16
+    return (_dword(src, r, o + 16 + 64 * (k // 8) + 4 * j) >> (4 * (k % 8))) & 15
+
+
+@jit_exact
+def _pack_q4_kr(src, dst):
+    lanes = np.empty(32, np.int64)
+    for r in range(src.shape[0]):
+        for b in range(src.shape[1] // _BB4):
+            o = _BB4 * b
+            lanes[:] = 0
+            for i in range(_QK6):
+                q = np.int64(_q45k_q(src, r, o, i // 32, i % 32, False))
+                j, k = i // 16, i % 16
+                lanes[16 * (k // 8) + j] |= q << (4 * (k % 8))
+            for u in range(16):
+                dst[r, o + u] = src[r, o + u]
+            for t in range(32):
+                for u in range(4):
+                    dst[r, o + 16 + 4 * t + u] = (lanes[t] >> (8 * u)) & 255
+
+
+@jit_exact
+def _unpack_q4_kr(src, dst):
+    for r in range(src.shape[0]):
+        for b in range(src.shape[1] // _BB4):
+            o = _BB4 * b
+            for u in range(16):
+                dst[r, o + u] = src[r, o + u]
+            for u in range(16, _BB4):
+                dst[r, o + u] = 0
+            for i in range(_QK6):
+                j, l = i // 32, i % 32
+                qs = o + 16 + 32 * (j // 2) + l
+                dst[r, qs] = dst[r, qs] | (_q4kr_quant(src, r, o, i) << (4 * (j % 2)))
+
+
+def _q4_field(b: ir.IRBuilder, dw: list, k: int, place: bool) -> ir.Value:
+    """<16 x float> quant k of the 16 lanes: with ``place`` still times 2^4i (i = k % 8 < 7),
+    else the quant itself."""
+    d, i = dw[k // 8], k % 8
+    if i == 7:
+        return b.sitofp(b.lshr(d, _const_vec(_V16I32, 28)), _V16F)
+    if not place and i:
+        d = b.lshr(d, _const_vec(_V16I32, 4 * i))
+    return b.sitofp(b.and_(d, _const_vec(_V16I32, 15 << (4 * i) if place else 15)), _V16F)
+
+
+def _q4_block(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]:
+    """The 2 dword vectors, <16 x float> d * sc[j // 2] and dmin * m[j // 2] of the
+    super-block at i8* p (as gguf computes them)."""
+    dw = [_load(b, p, 16 + 64 * m, _V16I32) for m in range(2)]
+    scm = _KV(b).kscales(p)  # d * sc[0..7], dmin * m[0..7]
+    per_lane = [ir.Constant(ir.VectorType(_I32, 16), [off + j // 2 for j in range(16)]) for off in (0, 8)]
+    return dw, *(b.shuffle_vector(scm, ir.Constant(_V16F, ir.Undefined), idx) for idx in per_lane)
+
+
+@intrinsic
+def dot_q4_kr(typingctx, w, woff, xp, nb):
+    """float32: the ``nb`` super-blocks of the row at byte ``woff`` of ``w`` dotted with
+    the prepared x (``_prep_x4``)."""
+
+    def gen(context, b, sig, args):
+        w, woff, xp, nb = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        xq = _data_ptr(context, b, sig.args[2], xp)
+        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
+        contract = ("contract",)
+        with cgutils.for_range(b, nb) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_BB4))])
+            _prefetch(b, p, simd.PREFETCH, _BB4)
+            xb = b.gep(xq, [b.mul(g, g.type(4 * _XP6))])
+            dw, sv, mv = _q4_block(b, p)
+            ts = [None] * _CHAINS
+            for k in range(16):
+                pr = b.fmul(_q4_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
+                t = ts[k % _CHAINS]
+                ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
+            while len(ts) > 1:
+                ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
+            a = b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS)
+            a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * _QK6, _V16F), flags=_FLAGS), flags=_FLAGS)  # - dmin m sum(x)
+            b.store(a, acc)
+        return _hsum(b, b.load(acc))
+
+    return types.float32(w, types.intp, xp, types.intp), gen
+
+
+@intrinsic
+def decode_q4_kr(typingctx, w, woff, nb, dst, doff):
+    """The ``nb`` super-blocks of the row at byte ``woff`` -> float32 dst[doff:] in
+    weight order, each weight exactly (d * sc) * q - dmin * m as gguf computes it (no FMA)."""
+
+    def gen(context, b, sig, args):
+        w, woff, nb, dst, doff = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        dp = b.gep(_data_ptr(context, b, sig.args[3], dst), [b.mul(doff, doff.type(4))])
+        with cgutils.for_range(b, nb) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_BB4))])
+            dw, sv, mv = _q4_block(b, p)
+            vals = [b.fsub(b.fmul(sv, _q4_field(b, dw, k, False)), mv) for k in range(16)]  # lane j: weight 16j + k
+            out = b.gep(dp, [b.mul(g, g.type(4 * _QK6))])
+            for j, v in enumerate(_transpose16(b, vals)):
+                b.store(v, b.bitcast(b.gep(out, [ir.Constant(ir.IntType(64), 64 * j)]), _V16F.as_pointer()),
+                        align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, types.intp, types.intp, dst, types.intp), gen
+
+
+_prep_x4 = _make_prep_x(_XSCALE4, -1.0)
+
+
+@jit
+def gemv_q4_kr_simd(w, x, out, r0, r1):
+    nb = x.shape[0] // _QK6
+    xp = np.empty(nb * _XP6, np.float32)
+    _prep_x4(x, xp, nb)
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        out[r] = dot_q4_kr(w, r * rb, xp, nb)
+
+
+@jit_exact
+def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
+    decode_q4_kr(w, off, n32 // 8, dst, doff)
+
+
+@jit
+def gemm_q4_kr_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_decode_row_q4_kr_simd, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_kr_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_decode_row_q4_kr_simd, w, out, r0, r1)
+
+
+@jit_exact
+def _decode_row_q4_kr_plain(w, r, dst):
+    for b in range(dst.shape[0] // _QK6):
+        o = _BB4 * b
+        d, dmin = _f16_at(w, r, o), _f16_at(w, r, o + 2)
+        for j in range(8):
+            sc, m = _scale_min(w, r, o, j)
+            dsc, dm = d * np.float32(sc), dmin * np.float32(m)
+            for k in range(32):
+                dst[_QK6 * b + 32 * j + k] = dsc * np.float32(_q4kr_quant(w, r, o, 32 * j + k)) - dm
+
+
+@jit
+def gemv_q4_kr_plain(w, x, out, r0, r1):
+    _gemv_plain(_decode_row_q4_kr_plain, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q4_kr_plain(w, X, out, r0, r1):
+    _gemm_plain(_decode_row_q4_kr_plain, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_kr_plain(w, out, r0, r1):
+    _dequant_plain(_decode_row_q4_kr_plain, w, out, r0, r1)
+
+
+_CONVERTERS = {"Q5_0R": (_pack_q5_0r, _unpack_q5_0r), "Q6_KR": (_pack_q6_kr, _unpack_q6_kr),
+               "Q4_KR": (_pack_q4_kr, _unpack_q4_kr)}
+SIMD_KERNELS = {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd), "Q6_KR": (gemv_q6_kr_simd, gemm_q6_kr_simd),
+                "Q4_KR": (gemv_q4_kr_simd, gemm_q4_kr_simd)}
+PLAIN_KERNELS = {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain), "Q6_KR": (gemv_q6_kr_plain, gemm_q6_kr_plain),
+                 "Q4_KR": (gemv_q4_kr_plain, gemm_q4_kr_plain)}
+DEQUANT_SIMD = {"Q5_0R": dequant_q5_0r_simd, "Q6_KR": dequant_q6_kr_simd, "Q4_KR": dequant_q4_kr_simd}
+DEQUANT_PLAIN = {"Q5_0R": dequant_q5_0r_plain, "Q6_KR": dequant_q6_kr_plain, "Q4_KR": dequant_q4_kr_plain}
 REPACKED_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
 REPACKED_DEQUANT = DEQUANT_SIMD if HAVE_SIMD else DEQUANT_PLAIN
 gemv_q5_0r, gemm_q5_0r = REPACKED_KERNELS["Q5_0R"]
 gemv_q6_kr, gemm_q6_kr = REPACKED_KERNELS["Q6_KR"]
+gemv_q4_kr, gemm_q4_kr = REPACKED_KERNELS["Q4_KR"]

@@ -36,7 +36,7 @@ from flashlm.kernels.formats import FORMATS, QTensor, tensor_nbytes, view_as
 from flashlm.models.config import ModelConfig
 
 FORMAT_NAME = "flashlm-store"
-FORMAT_VERSION = 3  # 2: tensors may be in a store-only layout (Q5_0R); 3: Q6_KR too. Older stores still open
+FORMAT_VERSION = 4  # 2: tensors may be in a store-only layout (Q5_0R); 3: Q6_KR too; 4: Q4_KR. Older stores still open
 ALIGN = 4096
 MANIFEST = "manifest.json"
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")

@@ -22,7 +22,7 @@ from flashlm.kernels.formats import FORMATS, row_cols, row_nbytes
 from flashlm.kernels.repacked import GGUF_OF, pack, unpack
 
 QUANT_FMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-STORE_FMTS = ("Q5_0R", "Q6_KR")  # store-only layouts (kernels/repacked.py): made by packing the GGUF format
+STORE_FMTS = ("Q5_0R", "Q6_KR", "Q4_KR")  # store-only layouts (kernels/repacked.py): made by packing the GGUF format
 FLOAT_FMTS = ("F32", "F16", "BF16")
 BASIC_FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 

@@ -1,6 +1,6 @@
-"""Store-only layouts (kernels/repacked.py): Q5_0R and Q6_KR packing and their kernels against gguf.
+"""Store-only layouts (kernels/repacked.py): Q5_0R, Q6_KR and Q4_KR packing and their kernels against gguf.
 
-Weights are random GGUF Q5_0 / Q6_K blocks (valid scales, zero and extreme ones), packed; the
+Weights are random GGUF Q5_0 / Q6_K / Q4_K blocks (valid scales, zero and extreme ones), packed; the
 reference is ``gguf.quants.dequantize`` of the unpacked blocks, which must be the
 original bytes exactly. Error measure as in test_gemv_basic (``_blocks.row_errors``).
 """
@@ -196,13 +196,74 @@ def test_q6_kr_check_detects_a_wrong_quant_or_scale(weight: int) -> None:
         assert max_error(out, dequant_ref(bad, "Q6_K"), x) > 10 * TOL
 
 
-# ---- both layouts: kernels against gguf on the unpacked blocks ----
+# ---- Q4_KR (Q4_K with each half sub-block's quants in one lane) ----
 
-LAYOUTS = {"Q5_0R": "Q5_0", "Q6_KR": "Q6_K"}  # store layout -> its GGUF format
-CASES = [("Q5_0R", s) for s in SHAPES] + [("Q6_KR", s) for s in K_SHAPES]
-VOCAB_COLS = {"Q5_0R": 896, "Q6_KR": 256}  # 151936 rows (an output head)
-DEQUANT_COLS = {"Q5_0R": (96, 128, 160, 896), "Q6_KR": (256, 1536)}
-RANGE_COLS = {"Q5_0R": 160, "Q6_KR": 512}
+
+def _q4_k_quants(blk: np.ndarray) -> list[int]:
+    """The 256 quants (0..15) of one GGUF Q4_K block, in weight order (ggml's layout: 32-byte
+    chunk c holds sub-block 2c in its low nibbles, 2c + 1 in its high ones)."""
+    return [int(blk[16 + 32 * (i // 64) + i % 32]) >> (4 * ((i // 32) % 2)) & 15 for i in range(256)]
+
+
+@pytest.mark.parametrize("cols", [256, 512, 8960])
+def test_q4_kr_round_trip_is_exact(cols: int) -> None:
+    """Any bytes at all in the header (d, dmin, scales) and quant fields come back unchanged."""
+    w = np.random.default_rng(cols).integers(0, 256, size=(5, cols // 256 * 144), dtype=np.uint8)
+    fmt, packed = rp.pack("Q4_K", w, (5, cols))
+    assert fmt == "Q4_KR" and packed.shape == w.shape == (5, row_nbytes("Q4_KR", cols))
+    back_fmt, back = rp.unpack(fmt, packed, (5, cols))
+    assert back_fmt == "Q4_K" and np.array_equal(back, w)
+
+
+def test_q4_kr_layout_is_as_documented() -> None:
+    """The 16 header bytes as in GGUF; dword m of lane j: quant 8m + i of half sub-block j
+    (weight 16j + 8m + i) at bits 4i."""
+    w = random_weights("Q4_K", 1, 512, np.random.default_rng(4))
+    packed = rp.pack("Q4_K", w, (1, 512))[1][0]
+    for b in range(2):
+        blk, pk = w[0, 144 * b:144 * (b + 1)], packed[144 * b:144 * (b + 1)]
+        q = _q4_k_quants(blk)
+        assert pk[:16].tobytes() == blk[:16].tobytes()
+        dw = pk[16:].view("<u4").reshape(2, 16)
+        for j in range(16):
+            for k in range(16):
+                assert (int(dw[k // 8, j]) >> (4 * (k % 8))) & 15 == q[16 * j + k], (b, j, k)
+
+
+@pytest.mark.parametrize("weight", [0, 7, 15, 32 * 5 + 20, 255], ids=lambda i: f"weight{i}")
+def test_q4_kr_check_detects_a_wrong_quant_scale_or_min(weight: int) -> None:
+    """The kernels' output on the packed weight matches the reference of the original
+    blocks, and not that of blocks with one quant's top bit flipped (bits 0, the sign
+    bit's field 7, a lane's last field, a middle one, the last weight), its sub-block's
+    scale or its min changed."""
+    rows, cols = 6, 512
+    rng = np.random.default_rng(weight)
+    w = random_weights("Q4_K", rows, cols, np.random.default_rng(7), extreme=False)
+    w.reshape(rows, 2, 144)[:, :, 4:16] = 0b10_010101  # scales 21 (j < 4) or 37, mins 21 or 41: none hides a change
+    p = rp.pack("Q4_K", w, (rows, cols))[1]
+    x = rng.choice([-1.0, 1.0], cols).astype(np.float32) * rng.uniform(0.5, 1.5, cols).astype(np.float32)  # no x near 0 hides a change
+    out = np.empty(rows, np.float32)
+    j, l = weight // 32, weight % 32
+    for table in IMPLS.values():
+        table["Q4_KR"][0](p, x, out, 0, rows)
+        assert max_error(out, dequant_ref(w, "Q4_K"), x) < TOL
+        bad = w.copy()
+        bad[2, 144 + 16 + 32 * (j // 2) + l] ^= 8 << (4 * (j % 2))  # block 1, the quant's top bit flipped
+        assert max_error(out, dequant_ref(bad, "Q4_K"), x) > 10 * TOL
+        # scale: sc[j < 4] = s[j] & 63, else s[j + 4] & 15 | ...; min: m[j < 4] = s[j + 4] & 63, else s[j + 4] >> 4 | ...
+        for byte, bit in ((4 + j, 0x20) if j < 4 else (8 + j, 0x08), (8 + j, 0x20 if j < 4 else 0x80)):
+            bad = w.copy()
+            bad[2, 144 + byte] ^= bit
+            assert max_error(out, dequant_ref(bad, "Q4_K"), x) > 10 * TOL, (byte, bit)
+
+
+# ---- every layout: kernels against gguf on the unpacked blocks ----
+
+LAYOUTS = {"Q5_0R": "Q5_0", "Q6_KR": "Q6_K", "Q4_KR": "Q4_K"}  # store layout -> its GGUF format
+CASES = [("Q5_0R", s) for s in SHAPES] + [(f, s) for f in ("Q6_KR", "Q4_KR") for s in K_SHAPES]
+VOCAB_COLS = {"Q5_0R": 896, "Q6_KR": 256, "Q4_KR": 256}  # 151936 rows (an output head)
+DEQUANT_COLS = {"Q5_0R": (96, 128, 160, 896), "Q6_KR": (256, 1536), "Q4_KR": (256, 1536)}
+RANGE_COLS = {"Q5_0R": 160, "Q6_KR": 512, "Q4_KR": 512}
 
 
 def _gguf(layout: str, rows: int, cols: int, seed: int) -> np.ndarray:
