@@ -9,6 +9,11 @@ Arrays handed to kernels:
   quantized -> uint8 (rows, cols // block_size * type_size)
   grouped store layouts (``GROUPED``, written on import, see kernels/repacked.py)
             -> uint8 (rows, row_nbytes(fmt, cols))
+  slabbed store layouts (``SLABBED``): uint8 (rows, row_nbytes) too, but a row longer than
+            SLAB_BLOCKS blocks is cut into ``n_slabs`` column slabs and the tensor's bytes
+            are slab 0 of every row, then slab 1 of every row, ...: each slab is a
+            contiguous row-major (rows, slab bytes) matrix. ``data[i]`` is then not row i:
+            select rows with :func:`take_rows`.
 """
 from __future__ import annotations
 
@@ -38,6 +43,13 @@ FORMATS: dict[str, tuple[int, int, int]] = {
 GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22)}
 STORE_LAYOUT = {"Q5_0": "Q5_0R", "Q6_K": "Q6_KR", "Q4_K": "Q4_KR"}  # GGUF format -> the layout a store keeps it in (kernels/repacked.py)
 GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
+# Store layouts kept as column slabs (the 256-weight super-block formats of kernels/repacked.py):
+# a GEMV then runs slab by slab over its rows, with 1/n_slabs of the activations, which
+# stay in L1 next to the weight stream (long rows such as ffn_down's 8960 lose 20-50 % when
+# they do not; ``perf/bench_col_tiles.py``). A row of at most SLAB_BLOCKS blocks is one slab,
+# the row-major layout.
+SLABBED = frozenset({"Q4_KR", "Q6_KR"})
+SLAB_BLOCKS = 12
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items() if v[0] >= 0}
 GGUF_FORMATS = tuple(GGUF_ID_TO_NAME.values())
@@ -74,6 +86,61 @@ def row_cols(fmt: str, nbytes: int) -> int:
     if nbytes % ts:
         raise ValueError(f"{fmt}: {nbytes} bytes is not a whole row")
     return nbytes // ts * bs
+
+
+def n_slabs(nb: int) -> int:
+    """Column slabs of a slabbed layout's row of ``nb`` blocks (also compiled by Numba)."""
+    return max(1, (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS)
+
+
+def slab_start(nb: int, s: int) -> int:
+    """First block of slab ``s`` (slab n_slabs(nb) ends the row); slabs differ by at most one block."""
+    return nb * s // n_slabs(nb)
+
+
+def slab_bytes(fmt: str, cols: int) -> list[tuple[int, int]]:
+    """(first byte, end byte) within a row of each column slab of ``fmt`` (one for unslabbed formats)."""
+    rb = row_nbytes(fmt, cols)
+    if fmt not in SLABBED:
+        return [(0, rb)]
+    nb, ts = cols // FORMATS[fmt][1], FORMATS[fmt][2]
+    return [(ts * slab_start(nb, s), ts * slab_start(nb, s + 1)) for s in range(n_slabs(nb))]
+
+
+def to_slabs(fmt: str, rows: np.ndarray, cols: int) -> np.ndarray:
+    """Row-major (n, row bytes) ``fmt`` rows -> the same bytes in slab order (a new array
+    when there is more than one slab)."""
+    cuts = slab_bytes(fmt, cols)
+    if len(cuts) == 1:
+        return rows
+    return np.concatenate([rows[:, a:b].reshape(-1) for a, b in cuts]).reshape(rows.shape)
+
+
+def from_slabs(fmt: str, data: np.ndarray, cols: int) -> np.ndarray:
+    """The inverse of :func:`to_slabs`: (n, row bytes) in slab order -> row-major rows."""
+    cuts = slab_bytes(fmt, cols)
+    if len(cuts) == 1:
+        return data
+    n, flat, base, parts = data.shape[0], data.reshape(-1), 0, []
+    for a, b in cuts:
+        parts.append(flat[base:base + n * (b - a)].reshape(n, b - a))
+        base += n * (b - a)
+    return np.concatenate(parts, axis=1)
+
+
+def take_rows(fmt: str, data: np.ndarray, cols: int, idx) -> np.ndarray:
+    """``data[idx]`` for a 2-D kernel array (rows, row bytes): rows ``idx`` (integer array or
+    slice) in ``fmt``'s layout for that many rows; for a slabbed layout each slab's rows
+    are gathered, without unslabbing the whole tensor."""
+    cuts = slab_bytes(fmt, cols) if fmt in SLABBED and data.ndim == 2 else [(0, 0)]
+    if len(cuts) == 1:
+        return data[idx]
+    n, flat, base, parts = data.shape[0], data.reshape(-1), 0, []
+    for a, b in cuts:
+        parts.append(flat[base:base + n * (b - a)].reshape(n, b - a)[idx].reshape(-1))
+        base += n * (b - a)
+    out = np.concatenate(parts)
+    return out.reshape(out.size // data.shape[1], data.shape[1])
 
 
 def tensor_nbytes(fmt: str, shape: tuple[int, ...]) -> int:

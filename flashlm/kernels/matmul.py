@@ -33,7 +33,7 @@ from __future__ import annotations
 import numpy as np
 
 from flashlm.kernels import executor
-from flashlm.kernels.formats import FORMATS, QTensor
+from flashlm.kernels.formats import FORMATS, QTensor, take_rows
 from flashlm.kernels.gemv_basic import BASIC_KERNELS, DEQUANT_KERNELS, HAVE_SIMD
 from flashlm.kernels.repacked import REPACKED_DEQUANT, REPACKED_KERNELS
 
@@ -104,7 +104,7 @@ def _blas(fmt: str, data: np.ndarray, X: np.ndarray, out: np.ndarray, pool) -> N
     for t0 in range(0, rows, step):
         t1 = min(rows, t0 + step)
         part = tile[: t1 - t0]
-        _dequant_rows(fmt, data[t0:t1], part)  # in this thread: BLAS owns the cores here
+        _dequant_rows(fmt, take_rows(fmt, data, cols, slice(t0, t1)), part)  # in this thread: BLAS owns the cores here
         np.matmul(X, part.T, out=out[:, t0:t1])
 
 
@@ -228,7 +228,7 @@ def dequantize(w: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
         if idx.dtype.kind not in "iu":
             raise TypeError(f"dequantize: rows must be integers, got {idx.dtype}")
         lead = idx.shape
-        data = data[idx.reshape(-1)]
+        data = take_rows(w.fmt, data, cols, idx.reshape(-1))
     out = np.empty((data.shape[0], cols), np.float32)
     _dequant_rows(w.fmt, np.ascontiguousarray(data), out)
     return out.reshape(lead + (cols,))

@@ -1,4 +1,5 @@
-"""Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``, Q6_K as ``Q6_KR``.
+"""Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``, Q6_K as ``Q6_KR``,
+Q4_K as ``Q4_KR``.
 
 The store format is ours, so a GGUF format whose kernel is compute-bound can be
 rewritten on import into a layout that costs fewer vector operations per weight.
@@ -26,7 +27,22 @@ core, in L2) 10.5 -> 15.6 (1.49x). The 70 bytes per 96 weights are 6 % more than
 half scales); two rows per step sharing the x loads (0.74-0.96x); one accumulator per block
 of the group (0.92-0.99x).
 
-Q6_KR (from Q6_K): see the section below; same 210 bytes per 256 weights.
+Q6_KR (from Q6_K) and Q4_KR (from Q4_K): see their sections below; same bytes per 256
+weights as GGUF (210, 144).
+
+Column slabs (``formats.SLABBED``: Q6_KR, Q4_KR). A row of more than ``SLAB_BLOCKS`` (12)
+super-blocks is cut into ``n_slabs`` column slabs of near-equal width, and the tensor's
+bytes are slab 0 of every row, then slab 1 of every row, ...: each slab is a contiguous
+row-major matrix. The GEMV prepares x once, then runs slab by slab over its rows, each
+with at most 13 KB of prepared x, which stays in L1 while the weights stream from memory;
+a whole 8960-wide row needs 38 KB, which does not, and that was what made long rows the
+slowest shape of every kernel (column tiles inside the row-major layout measured
+0.80-1.02x: the strided reads defeat the hardware prefetcher). Measured on 1536x8960 (the
+1.5B's ffn_down), 2 threads, weights from memory, in one process against the GGUF
+kernels (``python perf/bench_simd_variants.py --formats Q4_KR --shape 1536x8960 --threads 2
+--dram``): Q4_K -> Q4_KR 1.33x and 1.49x in two runs (before slabs 1.02-1.07x), Q6_K ->
+Q6_KR 1.28x and 1.39x (before 0.92-0.95x). GEMM and dequant decode a row slab by slab; a
+row of one slab is the row-major layout. Rows must be selected with ``formats.take_rows``.
 
 Kernels follow ``gemv_basic``'s row-range contract (``gemv(w, x, out, r0, r1)``,
 ``gemm(w, X, out, r0, r1)``, ``dequant(w, out, r0, r1)``); ``w`` is the uint8
@@ -42,7 +58,7 @@ from numba.extending import intrinsic
 
 from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
-from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, row_nbytes
+from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, from_slabs, n_slabs, row_nbytes, to_slabs
 from flashlm.kernels.gemv_basic import _dequant_blocks_simd, _dot_plain, _f16_at, _gemm_blocks_simd, f16_to_f32
 from flashlm.kernels.gemv_kquant import _V as _KV
 from flashlm.kernels.gemv_kquant import _q6k_q, _q45k_q, _scale_min
@@ -126,11 +142,13 @@ def _rows2d(data: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(data.reshape(-1, data.shape[-1]))
 
 
-def _convert(kernel, fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """``kernel(src rows, dst rows)`` into a fresh uint8 array of ``fmt`` rows."""
-    src = _rows2d(np.asarray(data, np.uint8))
+def _convert(kernel, fmt: str, data: np.ndarray, shape: tuple[int, ...], src_fmt: str) -> np.ndarray:
+    """``kernel(src rows, dst rows)`` into a fresh uint8 array of ``fmt`` rows; the rows of a
+    slabbed layout (formats.SLABBED) are read from / written in slab order."""
+    src = from_slabs(src_fmt, _rows2d(np.asarray(data, np.uint8)), shape[-1])
     out = np.empty((src.shape[0], row_nbytes(fmt, shape[-1])), np.uint8)
-    kernel(src, out)
+    kernel(np.ascontiguousarray(src), out)
+    out = to_slabs(fmt, out, shape[-1])
     return out.reshape(tuple(shape[:-1]) + (out.shape[1],))
 
 
@@ -140,14 +158,14 @@ def pack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.nd
     if fmt not in STORE_LAYOUT:
         return fmt, data
     store = STORE_LAYOUT[fmt]
-    return store, _convert(_CONVERTERS[store][0], store, data, shape)
+    return store, _convert(_CONVERTERS[store][0], store, data, shape, fmt)
 
 
 def unpack(fmt: str, data: np.ndarray, shape: tuple[int, ...]) -> tuple[str, np.ndarray]:
     """The inverse of :func:`pack`: (GGUF format, its block bytes), bit for bit."""
     if fmt not in GGUF_OF:
         return fmt, data
-    return GGUF_OF[fmt], _convert(_CONVERTERS[fmt][1], GGUF_OF[fmt], data, shape)
+    return GGUF_OF[fmt], _convert(_CONVERTERS[fmt][1], GGUF_OF[fmt], data, shape, fmt)
 
 
 # ---- SIMD: one group of 96 weights per step ----
@@ -366,13 +384,13 @@ def dequant_q5_0r_plain(w, out, r0, r1):
 # weights/s Q6_K -> Q6_KR: 512x1536 one core in L2 13.3 -> 21.6 (1.62x); at 2 threads from
 # memory 8960x1536 22.9 -> 30.2 (1.32x; another run 28.0 -> 29.3, 1.05x), 151936x1536
 # 16.0 -> 24.6 (1.53x; another run 1.13x), 256x1536 9.8 -> 11.6 (1.19x), 1536x8960 0.92-0.95x
-# (long rows: the 38 KB of prepared x per row do not stay in L1; no layout here helped
-# them). The partial sums must stay apart: with reassociation allowed LLVM folded them
+# before column slabs (the 38 KB of prepared x per row do not stay in L1), 1.28-1.39x with
+# them (see the module docstring). The partial sums must stay apart: with reassociation allowed LLVM folded them
 # into one chain of 16 dependent FMAs per super-block (1.16x instead of 1.6x in L2).
 # Tried and dropped: two rows per step sharing x (0.79-0.98x from memory); column tiles
 # of 8-24 super-blocks with the next row's tile prefetched (0.80-1.02x on 1536x8960).
 
-_QK6, _BB6, _XP6 = 256, 210, 272  # weights, bytes per super-block; prepared x floats per super-block
+_QKK, _BB6, _XPK = 256, 210, 272  # K-quant weights, Q6_K bytes per super-block; prepared x floats per super-block (Q4_KR too)
 _CHAINS = 4  # independent partial sums per super-block (one FMA chain would be latency-bound)
 _XSCALE6 = np.array([2.0 ** (-6 * (k % 5)) if k < 15 else 1.0 for k in range(16)], np.float32)
 
@@ -396,7 +414,7 @@ def _pack_q6_kr(src, dst):
         for b in range(src.shape[1] // _BB6):
             o = _BB6 * b
             lanes[:] = 0
-            for i in range(_QK6):
+            for i in range(_QKK):
                 q = np.int64(_q6k_q(src, r, o, i // 16, i % 16)) + 32  # GGUF's quant, 0..63
                 j, k = i // 16, i % 16
                 if k < 15:
@@ -418,7 +436,7 @@ def _unpack_q6_kr(src, dst):
             o = _BB6 * b
             for u in range(192):
                 dst[r, o + u] = 0
-            for i in range(_QK6):
+            for i in range(_QKK):
                 q = _q6kr_quant(src, r, o, i)
                 h, c, l = i // 128, (i % 128) // 32, i % 32
                 ql = o + 64 * h + l + 32 * (c & 1)
@@ -466,9 +484,9 @@ def dot_q6_kr(typingctx, w, woff, xp, nb):
             g = loop.index
             p = b.gep(wp, [b.mul(g, g.type(_BB6))])
             _prefetch(b, p, simd.PREFETCH, _BB6)
-            xb = b.gep(xq, [b.mul(g, g.type(4 * _XP6))])
+            xb = b.gep(xq, [b.mul(g, g.type(4 * _XPK))])
             dw, sv = _q6_block(b, p)
-            ts = [_load(b, xb, 4 * _QK6, _V16F)] + [None] * (_CHAINS - 1)  # -32 * sub-block sums of x
+            ts = [_load(b, xb, 4 * _QKK, _V16F)] + [None] * (_CHAINS - 1)  # -32 * sub-block sums of x
             for k in range(16):
                 pr = b.fmul(_q6_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
                 t = ts[k % _CHAINS]
@@ -513,7 +531,7 @@ def decode_q6_kr(typingctx, w, woff, nb, dst, doff):
             p = b.gep(wp, [b.mul(g, g.type(_BB6))])
             dw, sv = _q6_block(b, p)
             vals = [b.fmul(sv, b.fsub(_q6_field(b, dw, k, False), c32)) for k in range(16)]  # lane j: weight 16j + k
-            out = b.gep(dp, [b.mul(g, g.type(4 * _QK6))])
+            out = b.gep(dp, [b.mul(g, g.type(4 * _QKK))])
             for j, v in enumerate(_transpose16(b, vals)):
                 b.store(v, b.bitcast(b.gep(out, [ir.Constant(ir.IntType(64), 64 * j)]), _V16F.as_pointer()),
                         align=1)
@@ -533,8 +551,8 @@ def _make_prep_x(xscale: np.ndarray, sum_factor: float):
             xq, pq = (_data_ptr(context, b, sig.args[i], args[i]) for i in range(2))
             with cgutils.for_range(b, args[2]) as loop:
                 g = loop.index
-                src = b.gep(xq, [b.mul(g, g.type(4 * _QK6))])
-                dst = b.gep(pq, [b.mul(g, g.type(4 * _XP6))])
+                src = b.gep(xq, [b.mul(g, g.type(4 * _QKK))])
+                dst = b.gep(pq, [b.mul(g, g.type(4 * _XPK))])
                 cols = _transpose16(b, [_load(b, src, 64 * j, _V16F) for j in range(16)])  # cols[k][j] = x[16j + k]
                 total = None
                 for k, v in enumerate(cols):
@@ -543,7 +561,7 @@ def _make_prep_x(xscale: np.ndarray, sum_factor: float):
                     b.store(scaled, b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 64 * k)]),
                                               _V16F.as_pointer()), align=1)
                 b.store(b.fmul(total, ir.Constant(_V16F, [sum_factor] * 16)),
-                        b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 4 * _QK6)]), _V16F.as_pointer()), align=1)
+                        b.bitcast(b.gep(dst, [ir.Constant(ir.IntType(64), 4 * _QKK)]), _V16F.as_pointer()), align=1)
             return context.get_dummy_value()
 
         return types.void(x, xp, types.intp), gen
@@ -554,19 +572,76 @@ def _make_prep_x(xscale: np.ndarray, sum_factor: float):
 _prep_x = _make_prep_x(_XSCALE6, -32.0)
 
 
+# ---- the super-block layouts' drivers: column slabs (formats.SLABBED) ----
+
+_n_slabs = jit(n_slabs)  # formats' rule, compiled
+
+
 @jit
-def gemv_q6_kr_simd(w, x, out, r0, r1):
-    nb = x.shape[0] // _QK6
-    xp = np.empty(nb * _XP6, np.float32)
+def _slab_start(nb, s):  # formats.slab_start (which Numba cannot compile: it calls n_slabs)
+    return nb * s // _n_slabs(nb)
+
+
+@jit(inline="always")
+def _gemv_slabbed(prep, dot, bb, w, x, out, r0, r1):
+    """x prepared once; then slab by slab, rows r0..r1 of each with its part of x (the
+    slab's bytes are a row-major (rows, slab bytes) matrix after the earlier slabs')."""
+    nb = x.shape[0] // _QKK
+    xp = np.empty(nb * _XPK, np.float32)
+    prep(x, xp, nb)
+    rows = w.shape[0]
+    for s in range(_n_slabs(nb)):
+        b0, b1 = _slab_start(nb, s), _slab_start(nb, s + 1)
+        base, rb, xs = rows * b0 * bb, (b1 - b0) * bb, xp[b0 * _XPK:]
+        for r in range(r0, r1):
+            v = dot(w, base + r * rb, xs, b1 - b0)
+            out[r] = v if s == 0 else out[r] + v
+
+
+@jit_exact(inline="always")
+def _decode_slabbed(dec, bb, w, off, n32, dst, doff):
+    """gemv_basic's GEMM/dequant drivers pass ``off`` = r * row bytes and count 32-weight
+    units: row r, decoded slab by slab."""
+    rows, r, nb = w.shape[0], off // w.strides[0], n32 // 8
+    for s in range(_n_slabs(nb)):
+        b0, b1 = _slab_start(nb, s), _slab_start(nb, s + 1)
+        dec(w, rows * b0 * bb + r * (b1 - b0) * bb, b1 - b0, dst, doff + b0 * _QKK)
+
+
+@jit_exact(inline="always")
+def _decode_plain_slabbed(block, bb, w, r, dst):
+    """Row r into dst, ``block(slab, r, byte, dst, first weight)`` per super-block."""
+    rows, nb, flat = w.shape[0], dst.shape[0] // _QKK, w.reshape(-1)
+    for s in range(_n_slabs(nb)):
+        b0, b1 = _slab_start(nb, s), _slab_start(nb, s + 1)
+        slab = flat[rows * b0 * bb:rows * b1 * bb].reshape((rows, (b1 - b0) * bb))
+        for b in range(b1 - b0):
+            block(slab, r, bb * b, dst, _QKK * (b0 + b))
+
+
+@jit
+def _prep6(x, xp, nb):
     _prep_x(x, xp, nb)
-    rb = w.strides[0]
-    for r in range(r0, r1):
-        out[r] = dot_q6_kr(w, r * rb, xp, nb)
+
+
+@jit
+def _dot6(w, o, xp, nb):
+    return dot_q6_kr(w, o, xp, nb)
 
 
 @jit_exact
-def _decode_row_q6_kr_simd(w, off, n32, dst, doff):  # gemv_basic's drivers count 32-weight units
-    decode_q6_kr(w, off, n32 // 8, dst, doff)
+def _dec6(w, o, nb, dst, doff):
+    decode_q6_kr(w, o, nb, dst, doff)
+
+
+@jit
+def gemv_q6_kr_simd(w, x, out, r0, r1):
+    _gemv_slabbed(_prep6, _dot6, _BB6, w, x, out, r0, r1)
+
+
+@jit_exact
+def _decode_row_q6_kr_simd(w, off, n32, dst, doff):
+    _decode_slabbed(_dec6, _BB6, w, off, n32, dst, doff)
 
 
 @jit
@@ -580,14 +655,17 @@ def dequant_q6_kr_simd(w, out, r0, r1):
 
 
 @jit_exact
+def _block_q6_kr_plain(w, r, o, dst, i0):
+    d = _f16_at(w, r, o + 208)
+    for j in range(16):
+        dsc = d * np.float32(np.int8(w[r, o + 192 + j]))
+        for k in range(16):
+            dst[i0 + 16 * j + k] = dsc * np.float32(_q6kr_quant(w, r, o, 16 * j + k) - 32)
+
+
+@jit_exact
 def _decode_row_q6_kr_plain(w, r, dst):
-    for b in range(dst.shape[0] // _QK6):
-        o = _BB6 * b
-        d = _f16_at(w, r, o + 208)
-        for j in range(16):
-            dsc = d * np.float32(np.int8(w[r, o + 192 + j]))
-            for k in range(16):
-                dst[_QK6 * b + 16 * j + k] = dsc * np.float32(_q6kr_quant(w, r, o, 16 * j + k) - 32)
+    _decode_plain_slabbed(_block_q6_kr_plain, _BB6, w, r, dst)
 
 
 @jit
@@ -622,6 +700,17 @@ def dequant_q6_kr_plain(w, out, r0, r1):
 # with the place value divided out of x once per call, as for Q6_KR (i = 7: a shift
 # instead of the mask, the sign bit). GGUF Q4_K's 16-weight vectors span two sub-blocks
 # in a fixed order, so the scales and mins had to be shuffled to each of them.
+# Measured on the 2-core Zen 4, both kernels in one process (``python
+# perf/bench_simd_variants.py --formats Q4_KR --shape ROWSxCOLS [--threads 2 --dram]``), G
+# weights/s Q4_K (its AVX-512 permuted-x kernel) -> Q4_KR: 512x1536 one core in L2 17.9 ->
+# 21.6 (1.20x); at 2 threads from memory 8960x1536 31.4 -> 36.0 (1.15x; another run 1.17x),
+# 151936x1536 35.9 -> 41.3 (1.15x), 1536x8960 1.02-1.07x before column slabs, 1.33-1.49x
+# with them.
+# Tried and dropped (in L2, one core): the nibble as a shift + 16-entry table lookup instead
+# of mask + convert (0.95x), the same with fields 0, 2, 4, 6 read by loads 0-3 bytes apart so
+# that only the odd ones need a shift (0.94-0.97x), two partial sums instead of four (1.0x).
+# The 12 bytes of packed scales decode in ~10 ops per super-block as they are (LLVM uses
+# vpermw + gf2p8affine), so they stay in GGUF's packing.
 
 _BB4 = 144
 _XSCALE4 = np.array([2.0 ** (-4 * (k % 8)) if k % 8 < 7 else 1.0 for k in range(16)], np.float32)
@@ -641,7 +730,7 @@ def _pack_q4_kr(src, dst):
         for b in range(src.shape[1] // _BB4):
             o = _BB4 * b
             lanes[:] = 0
-            for i in range(_QK6):
+            for i in range(_QKK):
                 q = np.int64(_q45k_q(src, r, o, i // 32, i % 32, False))
                 j, k = i // 16, i % 16
                 lanes[16 * (k // 8) + j] |= q << (4 * (k % 8))
@@ -661,7 +750,7 @@ def _unpack_q4_kr(src, dst):
                 dst[r, o + u] = src[r, o + u]
             for u in range(16, _BB4):
                 dst[r, o + u] = 0
-            for i in range(_QK6):
+            for i in range(_QKK):
                 j, l = i // 32, i % 32
                 qs = o + 16 + 32 * (j // 2) + l
                 dst[r, qs] = dst[r, qs] | (_q4kr_quant(src, r, o, i) << (4 * (j % 2)))
@@ -702,7 +791,7 @@ def dot_q4_kr(typingctx, w, woff, xp, nb):
             g = loop.index
             p = b.gep(wp, [b.mul(g, g.type(_BB4))])
             _prefetch(b, p, simd.PREFETCH, _BB4)
-            xb = b.gep(xq, [b.mul(g, g.type(4 * _XP6))])
+            xb = b.gep(xq, [b.mul(g, g.type(4 * _XPK))])
             dw, sv, mv = _q4_block(b, p)
             ts = [None] * _CHAINS
             for k in range(16):
@@ -712,7 +801,7 @@ def dot_q4_kr(typingctx, w, woff, xp, nb):
             while len(ts) > 1:
                 ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
             a = b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS)
-            a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * _QK6, _V16F), flags=_FLAGS), flags=_FLAGS)  # - dmin m sum(x)
+            a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * _QKK, _V16F), flags=_FLAGS), flags=_FLAGS)  # - dmin m sum(x)
             b.store(a, acc)
         return _hsum(b, b.load(acc))
 
@@ -733,7 +822,7 @@ def decode_q4_kr(typingctx, w, woff, nb, dst, doff):
             p = b.gep(wp, [b.mul(g, g.type(_BB4))])
             dw, sv, mv = _q4_block(b, p)
             vals = [b.fsub(b.fmul(sv, _q4_field(b, dw, k, False)), mv) for k in range(16)]  # lane j: weight 16j + k
-            out = b.gep(dp, [b.mul(g, g.type(4 * _QK6))])
+            out = b.gep(dp, [b.mul(g, g.type(4 * _QKK))])
             for j, v in enumerate(_transpose16(b, vals)):
                 b.store(v, b.bitcast(b.gep(out, [ir.Constant(ir.IntType(64), 64 * j)]), _V16F.as_pointer()),
                         align=1)
@@ -746,18 +835,28 @@ _prep_x4 = _make_prep_x(_XSCALE4, -1.0)
 
 
 @jit
-def gemv_q4_kr_simd(w, x, out, r0, r1):
-    nb = x.shape[0] // _QK6
-    xp = np.empty(nb * _XP6, np.float32)
+def _prep4(x, xp, nb):
     _prep_x4(x, xp, nb)
-    rb = w.strides[0]
-    for r in range(r0, r1):
-        out[r] = dot_q4_kr(w, r * rb, xp, nb)
+
+
+@jit
+def _dot4(w, o, xp, nb):
+    return dot_q4_kr(w, o, xp, nb)
+
+
+@jit_exact
+def _dec4(w, o, nb, dst, doff):
+    decode_q4_kr(w, o, nb, dst, doff)
+
+
+@jit
+def gemv_q4_kr_simd(w, x, out, r0, r1):
+    _gemv_slabbed(_prep4, _dot4, _BB4, w, x, out, r0, r1)
 
 
 @jit_exact
 def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
-    decode_q4_kr(w, off, n32 // 8, dst, doff)
+    _decode_slabbed(_dec4, _BB4, w, off, n32, dst, doff)
 
 
 @jit
@@ -771,15 +870,18 @@ def dequant_q4_kr_simd(w, out, r0, r1):
 
 
 @jit_exact
+def _block_q4_kr_plain(w, r, o, dst, i0):
+    d, dmin = _f16_at(w, r, o), _f16_at(w, r, o + 2)
+    for j in range(8):
+        sc, m = _scale_min(w, r, o, j)
+        dsc, dm = d * np.float32(sc), dmin * np.float32(m)
+        for k in range(32):
+            dst[i0 + 32 * j + k] = dsc * np.float32(_q4kr_quant(w, r, o, 32 * j + k)) - dm
+
+
+@jit_exact
 def _decode_row_q4_kr_plain(w, r, dst):
-    for b in range(dst.shape[0] // _QK6):
-        o = _BB4 * b
-        d, dmin = _f16_at(w, r, o), _f16_at(w, r, o + 2)
-        for j in range(8):
-            sc, m = _scale_min(w, r, o, j)
-            dsc, dm = d * np.float32(sc), dmin * np.float32(m)
-            for k in range(32):
-                dst[_QK6 * b + 32 * j + k] = dsc * np.float32(_q4kr_quant(w, r, o, 32 * j + k)) - dm
+    _decode_plain_slabbed(_block_q4_kr_plain, _BB4, w, r, dst)
 
 
 @jit

@@ -32,11 +32,11 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from flashlm.errors import StoreError
-from flashlm.kernels.formats import FORMATS, QTensor, tensor_nbytes, view_as
+from flashlm.kernels.formats import FORMATS, SLABBED, QTensor, n_slabs, tensor_nbytes, view_as
 from flashlm.models.config import ModelConfig
 
 FORMAT_NAME = "flashlm-store"
-FORMAT_VERSION = 4  # 2: tensors may be in a store-only layout (Q5_0R); 3: Q6_KR too; 4: Q4_KR. Older stores still open
+FORMAT_VERSION = 5  # 2: store-only layouts (Q5_0R); 3: Q6_KR; 4: Q4_KR; 5: their long rows in column slabs. Older stores open
 ALIGN = 4096
 MANIFEST = "manifest.json"
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -241,6 +241,11 @@ class Store:
                 raise StoreError(f"{self.path}: tensor {name} points to unknown file {t['file']}")
             if t["format"] not in FORMATS:
                 raise StoreError(f"{self.path}: tensor {name} has unknown format {t['format']}")
+            if version < 5 and t["format"] in SLABBED and n_slabs(t["shape"][-1] // 256) > 1:
+                raise StoreError(
+                    f"{self.path}: tensor {name} ({t['format']}, rows of {t['shape'][-1]}) was written by an "
+                    "older flashlm, before long rows were kept in column slabs; re-import the model"
+                )
             if t["offset"] % ALIGN or t["offset"] + t["nbytes"] > finfo["size"]:
                 raise StoreError(
                     f"{self.path}: tensor {name} (offset {t['offset']}, {t['nbytes']} bytes) is not "

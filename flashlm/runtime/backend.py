@@ -24,7 +24,7 @@ import math
 import numpy as np
 
 from flashlm.errors import UnsupportedError
-from flashlm.kernels.formats import QTensor
+from flashlm.kernels.formats import QTensor, take_rows
 
 # ---- shared helpers ----
 
@@ -121,7 +121,7 @@ class NumpyBackend:
         return [self.linear(x, w, b) for w, b in zip(ws, biases)]
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
-        rows = QTensor(w.data[ids], w.fmt, (len(ids),) + tuple(w.shape[1:]))
+        rows = QTensor(take_rows(w.fmt, w.data, w.shape[-1], np.asarray(ids)), w.fmt, (len(ids),) + tuple(w.shape[1:]))
         return np.array(to_f32(rows), np.float32)  # (n, d), a fresh array
 
     def rmsnorm(self, x: np.ndarray, w: QTensor, eps: float) -> np.ndarray:

@@ -25,10 +25,13 @@ def _weight(fmt: str, rows: int, cols: int, seed: int = 0) -> tuple[QTensor, np.
     return QTensor(w, fmt, (rows, cols)), dequant_ref(w, fmt)
 
 
+ALL_PATHS = [(f, 512) for f in BASIC_FMTS + STORE_FMTS] + [(f, 3328) for f in STORE_FMTS]  # 3328: 2 column slabs
+
+
 @pytest.mark.parametrize("use_pool", [False, True])
-@pytest.mark.parametrize("fmt", BASIC_FMTS + STORE_FMTS)
-def test_matmul_all_paths(fmt: str, use_pool: bool, pool, monkeypatch: pytest.MonkeyPatch) -> None:
-    rows, cols = 67, 512
+@pytest.mark.parametrize("fmt,cols", ALL_PATHS)
+def test_matmul_all_paths(fmt: str, cols: int, use_pool: bool, pool, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = 67
     qt, W = _weight(fmt, rows, cols)
     rng = np.random.default_rng(1)
     X = rng.standard_normal((20, cols)).astype(np.float32)
@@ -60,11 +63,11 @@ def test_matmul_kquants(fmt: str, pool) -> None:
     assert check.error(matmul(X, qt, pool=pool), 0, 9) < TOL
 
 
-@pytest.mark.parametrize("fmt", ALL_FMTS)
-def test_dequantize_equals_gguf(fmt: str) -> None:
-    qt, _ = _weight(fmt, 23, 512, seed=3)
+@pytest.mark.parametrize("fmt,cols", [(f, 512) for f in ALL_FMTS] + [(f, 3328) for f in STORE_FMTS])
+def test_dequantize_equals_gguf(fmt: str, cols: int) -> None:
+    qt, _ = _weight(fmt, 23, cols, seed=3)
     full = dequantize(qt)
-    assert full.dtype == np.float32 and full.shape == (23, 512)
+    assert full.dtype == np.float32 and full.shape == (23, cols)
     if fmt in ("F32", "F16", "BF16") or fmt in STORE_FMTS:
         ref = dequant_ref(qt.data, fmt).astype(np.float32)  # store layouts: gguf on the unpacked blocks
     else:

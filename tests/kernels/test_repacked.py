@@ -13,6 +13,7 @@ from _blocks import TOL, Checker, cpu_runs_variant, dequant_ref, max_error, rand
 
 from flashlm.kernels import repacked as rp
 from flashlm.kernels import simd
+from flashlm.kernels import formats
 from flashlm.kernels.formats import row_cols, row_nbytes
 
 IMPLS = {"simd": rp.SIMD_KERNELS, "plain": rp.PLAIN_KERNELS}
@@ -126,7 +127,9 @@ def test_every_simd_code_path(avx512: bool) -> None:
 
 # ---- Q6_KR (Q6_K with each sub-block's quants in one lane) ----
 
-K_SHAPES = [(1536, 8960), (8960, 1536), (576, 1536), (256, 1536), (896, 4864), (1, 256), (7, 512), (33, 768)]
+# (1536, 8960): 3 column slabs; (5, 3328) 13 blocks: 2 slabs (6 + 7); (896, 4864): 2 (9 + 10)
+K_SHAPES = [(1536, 8960), (8960, 1536), (576, 1536), (256, 1536), (896, 4864), (1, 256), (7, 512), (33, 768),
+            (5, 3328), (1, 8960)]
 
 
 def _q6_k(rows: int, cols: int, seed: int, extreme: bool = True) -> np.ndarray:
@@ -330,3 +333,38 @@ def test_row_range_only_writes_its_rows(layout: str, impl: str) -> None:
     out2 = np.full((2, 40), -7.0, np.float32)
     gemm(p, X, out2, 0, 5)
     assert np.all(out2[:, 5:] == -7.0) and np.all(out2[:, :5] != -7.0)
+
+
+# ---- column slabs (formats.SLABBED) ----
+
+
+def test_slab_rule() -> None:
+    """Rows of up to SLAB_BLOCKS super-blocks are one slab; slabs differ by at most a block;
+    the kernels' compiled copy of slab_start agrees with formats'."""
+    assert formats.SLABBED == {"Q4_KR", "Q6_KR"}
+    assert [formats.n_slabs(c // 256) for c in (256, 1536, 3072, 3328, 4864, 8960, 18944)] == [1, 1, 1, 2, 2, 3, 7]
+    for nb in range(1, 80):
+        cuts = [formats.slab_start(nb, s) for s in range(formats.n_slabs(nb) + 1)]
+        assert cuts[0] == 0 and cuts[-1] == nb
+        sizes = np.diff(cuts)
+        assert sizes.max() <= formats.SLAB_BLOCKS and sizes.max() - sizes.min() <= 1
+        assert all(rp._slab_start(nb, s) == c for s, c in enumerate(cuts))
+
+
+@pytest.mark.parametrize("layout", ["Q4_KR", "Q6_KR"])
+def test_slabbed_layout_is_as_documented(layout: str) -> None:
+    """A packed 8960-wide tensor is slab 0 of every row (blocks 0-10), then slab 1 (11-22),
+    then slab 2 (23-34), each the row-major packing of those blocks; rows taken with
+    take_rows are the packing of those rows."""
+    rows, cols, bb = 6, 8960, formats.type_size(layout)
+    w = _gguf(layout, rows, cols, 11)
+    packed = rp.pack(LAYOUTS[layout], w, (rows, cols))[1]
+    flat, base = packed.reshape(-1), 0
+    for b0, b1 in ((0, 11), (11, 23), (23, 35)):
+        part = rp.pack(LAYOUTS[layout], np.ascontiguousarray(w[:, bb * b0:bb * b1]), (rows, 256 * (b1 - b0)))[1]
+        assert flat[base:base + part.size].tobytes() == part.tobytes(), (b0, b1)
+        base += part.size
+    assert formats.from_slabs(layout, packed, cols).shape == packed.shape
+    for idx in (np.array([4, 0, 4]), slice(2, 5), np.array([5])):
+        got = formats.take_rows(layout, packed, cols, idx)
+        assert np.array_equal(got, rp.pack(LAYOUTS[layout], w[idx], (w[idx].shape[0], cols))[1]), idx

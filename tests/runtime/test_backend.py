@@ -83,6 +83,29 @@ def test_to_f32_and_weight_cache(fmt):
     np.testing.assert_allclose(be.embed(w, np.array([3, 0, 3])), f[[3, 0, 3]])
 
 
+@pytest.mark.parametrize("gguf_fmt,d_at", [("Q4_K", 0), ("Q6_K", 208)])
+def test_embed_rows_of_a_slabbed_layout(gguf_fmt, d_at):
+    """An embedding kept as Q4_KR / Q6_KR with rows long enough for 2 column slabs: both
+    backends' rows are gguf's rows of the original blocks."""
+    import gguf
+
+    from flashlm.kernels.repacked import pack
+
+    rows, cols = 9, 3328  # 13 super-blocks: 2 slabs
+    bb = {"Q4_K": 144, "Q6_K": 210}[gguf_fmt]
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, bb), dtype=np.uint8)
+    blocks[:, :, d_at:d_at + 4 if gguf_fmt == "Q4_K" else d_at + 2] = np.frombuffer(
+        np.float16([0.01, 0.002][: 2 if gguf_fmt == "Q4_K" else 1]).tobytes(), np.uint8)
+    g = blocks.reshape(rows, -1)
+    fmt, data = pack(gguf_fmt, g, (rows, cols))
+    w = QTensor(data, fmt, (rows, cols))
+    ref = gguf.quants.dequantize(g, gguf.GGMLQuantizationType[gguf_fmt])
+    ids = np.array([8, 0, 3, 8])
+    backends = [NumpyBackend()] + ([KernelBackend()] if kernels_available() else [])
+    for be in backends:
+        np.testing.assert_array_equal(be.embed(w, ids), ref[ids])
+
+
 @pytest.mark.skipif(not kernels_available(), reason="flashlm.kernels.matmul/ops do not import yet")
 def test_kernel_backend_ops_agree():
     kb, nb = KernelBackend(), NumpyBackend()
