@@ -148,14 +148,16 @@ def _q6_k_quants(blk: np.ndarray) -> list[int]:
     return q
 
 
-@pytest.mark.parametrize("cols", [256, 512, 8960])
-def test_q6_kr_round_trip_is_exact(cols: int) -> None:
-    """Any bytes at all in the quant, scale and d fields come back unchanged."""
-    w = np.random.default_rng(cols).integers(0, 256, size=(5, cols // 256 * 210), dtype=np.uint8)
-    fmt, packed = rp.pack("Q6_K", w, (5, cols))
-    assert fmt == "Q6_KR" and packed.shape == w.shape == (5, row_nbytes("Q6_KR", cols))
+@pytest.mark.parametrize("gguf_fmt,bb,cols", [(f, bb, c) for f, bb in (("Q6_K", 210), ("Q4_K", 144))
+                                               for c in (256, 512, 3328, 8960)])
+def test_super_block_layouts_round_trip_is_exact(gguf_fmt: str, bb: int, cols: int) -> None:
+    """Q6_KR / Q4_KR: any bytes at all in the quant, scale, min and d fields come back
+    unchanged (3328 and 8960 are cut into 2 and 3 column slabs)."""
+    w = np.random.default_rng(cols).integers(0, 256, size=(5, cols // 256 * bb), dtype=np.uint8)
+    fmt, packed = rp.pack(gguf_fmt, w, (5, cols))
+    assert fmt == gguf_fmt + "R" and packed.shape == w.shape == (5, row_nbytes(fmt, cols))
     back_fmt, back = rp.unpack(fmt, packed, (5, cols))
-    assert back_fmt == "Q6_K" and np.array_equal(back, w)
+    assert back_fmt == gguf_fmt and np.array_equal(back, w)
 
 
 def test_q6_kr_layout_is_as_documented() -> None:
@@ -206,16 +208,6 @@ def _q4_k_quants(blk: np.ndarray) -> list[int]:
     """The 256 quants (0..15) of one GGUF Q4_K block, in weight order (ggml's layout: 32-byte
     chunk c holds sub-block 2c in its low nibbles, 2c + 1 in its high ones)."""
     return [int(blk[16 + 32 * (i // 64) + i % 32]) >> (4 * ((i // 32) % 2)) & 15 for i in range(256)]
-
-
-@pytest.mark.parametrize("cols", [256, 512, 8960])
-def test_q4_kr_round_trip_is_exact(cols: int) -> None:
-    """Any bytes at all in the header (d, dmin, scales) and quant fields come back unchanged."""
-    w = np.random.default_rng(cols).integers(0, 256, size=(5, cols // 256 * 144), dtype=np.uint8)
-    fmt, packed = rp.pack("Q4_K", w, (5, cols))
-    assert fmt == "Q4_KR" and packed.shape == w.shape == (5, row_nbytes("Q4_KR", cols))
-    back_fmt, back = rp.unpack(fmt, packed, (5, cols))
-    assert back_fmt == "Q4_K" and np.array_equal(back, w)
 
 
 def test_q4_kr_layout_is_as_documented() -> None:
