@@ -11,8 +11,10 @@ rewritten into it), 70 bytes per 96 weights against Q5_0's 66; the Gw/s column (
 per second) compares the two by time.
 
 Columns: GB/s = weight bytes / time (median); Gw/s = weights / time; bw = read
-bandwidth measured just before the row (a Numba read kernel over 256 MB on the same threads, median of 5); %bw =
-GB/s / bw; x np = numpy f32 time / our time. Each call reads its weights from memory,
+bandwidth (a Numba read kernel over 256 MB on the same threads), measured in ROUNDS rounds
+alternating with the kernel's timing, median; %bw = the median over the rounds of the
+round's GB/s / the round's bw (so a drift of the shared machine's bandwidth during a row
+moves both); x np = numpy f32 time / our time. Each call reads its weights from memory,
 not from L3: the timing cycles through copies of the matrix that together exceed 128 MB
 (``dram_copies``), as a decode step meets each matrix once per token.
 """
@@ -132,10 +134,26 @@ def make_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> QTensor:
 # ---- tables ----
 
 
+ROUNDS = 5  # bandwidth probe / kernel timing pairs per row
+
+
+def paired(pool, fn, nbytes: int, rounds: int = ROUNDS) -> tuple[float, float, float]:
+    """(median seconds per call, median bandwidth GB/s, median of the rounds' GB/s / bw):
+    ``rounds`` rounds of one bandwidth pass then ~60 ms of calls to ``fn``, so that each
+    ratio compares the kernel with the bandwidth of the same moment."""
+    ts, bws = [], []
+    for _ in range(rounds):
+        bws.append(bandwidth(pool, 1))
+        ts.append(timeit(fn, 0.06, 5))
+    ratios = [nbytes / t / 1e9 / b for t, b in zip(ts, bws)]
+    return float(np.median(ts)), float(np.median(bws)), float(np.median(ratios))
+
+
 def main_table(pool, fmts, shapes, batches) -> None:
-    """One row per format, shape and batch. ``bw`` is the read bandwidth measured just
-    before that row with the same statistic as the kernel (median), because on a shared
-    VM the bandwidth itself drifts by 15-25 % over a run; %bw = GB/s / bw.
+    """One row per format, shape and batch. ``bw`` and %bw come from :func:`paired`:
+    on a shared VM the bandwidth itself drifts by 15-50 % within a run, and a probe taken
+    once before the row (as this script did before) was often 20-40 % off the kernel's
+    moment.
 
     numpy runs after all of our measurements: OpenBLAS keeps its threads spinning for up
     to ~0.2 s after a call; the read bandwidth measured right after one numpy matvec was
@@ -157,21 +175,21 @@ def main_table(pool, fmts, shapes, batches) -> None:
                 X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
                 x = X[0] if n == 1 else X
                 out = np.empty((rows,) if n == 1 else (n, rows), np.float32)
-                bw = bandwidth(pool, 5, np.median)
-                t = timeit(cycling(lambda w: mm.matmul(x, w, out, pool=pool), dram_copies(qt)))
-                results.setdefault(key, []).append((n, x, t, bw))
+                t, bw, frac = paired(pool, cycling(lambda w: mm.matmul(x, w, out, pool=pool), dram_copies(qt)),
+                                     qt.nbytes)
+                results.setdefault(key, []).append((n, x, t, bw, frac))
                 print(f"  measured {fmt} {rows}x{cols} n={n}", end="\r", file=sys.stderr, flush=True)
     print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'Gw/s':>6s} {'bw':>5s} {'%bw':>5s} "
           f"{'x np':>6s}")
     for (fmt, rows, cols), rows_measured in results.items():
         qt = weights.pop((fmt, rows, cols))
         Wfs = dram_copies(QTensor(mm.dequantize(qt), "F32", qt.shape))
-        for n, x, t, bw in rows_measured:
+        for n, x, t, bw, frac in rows_measured:
             t_np = timeit(cycling(lambda W: x @ W.data.T, Wfs))
             gbs = qt.nbytes / t / 1e9
             gws = rows * cols / t / 1e9
             print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {gws:6.2f} {bw:5.1f} "
-                  f"{100 * gbs / bw:5.0f} {t_np / t:6.2f}", flush=True)
+                  f"{100 * frac:5.0f} {t_np / t:6.2f}", flush=True)
         del Wfs
 
 
