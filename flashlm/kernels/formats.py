@@ -9,8 +9,8 @@ Arrays handed to kernels:
   quantized -> uint8 (rows, cols // block_size * type_size)
   grouped store layouts (``GROUPED``, written on import, see kernels/repacked.py)
             -> uint8 (rows, row_nbytes(fmt, cols))
-  slabbed store layouts (``SLABBED``): uint8 (rows, row_nbytes) too, but a row longer than
-            SLAB_BLOCKS blocks is cut into ``n_slabs`` column slabs and the tensor's bytes
+  slabbed store layouts (``SLABBED``, every store layout): uint8 (rows, row_nbytes) too, but a
+            row longer than SLAB_COLS weights is cut into column slabs (``slab_cuts``) and the tensor's bytes
             are slab 0 of every row, then slab 1 of every row, ...: each slab is a
             contiguous row-major (rows, slab bytes) matrix. ``data[i]`` is then not row i:
             select rows with :func:`take_rows`.
@@ -37,19 +37,28 @@ FORMATS: dict[str, tuple[int, int, int]] = {
     "Q5_0R": (-1, 32, 22),  # store-only layout of Q5_0 (no GGUF id): see GROUPED
     "Q6_KR": (-1, 256, 210),  # store-only layout of Q6_K: same block size, quants reordered
     "Q4_KR": (-1, 256, 144),  # store-only layout of Q4_K: same block size, quants reordered
+    # store-only names of GGUF formats whose blocks are kept as they are, in column slabs
+    "Q8_0S": (-1, 32, 34),
+    "Q4_0S": (-1, 32, 18),
+    "Q4_1S": (-1, 32, 20),
+    "Q5_1S": (-1, 32, 24),
+    "Q5_KS": (-1, 256, 176),
 }
 # Store-only layouts: (blocks per group, bytes per group, bytes per tail block). A row is
 # nb // blocks groups, then the last nb % blocks blocks in the GGUF format's layout.
 GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22)}
-STORE_LAYOUT = {"Q5_0": "Q5_0R", "Q6_K": "Q6_KR", "Q4_K": "Q4_KR"}  # GGUF format -> the layout a store keeps it in (kernels/repacked.py)
+# GGUF format -> the layout a store keeps it in (kernels/repacked.py)
+STORE_LAYOUT = {"Q5_0": "Q5_0R", "Q6_K": "Q6_KR", "Q4_K": "Q4_KR",
+                "Q8_0": "Q8_0S", "Q4_0": "Q4_0S", "Q4_1": "Q4_1S", "Q5_1": "Q5_1S", "Q5_K": "Q5_KS"}
 GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
-# Store layouts kept as column slabs (the 256-weight super-block formats of kernels/repacked.py):
-# a GEMV then runs slab by slab over its rows, with 1/n_slabs of the activations, which
-# stay in L1 next to the weight stream (long rows such as ffn_down's 8960 lose 20-50 % when
-# they do not; ``perf/bench_col_tiles.py``). A row of at most SLAB_BLOCKS blocks is one slab,
-# the row-major layout.
-SLABBED = frozenset({"Q4_KR", "Q6_KR"})
-SLAB_BLOCKS = 12
+# Store layouts kept in column slabs (every quantized one): a row longer than SLAB_COLS
+# weights is cut into n_slabs slabs of whole units (a block; a group of GROUPED blocks) of
+# near-equal width, the last taking a grouped layout's tail blocks. The GEMV then runs slab
+# by slab over its rows, each with at most SLAB_COLS activations (12-13 KB), which stay in
+# L1 next to the weight stream (long rows such as ffn_down's 8960 lose 20-50 % when they do
+# not; ``perf/bench_col_tiles.py``). A row of one slab is the row-major layout.
+SLABBED = frozenset(GGUF_OF)
+SLAB_COLS = 3072
 FLOAT_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}
 GGUF_ID_TO_NAME = {v[0]: k for k, v in FORMATS.items() if v[0] >= 0}
 GGUF_FORMATS = tuple(GGUF_ID_TO_NAME.values())
@@ -88,23 +97,37 @@ def row_cols(fmt: str, nbytes: int) -> int:
     return nbytes // ts * bs
 
 
-def n_slabs(nb: int) -> int:
-    """Column slabs of a slabbed layout's row of ``nb`` blocks (also compiled by Numba)."""
-    return max(1, (nb + SLAB_BLOCKS - 1) // SLAB_BLOCKS)
+def slab_unit(fmt: str) -> tuple[int, int]:
+    """(weights, bytes) of the unit a slab is cut in: a group of a grouped layout, else a block."""
+    if fmt in GROUPED:
+        g, gb, _ = GROUPED[fmt]
+        return g * FORMATS[fmt][1], gb
+    return FORMATS[fmt][1], FORMATS[fmt][2]
 
 
-def slab_start(nb: int, s: int) -> int:
-    """First block of slab ``s`` (slab n_slabs(nb) ends the row); slabs differ by at most one block."""
-    return nb * s // n_slabs(nb)
+def n_slabs(units: int, per: int) -> int:
+    """Slabs of a row of ``units`` whole units, at most ``per`` units each (also compiled by Numba)."""
+    return max(1, (units + per - 1) // per)
+
+
+def slab_cuts(fmt: str, cols: int) -> list[tuple[int, int, int, int]]:
+    """(first column, end column, first byte, end byte) within a row of each column slab of
+    ``fmt`` (one slab for a layout that is not SLABBED): slab s starts at unit
+    units * s // n_slabs; the last slab ends the row (a grouped layout's tail blocks)."""
+    rb = row_nbytes(fmt, cols)
+    if fmt not in SLABBED:
+        return [(0, cols, 0, rb)]
+    uw, ub = slab_unit(fmt)
+    nu = cols // uw
+    k = n_slabs(nu, SLAB_COLS // uw)
+    u = [nu * s // k for s in range(k)]
+    return [(uw * u[s], uw * u[s + 1] if s + 1 < k else cols, ub * u[s], ub * u[s + 1] if s + 1 < k else rb)
+            for s in range(k)]
 
 
 def slab_bytes(fmt: str, cols: int) -> list[tuple[int, int]]:
-    """(first byte, end byte) within a row of each column slab of ``fmt`` (one for unslabbed formats)."""
-    rb = row_nbytes(fmt, cols)
-    if fmt not in SLABBED:
-        return [(0, rb)]
-    nb, ts = cols // FORMATS[fmt][1], FORMATS[fmt][2]
-    return [(ts * slab_start(nb, s), ts * slab_start(nb, s + 1)) for s in range(n_slabs(nb))]
+    """(first byte, end byte) within a row of each column slab of ``fmt``."""
+    return [(b0, b1) for _, _, b0, b1 in slab_cuts(fmt, cols)]
 
 
 def to_slabs(fmt: str, rows: np.ndarray, cols: int) -> np.ndarray:

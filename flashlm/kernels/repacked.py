@@ -1,5 +1,5 @@
 """Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``, Q6_K as ``Q6_KR``,
-Q4_K as ``Q4_KR``.
+Q4_K as ``Q4_KR``, and every one of them and the other quantized formats in column slabs.
 
 The store format is ours, so a GGUF format whose kernel is compute-bound can be
 rewritten on import into a layout that costs fewer vector operations per weight.
@@ -30,19 +30,26 @@ of the group (0.92-0.99x).
 Q6_KR (from Q6_K) and Q4_KR (from Q4_K): see their sections below; same bytes per 256
 weights as GGUF (210, 144).
 
-Column slabs (``formats.SLABBED``: Q6_KR, Q4_KR). A row of more than ``SLAB_BLOCKS`` (12)
-super-blocks is cut into ``n_slabs`` column slabs of near-equal width, and the tensor's
-bytes are slab 0 of every row, then slab 1 of every row, ...: each slab is a contiguous
-row-major matrix. The GEMV prepares x once, then runs slab by slab over its rows, each
-with at most 13 KB of prepared x, which stays in L1 while the weights stream from memory;
-a whole 8960-wide row needs 38 KB, which does not, and that was what made long rows the
-slowest shape of every kernel (column tiles inside the row-major layout measured
-0.80-1.02x: the strided reads defeat the hardware prefetcher). Measured on 1536x8960 (the
-1.5B's ffn_down), 2 threads, weights from memory, in one process against the GGUF
-kernels (``python perf/bench_simd_variants.py --formats Q4_KR --shape 1536x8960 --threads 2
---dram``): Q4_K -> Q4_KR 1.33x and 1.49x in two runs (before slabs 1.02-1.07x), Q6_K ->
-Q6_KR 1.28x and 1.39x (before 0.92-0.95x). GEMM and dequant decode a row slab by slab; a
-row of one slab is the row-major layout. Rows must be selected with ``formats.take_rows``.
+Q8_0, Q4_0, Q4_1, Q5_1, Q5_K keep their GGUF blocks, under store names of their own
+(``Q8_0S`` ...), because of the column slabs:
+
+Column slabs (``formats.SLABBED``: every layout here). A row of more than ``SLAB_COLS``
+(3072) weights is cut into ``n_slabs`` column slabs of whole units (a block; for Q5_0R a
+group of 3 blocks, the tail blocks going to the last slab) of near-equal width, and the
+tensor's bytes are slab 0 of every row, then slab 1 of every row, ...: each slab is a
+contiguous row-major matrix in the layout above. The kernels run the row-major kernels
+slab by slab over the rows of a call, summing (``_slabbed``), so a GEMV has at most 12-13
+KB of activations per pass, which stay in L1 while the weights stream from memory; a whole
+8960-wide row needs 35-38 KB, which does not, and that was what made long rows the slowest
+shape of every kernel (column tiles inside the row-major layout measured 0.80-1.02x: the
+strided reads defeat the hardware prefetcher). Measured on 1536x8960 (the 1.5B's
+ffn_down), 2 threads, weights from memory, in one process against the GGUF kernels
+(``python perf/bench_simd_variants.py --formats LAYOUT --shape 1536x8960 --threads 2
+--dram``): Q4_K -> Q4_KR 1.33x, 1.49x, 1.44x in three runs (before slabs 1.02-1.07x), Q6_K
+-> Q6_KR 1.28x, 1.39x, 1.49x (before 0.92-0.95x), Q5_0 -> Q5_0R 1.43x (before 1.17x), Q8_0
+-> Q8_0S 1.15x, Q4_1 -> Q4_1S 1.26x; on 8960x1536 (one slab) Q8_0S 0.99x. GEMM and dequant
+run slab by slab too; a row of one slab is the row-major layout. Rows must be selected with
+``formats.take_rows``.
 
 Kernels follow ``gemv_basic``'s row-range contract (``gemv(w, x, out, r0, r1)``,
 ``gemm(w, X, out, r0, r1)``, ``dequant(w, out, r0, r1)``); ``w`` is the uint8
@@ -58,15 +65,19 @@ from numba.extending import intrinsic
 
 from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
-from flashlm.kernels.formats import GGUF_OF, GROUPED, STORE_LAYOUT, from_slabs, n_slabs, row_nbytes, to_slabs
-from flashlm.kernels.gemv_basic import _dequant_blocks_simd, _dot_plain, _f16_at, _gemm_blocks_simd, f16_to_f32
+from flashlm.kernels.formats import (GGUF_OF, GROUPED, SLAB_COLS, STORE_LAYOUT, from_slabs, n_slabs, row_nbytes,
+                                     slab_unit, to_slabs)
+from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _dequant_blocks_simd, _dot_plain, _f16_at,
+                                        _gemm_blocks_simd, f16_to_f32)
 from flashlm.kernels.gemv_kquant import _V as _KV
-from flashlm.kernels.gemv_kquant import _q6k_q, _q45k_q, _scale_min
+from flashlm.kernels.gemv_kquant import KQUANT_DEQUANT, KQUANT_KERNELS, _q6k_q, _q45k_q, _scale_min
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
                                   _data_ptr, _hsum, _load, _prefetch, _splat)
 
 _G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per tail block
 _GW = 32 * _G  # weights per group
+_n_slabs = jit(n_slabs)  # formats' slab rule, compiled
+_SLAB_COLS = SLAB_COLS
 
 # ---- packing (import time) and unpacking (reference, export) ----
 
@@ -572,51 +583,15 @@ def _make_prep_x(xscale: np.ndarray, sum_factor: float):
 _prep_x = _make_prep_x(_XSCALE6, -32.0)
 
 
-# ---- the super-block layouts' drivers: column slabs (formats.SLABBED) ----
-
-_n_slabs = jit(n_slabs)  # formats' rule, compiled
-
-
-@jit
-def _slab_start(nb, s):  # formats.slab_start (which Numba cannot compile: it calls n_slabs)
-    return nb * s // _n_slabs(nb)
-
-
 @jit(inline="always")
-def _gemv_slabbed(prep, dot, bb, w, x, out, r0, r1):
-    """x prepared once; then slab by slab, rows r0..r1 of each with its part of x (the
-    slab's bytes are a row-major (rows, slab bytes) matrix after the earlier slabs')."""
+def _gemv_superblocks(prep, dot, w, x, out, r0, r1):
+    """x prepared once per call, then one ``dot`` per row."""
     nb = x.shape[0] // _QKK
     xp = np.empty(nb * _XPK, np.float32)
     prep(x, xp, nb)
-    rows = w.shape[0]
-    for s in range(_n_slabs(nb)):
-        b0, b1 = _slab_start(nb, s), _slab_start(nb, s + 1)
-        base, rb, xs = rows * b0 * bb, (b1 - b0) * bb, xp[b0 * _XPK:]
-        for r in range(r0, r1):
-            v = dot(w, base + r * rb, xs, b1 - b0)
-            out[r] = v if s == 0 else out[r] + v
-
-
-@jit_exact(inline="always")
-def _decode_slabbed(dec, bb, w, off, n32, dst, doff):
-    """gemv_basic's GEMM/dequant drivers pass ``off`` = r * row bytes and count 32-weight
-    units: row r, decoded slab by slab."""
-    rows, r, nb = w.shape[0], off // w.strides[0], n32 // 8
-    for s in range(_n_slabs(nb)):
-        b0, b1 = _slab_start(nb, s), _slab_start(nb, s + 1)
-        dec(w, rows * b0 * bb + r * (b1 - b0) * bb, b1 - b0, dst, doff + b0 * _QKK)
-
-
-@jit_exact(inline="always")
-def _decode_plain_slabbed(block, bb, w, r, dst):
-    """Row r into dst, ``block(slab, r, byte, dst, first weight)`` per super-block."""
-    rows, nb, flat = w.shape[0], dst.shape[0] // _QKK, w.reshape(-1)
-    for s in range(_n_slabs(nb)):
-        b0, b1 = _slab_start(nb, s), _slab_start(nb, s + 1)
-        slab = flat[rows * b0 * bb:rows * b1 * bb].reshape((rows, (b1 - b0) * bb))
-        for b in range(b1 - b0):
-            block(slab, r, bb * b, dst, _QKK * (b0 + b))
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        out[r] = dot(w, r * rb, xp, nb)
 
 
 @jit
@@ -636,12 +611,12 @@ def _dec6(w, o, nb, dst, doff):
 
 @jit
 def gemv_q6_kr_simd(w, x, out, r0, r1):
-    _gemv_slabbed(_prep6, _dot6, _BB6, w, x, out, r0, r1)
+    _gemv_superblocks(_prep6, _dot6, w, x, out, r0, r1)
 
 
 @jit_exact
-def _decode_row_q6_kr_simd(w, off, n32, dst, doff):
-    _decode_slabbed(_dec6, _BB6, w, off, n32, dst, doff)
+def _decode_row_q6_kr_simd(w, off, n32, dst, doff):  # gemv_basic's drivers count 32-weight units
+    _dec6(w, off, n32 // 8, dst, doff)
 
 
 @jit
@@ -665,7 +640,8 @@ def _block_q6_kr_plain(w, r, o, dst, i0):
 
 @jit_exact
 def _decode_row_q6_kr_plain(w, r, dst):
-    _decode_plain_slabbed(_block_q6_kr_plain, _BB6, w, r, dst)
+    for b in range(dst.shape[0] // _QKK):
+        _block_q6_kr_plain(w, r, _BB6 * b, dst, _QKK * b)
 
 
 @jit
@@ -851,12 +827,12 @@ def _dec4(w, o, nb, dst, doff):
 
 @jit
 def gemv_q4_kr_simd(w, x, out, r0, r1):
-    _gemv_slabbed(_prep4, _dot4, _BB4, w, x, out, r0, r1)
+    _gemv_superblocks(_prep4, _dot4, w, x, out, r0, r1)
 
 
 @jit_exact
 def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
-    _decode_slabbed(_dec4, _BB4, w, off, n32, dst, doff)
+    _dec4(w, off, n32 // 8, dst, doff)
 
 
 @jit
@@ -881,7 +857,8 @@ def _block_q4_kr_plain(w, r, o, dst, i0):
 
 @jit_exact
 def _decode_row_q4_kr_plain(w, r, dst):
-    _decode_plain_slabbed(_block_q4_kr_plain, _BB4, w, r, dst)
+    for b in range(dst.shape[0] // _QKK):
+        _block_q4_kr_plain(w, r, _BB4 * b, dst, _QKK * b)
 
 
 @jit
@@ -899,14 +876,117 @@ def dequant_q4_kr_plain(w, out, r0, r1):
     _dequant_plain(_decode_row_q4_kr_plain, w, out, r0, r1)
 
 
+# ---- column slabs (formats.SLABBED): the row-major kernels above, run slab by slab ----
+
+
+@jit(inline="always")
+def _slab(w, cols, uw, ub, s, k, ra, rb):
+    """Rows [ra, rb) of column slab s of k of the slabbed weight w (a contiguous row-major
+    matrix: the slab's bytes follow the earlier slabs' for all rows), its first and end column."""
+    rows, nu = w.shape[0], cols // uw
+    u0, u1 = nu * s // k, nu * (s + 1) // k
+    last = s == k - 1
+    c0, c1 = uw * u0, cols if last else uw * u1
+    b0, b1 = ub * u0, w.shape[1] if last else ub * u1
+    base = rows * b0 + ra * (b1 - b0)
+    return w.reshape(-1)[base:base + (rb - ra) * (b1 - b0)].reshape((rb - ra, b1 - b0)), c0, c1
+
+
+@jit(inline="always")
+def _gemv_slabs(gemv, uw, ub, w, x, out, r0, r1):
+    cols = x.shape[0]
+    k = _n_slabs(cols // uw, _SLAB_COLS // uw)
+    if k == 1:
+        gemv(w, x, out, r0, r1)
+        return
+    part = np.empty(r1 - r0, np.float32)
+    for s in range(k):
+        sub, c0, c1 = _slab(w, cols, uw, ub, s, k, r0, r1)
+        gemv(sub, x[c0:c1], part, 0, r1 - r0)
+        for r in range(r1 - r0):
+            out[r0 + r] = part[r] if s == 0 else out[r0 + r] + part[r]
+
+
+@jit(inline="always")
+def _gemm_slabs(gemm, uw, ub, w, X, out, r0, r1):
+    n, cols = X.shape
+    k = _n_slabs(cols // uw, _SLAB_COLS // uw)
+    if k == 1:
+        gemm(w, X, out, r0, r1)
+        return
+    part = np.empty((n, r1 - r0), np.float32)
+    for s in range(k):
+        sub, c0, c1 = _slab(w, cols, uw, ub, s, k, r0, r1)
+        gemm(sub, np.ascontiguousarray(X[:, c0:c1]), part, 0, r1 - r0)
+        for i in range(n):
+            for r in range(r1 - r0):
+                out[i, r0 + r] = part[i, r] if s == 0 else out[i, r0 + r] + part[i, r]
+
+
+@jit_exact(inline="always")
+def _dequant_slabs(dequant, uw, ub, w, out, r0, r1):
+    cols = out.shape[1]
+    k = _n_slabs(cols // uw, _SLAB_COLS // uw)
+    if k == 1:
+        dequant(w, out, r0, r1)
+        return
+    for a in range(r0, r1, 256):  # a bounded buffer: rows in chunks
+        e = min(r1, a + 256)
+        for s in range(k):
+            sub, c0, c1 = _slab(w, cols, uw, ub, s, k, a, e)
+            part = np.empty((e - a, c1 - c0), np.float32)
+            dequant(sub, part, 0, e - a)
+            out[a:e, c0:c1] = part
+
+
+def _slabbed(fmt: str, kernels: tuple) -> tuple:
+    """(gemv, gemm, dequant) of the slabbed store layout ``fmt`` from its row-major ones."""
+    gv, gm, dq = kernels
+    uw, ub = slab_unit(fmt)
+
+    @jit
+    def gemv(w, x, out, r0, r1):
+        _gemv_slabs(gv, uw, ub, w, x, out, r0, r1)
+
+    @jit
+    def gemm(w, X, out, r0, r1):
+        _gemm_slabs(gm, uw, ub, w, X, out, r0, r1)
+
+    @jit_exact
+    def dequant(w, out, r0, r1):
+        _dequant_slabs(dq, uw, ub, w, out, r0, r1)
+
+    return gemv, gemm, dequant
+
+
+def _copy_rows(src, dst):  # the Q8_0S ... converters: the GGUF blocks as they are
+    dst[:] = src
+
+
 _CONVERTERS = {"Q5_0R": (_pack_q5_0r, _unpack_q5_0r), "Q6_KR": (_pack_q6_kr, _unpack_q6_kr),
-               "Q4_KR": (_pack_q4_kr, _unpack_q4_kr)}
-SIMD_KERNELS = {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd), "Q6_KR": (gemv_q6_kr_simd, gemm_q6_kr_simd),
-                "Q4_KR": (gemv_q4_kr_simd, gemm_q4_kr_simd)}
-PLAIN_KERNELS = {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain), "Q6_KR": (gemv_q6_kr_plain, gemm_q6_kr_plain),
-                 "Q4_KR": (gemv_q4_kr_plain, gemm_q4_kr_plain)}
-DEQUANT_SIMD = {"Q5_0R": dequant_q5_0r_simd, "Q6_KR": dequant_q6_kr_simd, "Q4_KR": dequant_q4_kr_simd}
-DEQUANT_PLAIN = {"Q5_0R": dequant_q5_0r_plain, "Q6_KR": dequant_q6_kr_plain, "Q4_KR": dequant_q4_kr_plain}
+               "Q4_KR": (_pack_q4_kr, _unpack_q4_kr),
+               **{f: (_copy_rows, _copy_rows) for f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")}}
+_ROW_MAJOR = {  # impl -> store layout -> (gemv, gemm, dequant) on row-major rows
+    "simd": {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd, dequant_q5_0r_simd),
+             "Q6_KR": (gemv_q6_kr_simd, gemm_q6_kr_simd, dequant_q6_kr_simd),
+             "Q4_KR": (gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd)},
+    "plain": {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain, dequant_q5_0r_plain),
+              "Q6_KR": (gemv_q6_kr_plain, gemm_q6_kr_plain, dequant_q6_kr_plain),
+              "Q4_KR": (gemv_q4_kr_plain, gemm_q4_kr_plain, dequant_q4_kr_plain)},
+}
+_ACTIVE_IMPL = "simd" if HAVE_SIMD else "plain"
+for _f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS"):  # the GGUF format's kernels (the active ones)
+    _g = GGUF_OF[_f]
+    _k = (*BASIC_KERNELS[_g], DEQUANT_KERNELS[_g]) if _g in BASIC_KERNELS else (*KQUANT_KERNELS[_g], KQUANT_DEQUANT[_g])
+    for _impl in _ROW_MAJOR.values():
+        _impl[_f] = _k
+# the public kernels: the row-major ones in column slabs
+_SLABBED = {impl: {f: _slabbed(f, k) for f, k in t.items()} for impl, t in _ROW_MAJOR.items()}
+_SLABBED["plain"].update({f: _SLABBED["simd"][f] for f in _CONVERTERS if f.endswith("S")})  # one compiled copy
+SIMD_KERNELS = {f: k[:2] for f, k in _SLABBED["simd"].items()}
+PLAIN_KERNELS = {f: k[:2] for f, k in _SLABBED["plain"].items()}
+DEQUANT_SIMD = {f: k[2] for f, k in _SLABBED["simd"].items()}
+DEQUANT_PLAIN = {f: k[2] for f, k in _SLABBED["plain"].items()}
 REPACKED_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
 REPACKED_DEQUANT = DEQUANT_SIMD if HAVE_SIMD else DEQUANT_PLAIN
 gemv_q5_0r, gemm_q5_0r = REPACKED_KERNELS["Q5_0R"]

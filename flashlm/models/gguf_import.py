@@ -1,6 +1,7 @@
 """Import a GGUF file into a flashlm store, keeping every tensor's values and block format;
-formats with a store layout of their own (``kernels.formats.STORE_LAYOUT``: Q5_0 -> Q5_0R, Q6_K -> Q6_KR, Q4_K -> Q4_KR)
-are rewritten into it, losslessly (``kernels.repacked.pack``)."""
+formats with a store layout of their own (``kernels.formats.STORE_LAYOUT``: Q5_0 -> Q5_0R, Q6_K -> Q6_KR, Q4_K -> Q4_KR;
+the other quantized formats keep their blocks as Q8_0S ...; all with long rows in column slabs) are rewritten
+into it, losslessly (``kernels.repacked.pack``)."""
 from __future__ import annotations
 
 import os

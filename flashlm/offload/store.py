@@ -32,11 +32,14 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from flashlm.errors import StoreError
-from flashlm.kernels.formats import FORMATS, SLABBED, QTensor, n_slabs, tensor_nbytes, view_as
+from flashlm.kernels.formats import FORMATS, QTensor, slab_cuts, tensor_nbytes, view_as
 from flashlm.models.config import ModelConfig
 
 FORMAT_NAME = "flashlm-store"
-FORMAT_VERSION = 5  # 2: store-only layouts (Q5_0R); 3: Q6_KR; 4: Q4_KR; 5: their long rows in column slabs. Older stores open
+FORMAT_VERSION = 6  # 2: store-only layouts (Q5_0R); 3: Q6_KR; 4: Q4_KR; 5: their long rows in column slabs;
+# 6: every quantized format in column slabs (Q8_0S ...). Older stores open, unless a long row
+# of a layout was row-major then (``_SLABS_SINCE``: the version from which it is slabbed)
+_SLABS_SINCE = {"Q4_KR": 5, "Q6_KR": 5, "Q5_0R": 6}
 ALIGN = 4096
 MANIFEST = "manifest.json"
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -241,7 +244,7 @@ class Store:
                 raise StoreError(f"{self.path}: tensor {name} points to unknown file {t['file']}")
             if t["format"] not in FORMATS:
                 raise StoreError(f"{self.path}: tensor {name} has unknown format {t['format']}")
-            if version < 5 and t["format"] in SLABBED and n_slabs(t["shape"][-1] // 256) > 1:
+            if version < _SLABS_SINCE.get(t["format"], 0) and len(slab_cuts(t["format"], t["shape"][-1])) > 1:
                 raise StoreError(
                     f"{self.path}: tensor {name} ({t['format']}, rows of {t['shape'][-1]}) was written by an "
                     "older flashlm, before long rows were kept in column slabs; re-import the model"

@@ -41,7 +41,7 @@ def to_f32(w: QTensor) -> np.ndarray:
 
     from flashlm.kernels.repacked import unpack
 
-    fmt, data = unpack(w.fmt, w.data, w.shape)  # a store-only layout (Q5_0R, Q6_KR, Q4_KR): its GGUF blocks
+    fmt, data = unpack(w.fmt, w.data, w.shape)  # a store layout (Q5_0R, Q4_KR, Q8_0S, ...): its GGUF blocks
     out = gguf.quants.dequantize(data, gguf.GGMLQuantizationType[fmt])
     return np.asarray(out, np.float32).reshape(w.shape)
 

@@ -18,11 +18,12 @@ from __future__ import annotations
 import gguf
 import numpy as np
 
-from flashlm.kernels.formats import FORMATS, row_cols, row_nbytes
+from flashlm.kernels.formats import FORMATS, FLOAT_DTYPES, row_cols, row_nbytes, take_rows
 from flashlm.kernels.repacked import GGUF_OF, pack, unpack
 
 QUANT_FMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-STORE_FMTS = ("Q5_0R", "Q6_KR", "Q4_KR")  # store-only layouts (kernels/repacked.py): made by packing the GGUF format
+# store-only layouts (kernels/repacked.py): made by packing the GGUF format
+STORE_FMTS = ("Q5_0R", "Q6_KR", "Q4_KR", "Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")
 FLOAT_FMTS = ("F32", "F16", "BF16")
 BASIC_FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
@@ -75,8 +76,8 @@ def random_weights(fmt: str, rows: int, cols: int, rng: np.random.Generator,
 
 def dequant_ref(w: np.ndarray, fmt: str, rows: np.ndarray | None = None) -> np.ndarray:
     """The reference matrix in float64 (gguf's dequantizers for the block formats)."""
-    if rows is not None:
-        w = w[rows]
+    if rows is not None:  # a slabbed store layout's rows are not w[rows]
+        w = w[rows] if fmt in FLOAT_DTYPES else take_rows(fmt, w, row_cols(fmt, w.shape[1]), rows)
     if fmt == "F32":
         return w.astype(np.float64)
     if fmt == "F16":

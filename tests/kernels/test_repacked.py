@@ -59,8 +59,12 @@ def test_layout_is_as_documented() -> None:
 
 
 def test_pack_leaves_other_formats_alone() -> None:
-    w = random_weights("Q4_0", 3, 64, np.random.default_rng(0))
-    assert rp.pack("Q4_0", w, (3, 64))[1] is w and rp.unpack("Q4_0", w, (3, 64))[1] is w
+    """Float formats are stored as they are; Q4_0 gets its store name and the same bytes (one slab)."""
+    w = np.ones((3, 64), np.float16)
+    assert rp.pack("F16", w, (3, 64))[1] is w and rp.unpack("F16", w, (3, 64))[1] is w
+    q = random_weights("Q4_0", 3, 64, np.random.default_rng(0))
+    fmt, packed = rp.pack("Q4_0", q, (3, 64))
+    assert fmt == "Q4_0S" and np.array_equal(packed, q) and np.array_equal(rp.unpack(fmt, packed, (3, 64))[1], q)
 
 
 def test_check_detects_swapped_nibbles_and_wrong_scale() -> None:
@@ -254,11 +258,17 @@ def test_q4_kr_check_detects_a_wrong_quant_scale_or_min(weight: int) -> None:
 
 # ---- every layout: kernels against gguf on the unpacked blocks ----
 
-LAYOUTS = {"Q5_0R": "Q5_0", "Q6_KR": "Q6_K", "Q4_KR": "Q4_K"}  # store layout -> its GGUF format
-CASES = [("Q5_0R", s) for s in SHAPES] + [(f, s) for f in ("Q6_KR", "Q4_KR") for s in K_SHAPES]
-VOCAB_COLS = {"Q5_0R": 896, "Q6_KR": 256, "Q4_KR": 256}  # 151936 rows (an output head)
-DEQUANT_COLS = {"Q5_0R": (96, 128, 160, 896), "Q6_KR": (256, 1536), "Q4_KR": (256, 1536)}
-RANGE_COLS = {"Q5_0R": 160, "Q6_KR": 512, "Q4_KR": 512}
+LAYOUTS = {"Q5_0R": "Q5_0", "Q6_KR": "Q6_K", "Q4_KR": "Q4_K",  # store layout -> its GGUF format
+           "Q8_0S": "Q8_0", "Q4_0S": "Q4_0", "Q4_1S": "Q4_1", "Q5_1S": "Q5_1", "Q5_KS": "Q5_K"}
+S_SHAPES = [(1536, 8960), (8960, 1536), (5, 3328), (7, 32 * 97), (3, 64)]  # GGUF blocks kept, in slabs
+CASES = ([("Q5_0R", s) for s in SHAPES + [(5, 3328), (4, 96 * 33 + 64)]]
+         + [(f, s) for f in ("Q6_KR", "Q4_KR") for s in K_SHAPES]
+         + [(f, s) for f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S") for s in S_SHAPES]
+         + [("Q5_KS", s) for s in S_SHAPES[:3]])
+VOCAB_COLS = {f: 256 if f.startswith("Q5_K") or f.endswith("KR") else 896 for f in LAYOUTS}  # 151936 rows (a head)
+DEQUANT_COLS = {"Q5_0R": (96, 128, 160, 896, 3328), "Q6_KR": (256, 1536, 3328), "Q4_KR": (256, 1536, 3328),
+                **{f: (256, 3328) for f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")}}
+RANGE_COLS = {f: 3328 for f in LAYOUTS}  # 2 slabs
 
 
 def _gguf(layout: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -331,29 +341,42 @@ def test_row_range_only_writes_its_rows(layout: str, impl: str) -> None:
 
 
 def test_slab_rule() -> None:
-    """Rows of up to SLAB_BLOCKS super-blocks are one slab; slabs differ by at most a block;
-    the kernels' compiled copy of slab_start agrees with formats'."""
-    assert formats.SLABBED == {"Q4_KR", "Q6_KR"}
-    assert [formats.n_slabs(c // 256) for c in (256, 1536, 3072, 3328, 4864, 8960, 18944)] == [1, 1, 1, 2, 2, 3, 7]
-    for nb in range(1, 80):
-        cuts = [formats.slab_start(nb, s) for s in range(formats.n_slabs(nb) + 1)]
-        assert cuts[0] == 0 and cuts[-1] == nb
-        sizes = np.diff(cuts)
-        assert sizes.max() <= formats.SLAB_BLOCKS and sizes.max() - sizes.min() <= 1
-        assert all(rp._slab_start(nb, s) == c for s, c in enumerate(cuts))
+    """Every store layout is slabbed; a row of up to SLAB_COLS weights is one slab; slabs are
+    whole units (Q5_0R: groups of 3 blocks, the tail blocks in the last slab) of near-equal
+    width, and cover the row's columns and bytes."""
+    assert formats.SLABBED == set(LAYOUTS)
+    assert [formats.n_slabs(c // 256, 12) for c in (256, 1536, 3072, 3328, 4864, 8960, 18944)] == [1, 1, 1, 2, 2, 3, 7]
+    for fmt in LAYOUTS:
+        uw, ub = formats.slab_unit(fmt)
+        for cols in range(uw, 40 * 3072, 7 * uw + formats.block_size(fmt)):
+            if cols % formats.block_size(fmt):
+                continue
+            cuts = formats.slab_cuts(fmt, cols)
+            assert cuts[0][:3:2] == (0, 0) and cuts[-1][1] == cols and cuts[-1][3] == row_nbytes(fmt, cols)
+            assert all(a[1] == b[0] and a[3] == b[2] for a, b in zip(cuts, cuts[1:]))
+            widths = [c1 - c0 for c0, c1, _, _ in cuts[:-1]]
+            assert all(w % uw == 0 and w <= formats.SLAB_COLS for w in widths)
+            assert (len(cuts) == 1) == (cols // uw <= formats.SLAB_COLS // uw)
+            assert all(row_nbytes(fmt, c1 - c0) == b1 - b0 for c0, c1, b0, b1 in cuts), (fmt, cols)
 
 
-@pytest.mark.parametrize("layout", ["Q4_KR", "Q6_KR"])
+SLABS_8960 = {"Q4_KR": ((0, 11), (11, 23), (23, 35)), "Q6_KR": ((0, 11), (11, 23), (23, 35)),
+              "Q5_KS": ((0, 11), (11, 23), (23, 35)),
+              **{f: ((0, 93), (93, 186), (186, 280)) for f in ("Q5_0R", "Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S")}}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_slabbed_layout_is_as_documented(layout: str) -> None:
-    """A packed 8960-wide tensor is slab 0 of every row (blocks 0-10), then slab 1 (11-22),
-    then slab 2 (23-34), each the row-major packing of those blocks; rows taken with
-    take_rows are the packing of those rows."""
-    rows, cols, bb = 6, 8960, formats.type_size(layout)
+    """A packed 8960-wide tensor is slab 0 of every row, then slab 1, then slab 2 (the blocks of
+    SLABS_8960; Q5_0R: 31 groups of 3, 31, then 31 and the tail block), each the row-major
+    packing of those blocks; rows taken with take_rows are the packing of those rows."""
+    rows, cols = 6, 8960
+    bs, bb = formats.block_size(LAYOUTS[layout]), formats.type_size(LAYOUTS[layout])
     w = _gguf(layout, rows, cols, 11)
     packed = rp.pack(LAYOUTS[layout], w, (rows, cols))[1]
     flat, base = packed.reshape(-1), 0
-    for b0, b1 in ((0, 11), (11, 23), (23, 35)):
-        part = rp.pack(LAYOUTS[layout], np.ascontiguousarray(w[:, bb * b0:bb * b1]), (rows, 256 * (b1 - b0)))[1]
+    for b0, b1 in SLABS_8960[layout]:
+        part = rp.pack(LAYOUTS[layout], np.ascontiguousarray(w[:, bb * b0:bb * b1]), (rows, bs * (b1 - b0)))[1]
         assert flat[base:base + part.size].tobytes() == part.tobytes(), (b0, b1)
         base += part.size
     assert formats.from_slabs(layout, packed, cols).shape == packed.shape

@@ -25,7 +25,7 @@ def reference_tensors(path):
 @pytest.mark.parametrize("fmt", ["F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_gguf_import_keeps_values(tmp_path, arch, fmt):
-    """Every tensor's bytes as gguf-py reads them; Q5_0, Q6_K, Q4_K in their store layouts (Q5_0R, Q6_KR, Q4_KR), whose
+    """Every tensor's bytes as gguf-py reads them; quantized formats in their store layouts (Q5_0R, Q4_KR, Q8_0S ...), whose
     unpacked blocks are those bytes."""
     hidden = 256 if fmt.endswith("_K") else 64
     src = write_tiny_gguf(tmp_path / "m.gguf", arch=arch, fmt=fmt, hidden=hidden, ffn=256, n_heads=4, n_kv=2)

@@ -23,7 +23,7 @@ def test_info_layers_and_formats(real_model, capsys):
     assert info["layers"] == entry["layers"] == store.config.num_hidden_layers
     assert info["architecture"] == entry["architecture"]
     assert info["hidden_size"] == entry["hidden"] and info["vocab_size"] == entry["vocab"]
-    # as stored: Q5_0, Q6_K, Q4_K in their store layouts Q5_0R, Q6_KR, Q4_KR (kernels/repacked.py)
+    # as stored: quantized formats in their store layouts (Q5_0R, Q4_KR, Q8_0S ...; kernels/repacked.py)
     assert {GGUF_OF.get(f, f): v["tensors"] for f, v in info["formats"].items()} == entry["formats"]
 
 

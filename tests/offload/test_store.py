@@ -112,18 +112,20 @@ def test_version_1_store_still_opens(tmp_path):
     assert Store(dst).tensor_info
 
 
-@pytest.mark.parametrize("cols,opens", [(3072, True), (3328, False)])
-def test_older_store_with_long_unslabbed_rows_is_refused(tmp_path, cols, opens):
-    """Before version 5, Q4_KR/Q6_KR rows were row-major at any length: a row of 13 super-blocks
-    (2 column slabs now) would be misread, so such a store asks to be re-imported; rows of one
-    slab are the same bytes either way and open."""
+@pytest.mark.parametrize("fmt,cols,version,opens", [("Q4_KR", 3072, 4, True), ("Q4_KR", 3328, 4, False),
+                                                    ("Q4_KR", 3328, 5, True), ("Q5_0R", 3072, 5, True),
+                                                    ("Q5_0R", 3328, 5, False), ("Q5_0R", 3328, 6, True)])
+def test_older_store_with_long_unslabbed_rows_is_refused(tmp_path, fmt, cols, version, opens):
+    """Q4_KR/Q6_KR rows were row-major at any length before store version 5, Q5_0R's before 6:
+    a longer row than one slab (3072 weights) would be misread, so such a store asks to be
+    re-imported; rows of one slab are the same bytes either way and open."""
     dst = tmp_path / "store"
     with StoreWriter(dst) as w:
-        w.add_tensor("blk.0.ffn_down.weight", np.zeros((2, row_nbytes("Q4_KR", cols)), np.uint8), "Q4_KR", (2, cols))
+        w.add_tensor("blk.0.ffn_down.weight", np.zeros((2, row_nbytes(fmt, cols)), np.uint8), fmt, (2, cols))
         w.add_file("tokenizer.json", "{}")
         w.commit(CFG, tokenizer={"file": "tokenizer.json", "chat_template_file": None})
     m = json.loads((dst / "manifest.json").read_text())
-    m["version"] = 4
+    m["version"] = version
     (dst / "manifest.json").write_text(json.dumps(m))
     if opens:
         assert Store(dst).tensor("blk.0.ffn_down.weight").shape == (2, cols)
