@@ -1,7 +1,8 @@
 """Import a Hugging Face model directory (config.json, safetensors, tokenizer) into a store.
 
 Weights are stored as given (F32/F16/BF16) or quantized on import with ``quant``
-("q8_0" or "q4_0", bit-identical to ``gguf.quants.quantize``). Norm weights and
+("q8_0" or "q4_0", bit-identical to ``gguf.quants.quantize``, then kept as Q8_0S / Q4_0S:
+the same blocks, long rows in column slabs, ``kernels/repacked.py``). Norm weights and
 biases are always stored as F32. Tensor names become the GGUF ones, and HF q/k
 weights keep their layout, so the rope layout is "neox" (rotate halves).
 """
@@ -257,7 +258,9 @@ def import_hf(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | No
             if arr.ndim == 1:
                 w.add_tensor(name, to_f32(fmt, arr), "F32", arr.shape)
             elif qfmt and arr.shape[-1] % 32 == 0:
-                w.add_tensor(name, quantize(to_f32(fmt, arr), qfmt), qfmt, arr.shape)
+                from flashlm.kernels.repacked import pack  # Numba kernels: loaded only when needed
+
+                w.add_tensor(name, *reversed(pack(qfmt, quantize(to_f32(fmt, arr), qfmt), arr.shape)), arr.shape)
             else:
                 w.add_tensor(name, arr, fmt, arr.shape)
             if bar:
