@@ -42,7 +42,7 @@ from flashlm.kernels.formats import QTensor  # noqa: E402
 from flashlm.runtime.threadpool import ThreadPool  # noqa: E402
 
 FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_0R", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "Q6_KR", "Q4_KR",
-        "Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")
+        "Q4_1R", "Q8_0S", "Q4_0S", "Q5_1S", "Q5_KS")
 SHAPES = ((896, 896), (128, 896), (4864, 896), (896, 4864), (151936, 896),
           (1536, 8960), (8960, 1536), (576, 1536), (1536, 1536))
 # (151936, 1536): the 1.5B's output head, only for formats that cannot have 896-wide rows (K-quants)

@@ -34,7 +34,7 @@ from flashlm.kernels.ops import _attention
 
 FMT_IDS = {f: i for i, f in enumerate(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                                         "Q4_K", "Q5_K", "Q6_K", "Q5_0R", "Q6_KR", "Q4_KR",
-                                        "Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS"])}
+                                        "Q8_0S", "Q4_0S", "Q4_1R", "Q5_1S", "Q5_KS"])}
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR = range(8)
 ATTENTION = 20
 ROW = 12
@@ -59,7 +59,7 @@ _gv_q6_kr, _gm_q6_kr = _rp.REPACKED_KERNELS["Q6_KR"]
 _gv_q4_kr, _gm_q4_kr = _rp.REPACKED_KERNELS["Q4_KR"]
 _gv_q8_0s, _gm_q8_0s = _rp.REPACKED_KERNELS["Q8_0S"]
 _gv_q4_0s, _gm_q4_0s = _rp.REPACKED_KERNELS["Q4_0S"]
-_gv_q4_1s, _gm_q4_1s = _rp.REPACKED_KERNELS["Q4_1S"]
+_gv_q4_1r, _gm_q4_1r = _rp.REPACKED_KERNELS["Q4_1R"]
 _gv_q5_1s, _gm_q5_1s = _rp.REPACKED_KERNELS["Q5_1S"]
 _gv_q5_ks, _gm_q5_ks = _rp.REPACKED_KERNELS["Q5_KS"]
 
@@ -116,7 +116,7 @@ def _run_q(fmt, w, x, out, r0, r1):
     elif fmt == 15:
         _gv_q4_0s(w, x, out, r0, r1)
     elif fmt == 16:
-        _gv_q4_1s(w, x, out, r0, r1)
+        _gv_q4_1r(w, x, out, r0, r1)
     elif fmt == 17:
         _gv_q5_1s(w, x, out, r0, r1)
     elif fmt == 18:
@@ -152,7 +152,7 @@ def _run_q_gemm(fmt, w, X, out, r0, r1):
     elif fmt == 15:
         _gm_q4_0s(w, X, out, r0, r1)
     elif fmt == 16:
-        _gm_q4_1s(w, X, out, r0, r1)
+        _gm_q4_1r(w, X, out, r0, r1)
     elif fmt == 17:
         _gm_q5_1s(w, X, out, r0, r1)
     elif fmt == 18:

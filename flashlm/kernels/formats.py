@@ -40,16 +40,16 @@ FORMATS: dict[str, tuple[int, int, int]] = {
     # store-only names of GGUF formats whose blocks are kept as they are, in column slabs
     "Q8_0S": (-1, 32, 34),
     "Q4_0S": (-1, 32, 18),
-    "Q4_1S": (-1, 32, 20),
     "Q5_1S": (-1, 32, 24),
     "Q5_KS": (-1, 256, 176),
+    "Q4_1R": (-1, 32, 20),  # store-only layout of Q4_1: see GROUPED
 }
 # Store-only layouts: (blocks per group, bytes per group, bytes per tail block). A row is
 # nb // blocks groups, then the last nb % blocks blocks in the GGUF format's layout.
-GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22)}
+GROUPED: dict[str, tuple[int, int, int]] = {"Q5_0R": (3, 70, 22), "Q4_1R": (4, 80, 20)}
 # GGUF format -> the layout a store keeps it in (kernels/repacked.py)
 STORE_LAYOUT = {"Q5_0": "Q5_0R", "Q6_K": "Q6_KR", "Q4_K": "Q4_KR",
-                "Q8_0": "Q8_0S", "Q4_0": "Q4_0S", "Q4_1": "Q4_1S", "Q5_1": "Q5_1S", "Q5_K": "Q5_KS"}
+                "Q8_0": "Q8_0S", "Q4_0": "Q4_0S", "Q4_1": "Q4_1R", "Q5_1": "Q5_1S", "Q5_K": "Q5_KS"}
 GGUF_OF = {v: k for k, v in STORE_LAYOUT.items()}
 # Store layouts kept in column slabs (every quantized one): a row longer than SLAB_COLS
 # weights is cut into n_slabs slabs of whole units (a block; a group of GROUPED blocks) of

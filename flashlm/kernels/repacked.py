@@ -1,5 +1,6 @@
 """Store layouts chosen at import time, and their kernels: Q5_0 as ``Q5_0R``, Q6_K as ``Q6_KR``,
-Q4_K as ``Q4_KR``, and every one of them and the other quantized formats in column slabs.
+Q4_K as ``Q4_KR``, Q4_1 as ``Q4_1R``, and every one of them and the other quantized formats in
+column slabs.
 
 The store format is ours, so a GGUF format whose kernel is compute-bound can be
 rewritten on import into a layout that costs fewer vector operations per weight.
@@ -27,10 +28,10 @@ core, in L2) 10.5 -> 15.6 (1.49x). The 70 bytes per 96 weights are 6 % more than
 half scales); two rows per step sharing the x loads (0.74-0.96x); one accumulator per block
 of the group (0.92-0.99x).
 
-Q6_KR (from Q6_K) and Q4_KR (from Q4_K): see their sections below; same bytes per 256
-weights as GGUF (210, 144).
+Q6_KR (from Q6_K), Q4_KR (from Q4_K) and Q4_1R (from Q4_1): see their sections below; same
+bytes per weight as GGUF (210 and 144 per 256, 80 per 128).
 
-Q8_0, Q4_0, Q4_1, Q5_1, Q5_K keep their GGUF blocks, under store names of their own
+Q8_0, Q4_0, Q5_1, Q5_K keep their GGUF blocks, under store names of their own
 (``Q8_0S`` ...), because of the column slabs:
 
 Column slabs (``formats.SLABBED``: every layout here). A row of more than ``SLAB_COLS``
@@ -47,7 +48,7 @@ ffn_down), 2 threads, weights from memory, in one process against the GGUF kerne
 (``python perf/bench_simd_variants.py --formats LAYOUT --shape 1536x8960 --threads 2
 --dram``): Q4_K -> Q4_KR 1.33x, 1.49x, 1.44x in three runs (before slabs 1.02-1.07x), Q6_K
 -> Q6_KR 1.28x, 1.39x, 1.49x (before 0.92-0.95x), Q5_0 -> Q5_0R 1.43x (before 1.17x), Q8_0
--> Q8_0S 1.15x, Q4_1 -> Q4_1S 1.26x; on 8960x1536 (one slab) Q8_0S 0.99x. GEMM and dequant
+-> Q8_0S 1.15x, Q4_1 -> Q4_1 in slabs 1.26x; on 8960x1536 (one slab) Q8_0S 0.99x. GEMM and dequant
 run slab by slab too; a row of one slab is the row-major layout. Rows must be selected with
 ``formats.take_rows``.
 
@@ -67,8 +68,8 @@ from flashlm.kernels import simd
 from flashlm.kernels.config import jit, jit_exact
 from flashlm.kernels.formats import (GGUF_OF, GROUPED, SLAB_COLS, STORE_LAYOUT, from_slabs, n_slabs, row_nbytes,
                                      slab_unit, to_slabs)
-from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _dequant_blocks_simd, _dot_plain, _f16_at,
-                                        _gemm_blocks_simd, f16_to_f32)
+from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _block_sums, _dequant_blocks_simd, _dot_plain,
+                                        _f16_at, _gemm_blocks_simd, f16_to_f32)
 from flashlm.kernels.gemv_kquant import _V as _KV
 from flashlm.kernels.gemv_kquant import KQUANT_DEQUANT, KQUANT_KERNELS, _q6k_q, _q45k_q, _scale_min
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
@@ -876,6 +877,226 @@ def dequant_q4_kr_plain(w, out, r0, r1):
     _dequant_plain(_decode_row_q4_kr_plain, w, out, r0, r1)
 
 
+# ---- Q4_1R: Q4_1 in groups of 4 blocks, each lane 8 weights in natural order ----
+#
+# Q4_1 (weight = d * q + m, q 4 bits, d and m halves per 32-weight block). A row of nb
+# blocks is nb // 4 groups of 4 blocks (128 weights, 80 bytes, as many as GGUF's), then the
+# last nb % 4 blocks as GGUF Q4_1 blocks (20 bytes each)::
+#
+#     bytes 0..63   16 little-endian uint32: lane j holds the quants of weights 8j..8j + 7
+#                   of the group at bits 4i..4i+3 (i = 0..7; block j // 4)
+#     bytes 64..71  the 4 block scales d (half);  bytes 72..79  the 4 block minimums m (half)
+#
+# d and m are one per-lane vector each per group (lane j: block j // 4), the min term one
+# FMA against the prepared lane sums of x, and step i of the GEMV is ``dword & (15 << 4i)``
+# + convert + FMA on x reordered and scaled by 2^-4i once per call, as for Q4_KR (i = 7: a
+# shift). GGUF Q4_1's best kernel (4 blocks at a time, a shift + table lookup per 16 weights)
+# also needs the per-block scale and min spread to its vectors' lanes.
+# Measured on the 2-core Zen 4, both kernels in one process (``python
+# perf/bench_simd_variants.py --formats Q4_1R --shape ROWSxCOLS [--threads 2 --dram]``), G
+# weights/s Q4_1 -> Q4_1R (prototype figures): 512x1536 one core in L2 19.5 -> 25.2 (1.29x);
+# at 2 threads from memory 8960x1536 31.1 -> 36.9 (1.19x), 151936x896 33.2 -> 40.1 (1.21x).
+
+_G1, _GB1, _TB1 = GROUPED["Q4_1R"]
+_GW1, _XP1 = 32 * _G1, 144  # weights, prepared x floats per group
+_XSCALE1 = np.array([2.0 ** (-4 * i) if i < 7 else 1.0 for i in range(8)], np.float32)
+
+
+@jit_exact
+def _pack_q4_1r(src, dst):
+    nb = src.shape[1] // _TB1
+    ng = nb // _G1
+    lanes = np.empty(16, np.int64)
+    for r in range(src.shape[0]):
+        for g in range(ng):
+            lanes[:] = 0
+            go = _GB1 * g
+            for bi in range(_G1):
+                o = _TB1 * (_G1 * g + bi)
+                for j in range(16):
+                    b = np.int64(src[r, o + 4 + j])
+                    for wi, q in ((32 * bi + j, b & 15), (32 * bi + 16 + j, b >> 4)):
+                        lanes[wi // 8] |= q << (4 * (wi % 8))
+                for u in range(2):
+                    dst[r, go + 64 + 2 * bi + u] = src[r, o + u]
+                    dst[r, go + 72 + 2 * bi + u] = src[r, o + 2 + u]
+            for t in range(16):
+                for u in range(4):
+                    dst[r, go + 4 * t + u] = (lanes[t] >> (8 * u)) & 255
+        for i in range(_TB1 * (nb - _G1 * ng)):
+            dst[r, _GB1 * ng + i] = src[r, _TB1 * _G1 * ng + i]
+
+
+@jit_exact
+def _q4_1r_quant(src, r, go, wi):
+    """Quant (0..15) of weight wi of the Q4_1R group at byte go of row r."""
+    return (_dword(src, r, go + 4 * (wi // 8)) >> (4 * (wi % 8))) & 15
+
+
+@jit_exact
+def _unpack_q4_1r(src, dst):
+    nb = dst.shape[1] // _TB1
+    ng = nb // _G1
+    for r in range(src.shape[0]):
+        for g in range(ng):
+            go = _GB1 * g
+            for bi in range(_G1):
+                o = _TB1 * (_G1 * g + bi)
+                for u in range(2):
+                    dst[r, o + u] = src[r, go + 64 + 2 * bi + u]
+                    dst[r, o + 2 + u] = src[r, go + 72 + 2 * bi + u]
+                for j in range(16):
+                    dst[r, o + 4 + j] = (_q4_1r_quant(src, r, go, 32 * bi + j)
+                                         | (_q4_1r_quant(src, r, go, 32 * bi + 16 + j) << 4))
+        for i in range(_TB1 * (nb - _G1 * ng)):
+            dst[r, _TB1 * _G1 * ng + i] = src[r, _GB1 * ng + i]
+
+
+def _q4_1_group(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]:
+    """The dword vector, <16 x float> d and m of lane j's block (j // 4) of the group at i8* p."""
+    hm = b.fpext(_load(b, p, 64, ir.VectorType(ir.HalfType(), 8)), ir.VectorType(_F32, 8))
+    return [_load(b, p, 0, _V16I32)], *(b.shuffle_vector(hm, ir.Constant(hm.type, ir.Undefined),
+                                                         _const_vec(_V16I32, [off + j // 4 for j in range(16)]))
+                                        for off in (0, 4))
+
+
+@intrinsic
+def dot_q4_1r(typingctx, w, woff, xp, ng):
+    """float32: the first ``ng`` groups of the row at byte ``woff`` of ``w`` dotted with the
+    prepared x (``_prep_x1``)."""
+
+    def gen(context, b, sig, args):
+        w, woff, xp, ng = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        xq = _data_ptr(context, b, sig.args[2], xp)
+        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
+        contract = ("contract",)  # no reassociation: the partial sums stay apart
+        with cgutils.for_range(b, ng) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_GB1))])
+            _prefetch(b, p, simd.PREFETCH, _GB1)
+            xb = b.gep(xq, [b.mul(g, g.type(4 * _XP1))])
+            dw, dv, mv = _q4_1_group(b, p)
+            ts = [None] * _CHAINS
+            for k in range(8):
+                pr = b.fmul(_q4_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
+                t = ts[k % _CHAINS]
+                ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
+            while len(ts) > 1:
+                ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
+            a = b.fadd(b.load(acc), b.fmul(ts[0], dv, flags=_FLAGS), flags=_FLAGS)
+            a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * _GW1, _V16F), flags=_FLAGS), flags=_FLAGS)  # + m sum(x)
+            b.store(a, acc)
+        return _hsum(b, b.load(acc))
+
+    return types.float32(w, types.intp, xp, types.intp), gen
+
+
+@intrinsic
+def decode_q4_1r(typingctx, w, woff, ng, dst, doff):
+    """The first ``ng`` groups of the row at byte ``woff`` -> float32 dst[doff:] in weight
+    order, each weight exactly d * q + m as gguf computes it (no FMA)."""
+
+    def gen(context, b, sig, args):
+        w, woff, ng, dst, doff = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        dp = b.gep(_data_ptr(context, b, sig.args[3], dst), [b.mul(doff, doff.type(4))])
+        zero, v8 = ir.Constant(_V16F, [0.0] * 16), ir.VectorType(_F32, 8)
+        with cgutils.for_range(b, ng) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_GB1))])
+            dw, dv, mv = _q4_1_group(b, p)
+            vals = [b.fadd(b.fmul(dv, _q4_field(b, dw, i, False)), mv) for i in range(8)]  # lane j: weight 8j + i
+            out = b.gep(dp, [b.mul(g, g.type(4 * _GW1))])
+            for j, v in enumerate(_transpose16(b, vals + [zero] * 8)):
+                half = b.shuffle_vector(v, v, _const_vec(ir.VectorType(_I32, 8), list(range(8))))
+                b.store(half, b.bitcast(b.gep(out, [ir.Constant(ir.IntType(64), 32 * j)]), v8.as_pointer()), align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, types.intp, types.intp, dst, types.intp), gen
+
+
+@jit
+def _prep_x1(x, ng):
+    """x -> per group x[8j + i] * 2^-4i (i < 7) at 16i + j, then sum(x[8j:8j + 8]) at 128 + j."""
+    xp = np.empty(ng * _XP1, np.float32)
+    for g in range(ng):
+        for j in range(16):
+            s = np.float32(0.0)
+            for i in range(8):
+                v = x[_GW1 * g + 8 * j + i]
+                xp[_XP1 * g + 16 * i + j] = v * _XSCALE1[i]
+                s += v
+            xp[_XP1 * g + _GW1 + j] = s
+    return xp
+
+
+@jit
+def gemv_q4_1r_simd(w, x, out, r0, r1):
+    nb = x.shape[0] // 32
+    ng = nb // _G1
+    xp = _prep_x1(x, ng)
+    xs_tail = _block_sums(x, _G1 * ng, nb)
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        s = dot_q4_1r(w, r * rb, xp, ng)
+        if _G1 * ng < nb:
+            s += simd.dot_q4_1(w, r * rb + _GB1 * ng, x, _GW1 * ng, xs_tail, nb - _G1 * ng)
+        out[r] = s
+
+
+@jit_exact
+def _decode_row_q4_1r_simd(w, off, nb, dst, doff):
+    ng = nb // _G1
+    decode_q4_1r(w, off, ng, dst, doff)
+    if _G1 * ng < nb:
+        simd.decode_q4_1(w, off + _GB1 * ng, nb - _G1 * ng, dst, doff + _GW1 * ng)
+
+
+@jit
+def gemm_q4_1r_simd(w, X, out, r0, r1):
+    _gemm_blocks_simd(_decode_row_q4_1r_simd, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_1r_simd(w, out, r0, r1):
+    _dequant_blocks_simd(_decode_row_q4_1r_simd, w, out, r0, r1)
+
+
+@jit_exact
+def _decode_row_q4_1r_plain(w, r, dst):
+    nb = dst.shape[0] // 32
+    ng = nb // _G1
+    for g in range(ng):
+        go = _GB1 * g
+        for bi in range(_G1):
+            d, m = _f16_at(w, r, go + 64 + 2 * bi), _f16_at(w, r, go + 72 + 2 * bi)
+            for k in range(32):
+                dst[_GW1 * g + 32 * bi + k] = d * np.float32(_q4_1r_quant(w, r, go, 32 * bi + k)) + m
+    for bi in range(nb - _G1 * ng):
+        o = _GB1 * ng + _TB1 * bi
+        d, m = _f16_at(w, r, o), _f16_at(w, r, o + 2)
+        for j in range(16):
+            b = np.int64(w[r, o + 4 + j])
+            dst[_GW1 * ng + 32 * bi + j] = d * np.float32(b & 15) + m
+            dst[_GW1 * ng + 32 * bi + 16 + j] = d * np.float32(b >> 4) + m
+
+
+@jit
+def gemv_q4_1r_plain(w, x, out, r0, r1):
+    _gemv_plain(_decode_row_q4_1r_plain, w, x, out, r0, r1)
+
+
+@jit
+def gemm_q4_1r_plain(w, X, out, r0, r1):
+    _gemm_plain(_decode_row_q4_1r_plain, w, X, out, r0, r1)
+
+
+@jit_exact
+def dequant_q4_1r_plain(w, out, r0, r1):
+    _dequant_plain(_decode_row_q4_1r_plain, w, out, r0, r1)
+
+
 # ---- column slabs (formats.SLABBED): the row-major kernels above, run slab by slab ----
 
 
@@ -965,17 +1186,20 @@ def _copy_rows(src, dst):  # the Q8_0S ... converters: the GGUF blocks as they a
 
 _CONVERTERS = {"Q5_0R": (_pack_q5_0r, _unpack_q5_0r), "Q6_KR": (_pack_q6_kr, _unpack_q6_kr),
                "Q4_KR": (_pack_q4_kr, _unpack_q4_kr),
-               **{f: (_copy_rows, _copy_rows) for f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")}}
+               "Q4_1R": (_pack_q4_1r, _unpack_q4_1r),
+               **{f: (_copy_rows, _copy_rows) for f in ("Q8_0S", "Q4_0S", "Q5_1S", "Q5_KS")}}
 _ROW_MAJOR = {  # impl -> store layout -> (gemv, gemm, dequant) on row-major rows
     "simd": {"Q5_0R": (gemv_q5_0r_simd, gemm_q5_0r_simd, dequant_q5_0r_simd),
              "Q6_KR": (gemv_q6_kr_simd, gemm_q6_kr_simd, dequant_q6_kr_simd),
-             "Q4_KR": (gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd)},
+             "Q4_KR": (gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd),
+             "Q4_1R": (gemv_q4_1r_simd, gemm_q4_1r_simd, dequant_q4_1r_simd)},
     "plain": {"Q5_0R": (gemv_q5_0r_plain, gemm_q5_0r_plain, dequant_q5_0r_plain),
               "Q6_KR": (gemv_q6_kr_plain, gemm_q6_kr_plain, dequant_q6_kr_plain),
-              "Q4_KR": (gemv_q4_kr_plain, gemm_q4_kr_plain, dequant_q4_kr_plain)},
+              "Q4_KR": (gemv_q4_kr_plain, gemm_q4_kr_plain, dequant_q4_kr_plain),
+              "Q4_1R": (gemv_q4_1r_plain, gemm_q4_1r_plain, dequant_q4_1r_plain)},
 }
 _ACTIVE_IMPL = "simd" if HAVE_SIMD else "plain"
-for _f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS"):  # the GGUF format's kernels (the active ones)
+for _f in ("Q8_0S", "Q4_0S", "Q5_1S", "Q5_KS"):  # the GGUF format's kernels (the active ones)
     _g = GGUF_OF[_f]
     _k = (*BASIC_KERNELS[_g], DEQUANT_KERNELS[_g]) if _g in BASIC_KERNELS else (*KQUANT_KERNELS[_g], KQUANT_DEQUANT[_g])
     for _impl in _ROW_MAJOR.values():

@@ -7,9 +7,9 @@ from typing import Any
 
 # Bumped whenever an importer's output changes (tokenizer rules, config fields, store
 # layouts: 4 = Q5_0 kept as Q5_0R, 5 = Q6_K as Q6_KR, 6 = Q4_K as Q4_KR, 7 = long rows of those two in
-# column slabs, 8 = every quantized format in column slabs), so stores imported by an older flashlm
-# are re-imported from their cached source.
-IMPORTER_VERSION = 8
+# column slabs, 8 = every quantized format in column slabs, 9 = Q4_1 as Q4_1R), so stores imported by
+# an older flashlm are re-imported from their cached source.
+IMPORTER_VERSION = 9
 
 # model_type -> module in flashlm.models that implements it
 ARCH_ALIASES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}

@@ -36,8 +36,8 @@ from flashlm.kernels.formats import FORMATS, QTensor, slab_cuts, tensor_nbytes, 
 from flashlm.models.config import ModelConfig
 
 FORMAT_NAME = "flashlm-store"
-FORMAT_VERSION = 6  # 2: store-only layouts (Q5_0R); 3: Q6_KR; 4: Q4_KR; 5: their long rows in column slabs;
-# 6: every quantized format in column slabs (Q8_0S ...). Older stores open, unless a long row
+FORMAT_VERSION = 7  # 2: store-only layouts (Q5_0R); 3: Q6_KR; 4: Q4_KR; 5: their long rows in column slabs;
+# 6: every quantized format in column slabs (Q8_0S ...); 7: Q4_1R. Older stores open, unless a long row
 # of a layout was row-major then (``_SLABS_SINCE``: the version from which it is slabbed)
 _SLABS_SINCE = {"Q4_KR": 5, "Q6_KR": 5, "Q5_0R": 6}
 ALIGN = 4096

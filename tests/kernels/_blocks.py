@@ -23,7 +23,7 @@ from flashlm.kernels.repacked import GGUF_OF, pack, unpack
 
 QUANT_FMTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 # store-only layouts (kernels/repacked.py): made by packing the GGUF format
-STORE_FMTS = ("Q5_0R", "Q6_KR", "Q4_KR", "Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")
+STORE_FMTS = ("Q5_0R", "Q6_KR", "Q4_KR", "Q4_1R", "Q8_0S", "Q4_0S", "Q5_1S", "Q5_KS")
 FLOAT_FMTS = ("F32", "F16", "BF16")
 BASIC_FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 

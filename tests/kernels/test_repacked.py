@@ -256,18 +256,61 @@ def test_q4_kr_check_detects_a_wrong_quant_scale_or_min(weight: int) -> None:
             assert max_error(out, dequant_ref(bad, "Q4_K"), x) > 10 * TOL, (byte, bit)
 
 
+# ---- Q4_1R (Q4_1 in groups of 4 blocks, lane j = weights 8j..8j + 7) ----
+
+
+def test_q4_1r_layout_is_as_documented() -> None:
+    """Per group of 4 blocks: dword j holds the quants of weights 8j..8j + 7 at bits 4i, then
+    the 4 d and the 4 m halves; the last nb % 4 blocks (here 2) stay GGUF Q4_1 blocks."""
+    w = random_weights("Q4_1", 1, 32 * 6, np.random.default_rng(5))
+    packed = rp.pack("Q4_1", w, (1, 32 * 6))[1][0]
+    blk = w[0].reshape(6, 20)
+    q = [int(blk[b, 4 + l % 16]) >> (4 * (l // 16)) & 15 for b in range(4) for l in range(32)]
+    dw = packed[:64].view("<u4")
+    for wi in range(128):
+        assert (int(dw[wi // 8]) >> (4 * (wi % 8))) & 15 == q[wi], wi
+    assert packed[64:72].tobytes() == blk[:4, 0:2].tobytes() and packed[72:80].tobytes() == blk[:4, 2:4].tobytes()
+    assert packed[80:].tobytes() == blk[4:].tobytes()
+
+
+@pytest.mark.parametrize("weight", [0, 7, 8, 32 * 2 + 20, 127, 130], ids=lambda i: f"weight{i}")
+def test_q4_1r_check_detects_a_wrong_quant_scale_or_min(weight: int) -> None:
+    """The kernels' output matches the reference of the original blocks, and not that of
+    blocks with one quant's top bit flipped (fields 0, 7 (the sign bit's), a lane's first,
+    a middle one, the group's last weight, a tail block), its block's d or its m changed."""
+    rows, cols = 6, 32 * 6
+    rng = np.random.default_rng(weight)
+    w = random_weights("Q4_1", rows, cols, np.random.default_rng(7), extreme=False)
+    blocks = w.reshape(rows, 6, 20)
+    blocks[:, :, 0:2] = np.frombuffer(np.float16(0.05).tobytes(), np.uint8)  # no tiny d or m hides a change
+    blocks[:, :, 2:4] = np.frombuffer(np.float16(-0.3).tobytes(), np.uint8)
+    x = rng.choice([-1.0, 1.0], cols).astype(np.float32) * rng.uniform(0.5, 1.5, cols).astype(np.float32)
+    p = rp.pack("Q4_1", w, (rows, cols))[1]
+    out = np.empty(rows, np.float32)
+    b, l = weight // 32, weight % 32
+    for table in IMPLS.values():
+        table["Q4_1R"][0](p, x, out, 0, rows)
+        assert max_error(out, dequant_ref(w, "Q4_1"), x) < TOL
+        for byte, bit in ((4 + l % 16, 8 << (4 * (l // 16))), (1, 0x04), (3, 0x04)):  # quant; d, m (half: exponent bit)
+            bad = w.copy()
+            bad[2, 20 * b + byte] ^= bit
+            assert max_error(out, dequant_ref(bad, "Q4_1"), x) > 10 * TOL, (byte, bit)
+
+
 # ---- every layout: kernels against gguf on the unpacked blocks ----
 
 LAYOUTS = {"Q5_0R": "Q5_0", "Q6_KR": "Q6_K", "Q4_KR": "Q4_K",  # store layout -> its GGUF format
-           "Q8_0S": "Q8_0", "Q4_0S": "Q4_0", "Q4_1S": "Q4_1", "Q5_1S": "Q5_1", "Q5_KS": "Q5_K"}
+           "Q4_1R": "Q4_1", "Q8_0S": "Q8_0", "Q4_0S": "Q4_0", "Q5_1S": "Q5_1", "Q5_KS": "Q5_K"}
 S_SHAPES = [(1536, 8960), (8960, 1536), (5, 3328), (7, 32 * 97), (3, 64)]  # GGUF blocks kept, in slabs
 CASES = ([("Q5_0R", s) for s in SHAPES + [(5, 3328), (4, 96 * 33 + 64)]]
+         + [("Q4_1R", s) for s in SHAPES + [(5, 3328), (4, 128 * 25 + 96), (37, 576)]]
          + [(f, s) for f in ("Q6_KR", "Q4_KR") for s in K_SHAPES]
-         + [(f, s) for f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S") for s in S_SHAPES]
+         + [(f, s) for f in ("Q8_0S", "Q4_0S", "Q5_1S") for s in S_SHAPES]
          + [("Q5_KS", s) for s in S_SHAPES[:3]])
 VOCAB_COLS = {f: 256 if f.startswith("Q5_K") or f.endswith("KR") else 896 for f in LAYOUTS}  # 151936 rows (a head)
 DEQUANT_COLS = {"Q5_0R": (96, 128, 160, 896, 3328), "Q6_KR": (256, 1536, 3328), "Q4_KR": (256, 1536, 3328),
-                **{f: (256, 3328) for f in ("Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S", "Q5_KS")}}
+                "Q4_1R": (32, 96, 128, 160, 576, 896, 3328 + 96),
+                **{f: (256, 3328) for f in ("Q8_0S", "Q4_0S", "Q5_1S", "Q5_KS")}}
 RANGE_COLS = {f: 3328 for f in LAYOUTS}  # 2 slabs
 
 
@@ -362,13 +405,15 @@ def test_slab_rule() -> None:
 
 SLABS_8960 = {"Q4_KR": ((0, 11), (11, 23), (23, 35)), "Q6_KR": ((0, 11), (11, 23), (23, 35)),
               "Q5_KS": ((0, 11), (11, 23), (23, 35)),
-              **{f: ((0, 93), (93, 186), (186, 280)) for f in ("Q5_0R", "Q8_0S", "Q4_0S", "Q4_1S", "Q5_1S")}}
+              "Q4_1R": ((0, 92), (92, 184), (184, 280)),
+              **{f: ((0, 93), (93, 186), (186, 280)) for f in ("Q5_0R", "Q8_0S", "Q4_0S", "Q5_1S")}}
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_slabbed_layout_is_as_documented(layout: str) -> None:
     """A packed 8960-wide tensor is slab 0 of every row, then slab 1, then slab 2 (the blocks of
-    SLABS_8960; Q5_0R: 31 groups of 3, 31, then 31 and the tail block), each the row-major
+    SLABS_8960; Q5_0R: 31 groups of 3, 31, then 31 and the tail block; Q4_1R: 23, 23, 24 groups
+    of 4), each the row-major
     packing of those blocks; rows taken with take_rows are the packing of those rows."""
     rows, cols = 6, 8960
     bs, bb = formats.block_size(LAYOUTS[layout]), formats.type_size(LAYOUTS[layout])
