@@ -894,8 +894,9 @@ def dequant_q4_kr_plain(w, out, r0, r1):
 # also needs the per-block scale and min spread to its vectors' lanes.
 # Measured on the 2-core Zen 4, both kernels in one process (``python
 # perf/bench_simd_variants.py --formats Q4_1R --shape ROWSxCOLS [--threads 2 --dram]``), G
-# weights/s Q4_1 -> Q4_1R (prototype figures): 512x1536 one core in L2 19.5 -> 25.2 (1.29x);
-# at 2 threads from memory 8960x1536 31.1 -> 36.9 (1.19x), 151936x896 33.2 -> 40.1 (1.21x).
+# weights/s Q4_1 (its 4-block AVX-512 kernel) -> Q4_1R: 512x1536 one core in L2 18.8 -> 24.8
+# (1.32x); at 2 threads from memory 8960x1536 32.4 -> 37.2 (1.15x), 151936x896 31.9 -> 37.5
+# (1.18x), 1536x8960 (in slabs) 16.1 -> 21.2 (1.32x). (A prototype read 1.19-1.21x.)
 
 _G1, _GB1, _TB1 = GROUPED["Q4_1R"]
 _GW1, _XP1 = 32 * _G1, 144  # weights, prepared x floats per group
