@@ -753,36 +753,46 @@ def _q4_block(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]:
     return dw, *(b.shuffle_vector(scm, ir.Constant(_V16F, ir.Undefined), idx) for idx in per_lane)
 
 
-@intrinsic
-def dot_q4_kr(typingctx, w, woff, xp, nb):
-    """float32: the ``nb`` super-blocks of the row at byte ``woff`` of ``w`` dotted with
-    the prepared x (``_prep_x4``)."""
+def _make_dot_4bit(unit_bytes: int, xp_floats: int, weights: int, unit, fields: int):
+    """Intrinsic ``dot(w, woff, xp, n)``: the first n units (``unit(b, p)`` -> dwords, per-lane
+    scale and min vectors) of the row at byte ``woff`` dotted with x prepared for them (per
+    unit ``xp_floats``: the fields' x, then the lane sums at ``weights``); mask + convert + FMA
+    per field, ``_CHAINS`` partial sums kept apart."""
 
-    def gen(context, b, sig, args):
-        w, woff, xp, nb = args
-        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
-        xq = _data_ptr(context, b, sig.args[2], xp)
-        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
-        contract = ("contract",)
-        with cgutils.for_range(b, nb) as loop:
-            g = loop.index
-            p = b.gep(wp, [b.mul(g, g.type(_BB4))])
-            _prefetch(b, p, simd.PREFETCH, _BB4)
-            xb = b.gep(xq, [b.mul(g, g.type(4 * _XPK))])
-            dw, sv, mv = _q4_block(b, p)
-            ts = [None] * _CHAINS
-            for k in range(16):
-                pr = b.fmul(_q4_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
-                t = ts[k % _CHAINS]
-                ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
-            while len(ts) > 1:
-                ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
-            a = b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS)
-            a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * _QKK, _V16F), flags=_FLAGS), flags=_FLAGS)  # - dmin m sum(x)
-            b.store(a, acc)
-        return _hsum(b, b.load(acc))
+    @intrinsic
+    def dot(typingctx, w, woff, xp, n):
+        def gen(context, b, sig, args):
+            w, woff, xp, n = args
+            wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+            xq = _data_ptr(context, b, sig.args[2], xp)
+            acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
+            contract = ("contract",)  # no reassociation: the partial sums stay apart
+            with cgutils.for_range(b, n) as loop:
+                g = loop.index
+                p = b.gep(wp, [b.mul(g, g.type(unit_bytes))])
+                _prefetch(b, p, simd.PREFETCH, unit_bytes)
+                xb = b.gep(xq, [b.mul(g, g.type(4 * xp_floats))])
+                dw, sv, mv = unit(b, p)
+                ts = [None] * _CHAINS
+                for k in range(fields):
+                    pr = b.fmul(_q4_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
+                    t = ts[k % _CHAINS]
+                    ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
+                while len(ts) > 1:
+                    ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
+                a = b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS)
+                a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * weights, _V16F), flags=_FLAGS), flags=_FLAGS)  # min term
+                b.store(a, acc)
+            return _hsum(b, b.load(acc))
 
-    return types.float32(w, types.intp, xp, types.intp), gen
+        return types.float32(w, types.intp, xp, types.intp), gen
+
+    return dot
+
+
+# float32: the ``nb`` super-blocks of the row at byte ``woff`` dotted with the prepared x (``_prep_x4``);
+# the min term adds dmin * m * (-sum(x)).
+dot_q4_kr = _make_dot_4bit(_BB4, _XPK, _QKK, _q4_block, 16)
 
 
 @intrinsic
@@ -961,36 +971,8 @@ def _q4_1_group(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]
                                         for off in (0, 4))
 
 
-@intrinsic
-def dot_q4_1r(typingctx, w, woff, xp, ng):
-    """float32: the first ``ng`` groups of the row at byte ``woff`` of ``w`` dotted with the
-    prepared x (``_prep_x1``)."""
-
-    def gen(context, b, sig, args):
-        w, woff, xp, ng = args
-        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
-        xq = _data_ptr(context, b, sig.args[2], xp)
-        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
-        contract = ("contract",)  # no reassociation: the partial sums stay apart
-        with cgutils.for_range(b, ng) as loop:
-            g = loop.index
-            p = b.gep(wp, [b.mul(g, g.type(_GB1))])
-            _prefetch(b, p, simd.PREFETCH, _GB1)
-            xb = b.gep(xq, [b.mul(g, g.type(4 * _XP1))])
-            dw, dv, mv = _q4_1_group(b, p)
-            ts = [None] * _CHAINS
-            for k in range(8):
-                pr = b.fmul(_q4_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
-                t = ts[k % _CHAINS]
-                ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
-            while len(ts) > 1:
-                ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
-            a = b.fadd(b.load(acc), b.fmul(ts[0], dv, flags=_FLAGS), flags=_FLAGS)
-            a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * _GW1, _V16F), flags=_FLAGS), flags=_FLAGS)  # + m sum(x)
-            b.store(a, acc)
-        return _hsum(b, b.load(acc))
-
-    return types.float32(w, types.intp, xp, types.intp), gen
+# float32: the first ``ng`` groups of the row at byte ``woff`` dotted with the prepared x (``_prep_x1``).
+dot_q4_1r = _make_dot_4bit(_GB1, _XP1, _GW1, _q4_1_group, 8)
 
 
 @intrinsic
