@@ -14,9 +14,14 @@ Columns: GB/s = weight bytes / time (median); Gw/s = weights / time; bw = read
 bandwidth (a Numba read kernel over 256 MB on the same threads), measured in ROUNDS rounds
 alternating with the kernel's timing, median; %bw = the median over the rounds of the
 round's GB/s / the round's bw (so a drift of the shared machine's bandwidth during a row
-moves both); x np = numpy f32 time / our time. Each call reads its weights from memory,
+moves both); %pk = GB/s / the highest bandwidth pass of the whole run (the machine's peak);
+L3 = GB/s of the same GEMV on one copy of a matrix that fits in L3 (``-`` for those that do
+not): when GB/s from memory is about the L3 figure, the kernel is compute-bound, not
+memory-bound; x np = numpy f32 time / our time. Each call reads its weights from memory,
 not from L3: the timing cycles through copies of the matrix that together exceed 128 MB
-(``dram_copies``), as a decode step meets each matrix once per token.
+(``dram_copies``), as a decode step meets each matrix once per token. After the table:
+the spread of every bandwidth pass of the run (this VM's 2-thread read bandwidth moves
+between ~25 and ~47 GB/s over seconds to minutes).
 """
 
 from __future__ import annotations
@@ -135,7 +140,9 @@ def make_weight(fmt: str, rows: int, cols: int, seed: int = 0) -> QTensor:
 # ---- tables ----
 
 
-ROUNDS = 5  # bandwidth probe / kernel timing pairs per row
+ROUNDS = 9  # bandwidth probe / kernel timing pairs per row
+PROBES: list[float] = []  # every bandwidth pass of the run's table, GB/s
+L3_MAX = 16 << 20  # matrices up to this size also get a timing from cache
 
 
 def paired(pool, fn, nbytes: int, rounds: int = ROUNDS) -> tuple[float, float, float]:
@@ -145,12 +152,13 @@ def paired(pool, fn, nbytes: int, rounds: int = ROUNDS) -> tuple[float, float, f
     ts, bws = [], []
     for _ in range(rounds):
         bws.append(bandwidth(pool, 1))
+        PROBES.append(bws[-1])
         ts.append(timeit(fn, 0.06, 5))
     ratios = [nbytes / t / 1e9 / b for t, b in zip(ts, bws)]
     return float(np.median(ts)), float(np.median(bws)), float(np.median(ratios))
 
 
-def main_table(pool, fmts, shapes, batches) -> None:
+def main_table(pool, fmts, shapes, batches, rounds: int = ROUNDS) -> None:
     """One row per format, shape and batch. ``bw`` and %bw come from :func:`paired`:
     on a shared VM the bandwidth itself drifts by 15-50 % within a run, and a probe taken
     once before the row (as this script did before) was often 20-40 % off the kernel's
@@ -177,21 +185,27 @@ def main_table(pool, fmts, shapes, batches) -> None:
                 x = X[0] if n == 1 else X
                 out = np.empty((rows,) if n == 1 else (n, rows), np.float32)
                 t, bw, frac = paired(pool, cycling(lambda w: mm.matmul(x, w, out, pool=pool), dram_copies(qt)),
-                                     qt.nbytes)
-                results.setdefault(key, []).append((n, x, t, bw, frac))
+                                     qt.nbytes, rounds)
+                t_l3 = timeit(lambda: mm.matmul(x, qt, out, pool=pool), 0.1, 5) if qt.nbytes <= L3_MAX else None
+                results.setdefault(key, []).append((n, x, t, bw, frac, t_l3))
                 print(f"  measured {fmt} {rows}x{cols} n={n}", end="\r", file=sys.stderr, flush=True)
+    peak = max(PROBES)
     print(f"\n{'fmt':5s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'GB/s':>7s} {'Gw/s':>6s} {'bw':>5s} {'%bw':>5s} "
-          f"{'x np':>6s}")
+          f"{'%pk':>4s} {'L3':>6s} {'x np':>6s}")
     for (fmt, rows, cols), rows_measured in results.items():
         qt = weights.pop((fmt, rows, cols))
         Wfs = dram_copies(QTensor(mm.dequantize(qt), "F32", qt.shape))
-        for n, x, t, bw, frac in rows_measured:
+        for n, x, t, bw, frac, t_l3 in rows_measured:
             t_np = timeit(cycling(lambda W: x @ W.data.T, Wfs))
             gbs = qt.nbytes / t / 1e9
             gws = rows * cols / t / 1e9
+            l3 = f"{qt.nbytes / t_l3 / 1e9:6.2f}" if t_l3 else f"{'-':>6s}"
             print(f"{fmt:5s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {gbs:7.2f} {gws:6.2f} {bw:5.1f} "
-                  f"{100 * frac:5.0f} {t_np / t:6.2f}", flush=True)
+                  f"{100 * frac:5.0f} {100 * gbs / peak:4.0f} {l3} {t_np / t:6.2f}", flush=True)
         del Wfs
+    p10, p50, p90 = np.percentile(PROBES, [10, 50, 90])
+    print(f"bandwidth passes of this table ({len(PROBES)}): 10/50/90 % {p10:.1f} / {p50:.1f} / {p90:.1f} GB/s, "
+          f"peak {peak:.1f}")
 
 
 def pool_overhead(pool) -> None:
@@ -249,6 +263,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="big shapes, GEMV only")
     ap.add_argument("--extra", action="store_true", help="pool overhead, pool vs prange, GEMM vs BLAS")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="bandwidth / kernel pairs per row (default %(default)s)")
     args = ap.parse_args()
     fmts = [f for f in args.formats.split(",") if f]
     print(f"numba {numba.__version__}, SIMD kernels: {simd.HAVE_SIMD}, threads: {args.threads}, "
@@ -257,7 +272,7 @@ def main() -> None:
         bw1, bw = bandwidth(one), bandwidth(pool)
         print(f"memory bandwidth (read 256 MB, best of 6): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
         if not args.no_table:
-            main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES)
+            main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES, args.rounds)
         if args.extra:
             pool_overhead(pool)
             pool_vs_prange(pool)
