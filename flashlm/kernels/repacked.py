@@ -605,11 +605,6 @@ def _dot6(w, o, xp, nb):
     return dot_q6_kr(w, o, xp, nb)
 
 
-@jit_exact
-def _dec6(w, o, nb, dst, doff):
-    decode_q6_kr(w, o, nb, dst, doff)
-
-
 @jit
 def gemv_q6_kr_simd(w, x, out, r0, r1):
     _gemv_superblocks(_prep6, _dot6, w, x, out, r0, r1)
@@ -617,7 +612,7 @@ def gemv_q6_kr_simd(w, x, out, r0, r1):
 
 @jit_exact
 def _decode_row_q6_kr_simd(w, off, n32, dst, doff):  # gemv_basic's drivers count 32-weight units
-    _dec6(w, off, n32 // 8, dst, doff)
+    decode_q6_kr(w, off, n32 // 8, dst, doff)
 
 
 @jit
@@ -831,11 +826,6 @@ def _dot4(w, o, xp, nb):
     return dot_q4_kr(w, o, xp, nb)
 
 
-@jit_exact
-def _dec4(w, o, nb, dst, doff):
-    decode_q4_kr(w, o, nb, dst, doff)
-
-
 @jit
 def gemv_q4_kr_simd(w, x, out, r0, r1):
     _gemv_superblocks(_prep4, _dot4, w, x, out, r0, r1)
@@ -843,7 +833,7 @@ def gemv_q4_kr_simd(w, x, out, r0, r1):
 
 @jit_exact
 def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
-    _dec4(w, off, n32 // 8, dst, doff)
+    decode_q4_kr(w, off, n32 // 8, dst, doff)
 
 
 @jit
