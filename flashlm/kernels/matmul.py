@@ -35,18 +35,11 @@ import numpy as np
 from flashlm.kernels import executor
 from flashlm.kernels.formats import FORMATS, QTensor, take_rows
 from flashlm.kernels.gemv_basic import BASIC_KERNELS, DEQUANT_KERNELS, HAVE_SIMD
+from flashlm.kernels.gemv_kquant import KQUANT_DEQUANT, KQUANT_KERNELS
 from flashlm.kernels.repacked import REPACKED_DEQUANT, REPACKED_KERNELS
 
-try:  # K-quants, written separately
-    from flashlm.kernels import gemv_kquant as _kq
-except ImportError:  # not there yet
-    _kq = None
-
-KERNELS: dict[str, tuple] = dict(BASIC_KERNELS, **REPACKED_KERNELS)
-DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **REPACKED_DEQUANT)
-if _kq is not None:
-    KERNELS.update(getattr(_kq, "KQUANT_KERNELS", {}))
-    DEQUANT.update(getattr(_kq, "KQUANT_DEQUANT", {}))
+KERNELS: dict[str, tuple] = dict(BASIC_KERNELS, **KQUANT_KERNELS, **REPACKED_KERNELS)
+DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **KQUANT_DEQUANT, **REPACKED_DEQUANT)
 
 # Batch size from which dequantize-tile + BLAS beats the fused GEMM (measured).
 BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
