@@ -72,7 +72,7 @@ from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _block_s
                                         _f16_at, _gemm_blocks_simd, f16_to_f32)
 from flashlm.kernels.gemv_kquant import _V as _KV
 from flashlm.kernels.gemv_kquant import KQUANT_DEQUANT, KQUANT_KERNELS, _q6k_q, _q45k_q, _scale_min
-from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec,
+from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec, _splat_f16,
                                   _data_ptr, _hsum, _load, _prefetch, _splat)
 
 _G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per tail block
@@ -207,12 +207,14 @@ def _scales(b: ir.IRBuilder, p: ir.Value) -> ir.Value:
 
 
 @intrinsic
-def dot_q5_0r(typingctx, w, woff, x, xoff, ngroups):
-    """float32: the first ``ngroups`` groups of the row at byte ``woff`` of ``w`` dotted
-    with x[xoff:]; 16-lane accumulator, the block scale as one FMA per 32 weights."""
+def dot_q5_0r(typingctx, w, woff, x, xoff, ngroups, ntail):
+    """float32: the ``ngroups`` groups and then the ``ntail`` GGUF Q5_0 blocks of the row at
+    byte ``woff`` of ``w`` dotted with x[xoff:]; one 16-lane accumulator for both (the tail
+    in it rather than in a second dot with its own reduction: 1.03x on 896-wide rows, one
+    core and 2 threads from memory), the block scale as one FMA per 32 weights."""
 
     def gen(context, b, sig, args):
-        w, woff, x, xoff, ng = args
+        w, woff, x, xoff, ng, nt = args
         wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
         xp = b.gep(_data_ptr(context, b, sig.args[2], x), [b.mul(xoff, xoff.type(4))])
         acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
@@ -232,9 +234,20 @@ def dot_q5_0r(typingctx, w, woff, x, xoff, ngroups):
                 ds = b.shuffle_vector(d, d, ir.Constant(ir.VectorType(_I32, 16), [bi] * 16))
                 a = b.fadd(a, b.fmul(t, ds, flags=_FLAGS), flags=_FLAGS)
             b.store(a, acc)
+        tp = b.gep(wp, [b.mul(ng, ng.type(_GB))])
+        tx = b.gep(xp, [b.mul(ng, ng.type(4 * _GW))])
+        with cgutils.for_range(b, nt) as loop:
+            i = loop.index
+            p = b.gep(tp, [b.mul(i, i.type(_TB))])
+            xb = b.gep(tx, [b.mul(i, i.type(4 * 32))])
+            dh, _, qs, kind = simd._parts_q5_0(b, p)
+            f = simd._to_floats(b, qs, kind, 16)
+            t = b.fmul(f[0], _load(b, xb, 0, _V16F), flags=_FLAGS)
+            t = b.fadd(t, b.fmul(f[1], _load(b, xb, 64, _V16F), flags=_FLAGS), flags=_FLAGS)
+            b.store(b.fadd(b.load(acc), b.fmul(t, _splat_f16(b, dh, _V16F), flags=_FLAGS), flags=_FLAGS), acc)
         return _hsum(b, b.load(acc))
 
-    return types.float32(w, types.intp, x, types.intp, types.intp), gen
+    return types.float32(w, types.intp, x, types.intp, types.intp, types.intp), gen
 
 
 @intrinsic
@@ -264,20 +277,17 @@ def decode_q5_0r(typingctx, w, woff, ngroups, dst, doff):
 
 @jit(inline="always")
 def _gemv_simd(dot, w, x, out, r0, r1):
-    """Groups by ``dot`` (a jitted ``dot_q5_0r``), the 1-2 tail blocks by simd.dot_q5_0."""
+    """One ``dot`` (a jitted ``dot_q5_0r``) per row: its groups and its 0-2 tail blocks."""
     nb = x.shape[0] // 32
     ng = nb // _G
     rb = w.strides[0]
     for r in range(r0, r1):
-        s = dot(w, r * rb, x, 0, ng)
-        if _G * ng < nb:
-            s += simd.dot_q5_0(w, r * rb + _GB * ng, x, _GW * ng, x, nb - _G * ng)
-        out[r] = s
+        out[r] = dot(w, r * rb, x, 0, ng, nb - _G * ng)
 
 
 @jit
-def _dot(w, o, x, xo, ng):
-    return dot_q5_0r(w, o, x, xo, ng)
+def _dot(w, o, x, xo, ng, nt):
+    return dot_q5_0r(w, o, x, xo, ng, nt)
 
 
 @jit

@@ -103,8 +103,8 @@ def test_every_simd_code_path(avx512: bool) -> None:
         simd.HAVE_AVX512 = avx512
 
         @numba.njit(nogil=True, fastmath=True)
-        def dot(w, o, x, xo, ng):
-            return rp.dot_q5_0r(w, o, x, xo, ng)
+        def dot(w, o, x, xo, ng, nt):
+            return rp.dot_q5_0r(w, o, x, xo, ng, nt)
 
         @numba.njit(nogil=True, fastmath=True)
         def gemv(w, x, out, r0, r1):
