@@ -8,9 +8,10 @@ must still propagate inf/nan from the weights or activations.
 
 from __future__ import annotations
 
-import functools
+import collections
 
 import numba
+import numba.extending
 
 # LLVM fast-math flags: contract (a*b+c -> fma), arcp, reassoc (lane accumulators),
 # nsz. No nnan/ninf, so inf/nan inputs give inf/nan outputs.
@@ -19,11 +20,46 @@ FASTMATH: set[str] = {"contract", "arcp", "reassoc", "nsz"}
 # Cache compiled machine code in __pycache__ so a second process does not recompile.
 CACHE: bool = True
 
-# `@jit` == `@numba.njit(nogil=True, cache=CACHE, fastmath=FASTMATH)`.
-jit = functools.partial(numba.njit, nogil=True, cache=CACHE, fastmath=FASTMATH)
+# Numba's cache keys a closure by its pickled cells, and a dispatcher pickles with a
+# uuid that is random per process, so a jitted closure over other jitted functions (the
+# kernel factories in repacked.py) missed the cache in every new process: ~5 s of
+# recompiling before the first token of every run. Each dispatcher made here gets a uuid
+# from its module, qualified name and how many came before it under that name (import
+# order is fixed), the same in every process; tests/kernels/test_config.py checks it.
+_NAMED: collections.Counter = collections.Counter()
 
-# For code that must round exactly like numpy (dequantizers compared bit for bit
-# with gguf.quants.dequantize): no FMA contraction, no reassociation.
-jit_exact = functools.partial(numba.njit, nogil=True, cache=CACHE)
 
-__all__ = ["CACHE", "FASTMATH", "jit", "jit_exact"]
+def _stable_uuid(obj, f):
+    key = f"{f.__module__}.{f.__qualname__}"
+    _NAMED[key] += 1
+    try:
+        obj._set_uuid(f"flashlm:{key}:{_NAMED[key]}")  # Numba internal; without it only the cache misses
+    except (AttributeError, AssertionError):
+        pass
+    return obj
+
+
+def intrinsic(fn):
+    """``numba.extending.intrinsic`` with a stable uuid (intrinsics pickle with one too)."""
+    return _stable_uuid(numba.extending.intrinsic(fn), fn)
+
+
+def _njit(fn=None, **options):
+    if fn is None:
+        return lambda f: _stable_uuid(numba.njit(f, **options), f)
+    return _stable_uuid(numba.njit(fn, **options), fn)
+
+
+def jit(fn=None, **options):
+    """``@numba.njit(nogil=True, cache=CACHE, fastmath=FASTMATH)``, with a stable uuid."""
+    # fastmath as a dict in a fixed order: a set pickles in hash order, random per process
+    return _njit(fn, **{"nogil": True, "cache": CACHE, "fastmath": dict.fromkeys(sorted(FASTMATH), True), **options})
+
+
+def jit_exact(fn=None, **options):
+    """For code that must round exactly like numpy (dequantizers compared bit for bit with
+    gguf.quants.dequantize): no FMA contraction, no reassociation."""
+    return _njit(fn, **{"nogil": True, "cache": CACHE, **options})
+
+
+__all__ = ["CACHE", "FASTMATH", "intrinsic", "jit", "jit_exact"]

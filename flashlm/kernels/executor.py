@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import numpy as np
 from numba import carray, njit, types
-from numba.extending import intrinsic
 
 from flashlm.kernels import gemv_kquant as _kq
 from flashlm.kernels import repacked as _rp
 from flashlm.kernels import sync
+from flashlm.kernels.config import intrinsic
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
 from flashlm.kernels.ops import _attention
 

@@ -31,9 +31,8 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
-from flashlm.kernels.config import jit
+from flashlm.kernels.config import intrinsic, jit
 from flashlm.kernels.simd import HAVE_AVX512, HAVE_SIMD, _lookup, _prefetch
 
 QK = 256  # weights per super-block

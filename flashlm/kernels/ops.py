@@ -17,10 +17,9 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
 
 from flashlm.errors import UnsupportedError
-from flashlm.kernels.config import CACHE, jit
+from flashlm.kernels.config import CACHE, intrinsic, jit
 
 __all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "kv_write", "rope_inv_freq"]
 

@@ -62,10 +62,9 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from flashlm.kernels import simd
-from flashlm.kernels.config import jit, jit_exact
+from flashlm.kernels.config import intrinsic, jit, jit_exact
 from flashlm.kernels.formats import (GGUF_OF, GROUPED, SLAB_COLS, STORE_LAYOUT, from_slabs, n_slabs, row_nbytes,
                                      slab_unit, to_slabs)
 from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _block_sums, _dequant_blocks_simd, _dot_plain,
@@ -604,6 +603,26 @@ def _gemv_superblocks(prep, dot, w, x, out, r0, r1):
         out[r] = dot(w, r * rb, xp, nb)
 
 
+def _superblock_kernels(prep, dot, decode_row) -> tuple:
+    """(gemv, gemm, dequant) on row-major rows of a super-block layout from its jitted x
+    preparation, row dot and row decoder (``decode_row(w, off, n32, dst, doff)``, counting
+    32-weight units as gemv_basic's GEMM and dequant drivers do)."""
+
+    @jit
+    def gemv(w, x, out, r0, r1):
+        _gemv_superblocks(prep, dot, w, x, out, r0, r1)
+
+    @jit
+    def gemm(w, X, out, r0, r1):
+        _gemm_blocks_simd(decode_row, w, X, out, r0, r1)
+
+    @jit_exact
+    def dequant(w, out, r0, r1):
+        _dequant_blocks_simd(decode_row, w, out, r0, r1)
+
+    return gemv, gemm, dequant
+
+
 @jit
 def _prep6(x, xp, nb):
     _prep_x(x, xp, nb)
@@ -614,24 +633,12 @@ def _dot6(w, o, xp, nb):
     return dot_q6_kr(w, o, xp, nb)
 
 
-@jit
-def gemv_q6_kr_simd(w, x, out, r0, r1):
-    _gemv_superblocks(_prep6, _dot6, w, x, out, r0, r1)
-
-
 @jit_exact
-def _decode_row_q6_kr_simd(w, off, n32, dst, doff):  # gemv_basic's drivers count 32-weight units
+def _decode_row_q6_kr_simd(w, off, n32, dst, doff):
     decode_q6_kr(w, off, n32 // 8, dst, doff)
 
 
-@jit
-def gemm_q6_kr_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_decode_row_q6_kr_simd, w, X, out, r0, r1)
-
-
-@jit_exact
-def dequant_q6_kr_simd(w, out, r0, r1):
-    _dequant_blocks_simd(_decode_row_q6_kr_simd, w, out, r0, r1)
+gemv_q6_kr_simd, gemm_q6_kr_simd, dequant_q6_kr_simd = _superblock_kernels(_prep6, _dot6, _decode_row_q6_kr_simd)
 
 
 @jit_exact
@@ -835,24 +842,12 @@ def _dot4(w, o, xp, nb):
     return dot_q4_kr(w, o, xp, nb)
 
 
-@jit
-def gemv_q4_kr_simd(w, x, out, r0, r1):
-    _gemv_superblocks(_prep4, _dot4, w, x, out, r0, r1)
-
-
 @jit_exact
 def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
     decode_q4_kr(w, off, n32 // 8, dst, doff)
 
 
-@jit
-def gemm_q4_kr_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_decode_row_q4_kr_simd, w, X, out, r0, r1)
-
-
-@jit_exact
-def dequant_q4_kr_simd(w, out, r0, r1):
-    _dequant_blocks_simd(_decode_row_q4_kr_simd, w, out, r0, r1)
+gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd = _superblock_kernels(_prep4, _dot4, _decode_row_q4_kr_simd)
 
 
 @jit_exact

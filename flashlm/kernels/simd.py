@@ -46,9 +46,8 @@ import numba
 import numpy as np
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
-from flashlm.kernels.config import FASTMATH
+from flashlm.kernels.config import FASTMATH, intrinsic
 
 
 def _host_has_simd() -> bool:

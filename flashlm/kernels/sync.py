@@ -13,7 +13,8 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+
+from flashlm.kernels.config import intrinsic
 
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")

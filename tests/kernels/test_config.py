@@ -1,0 +1,44 @@
+"""kernels/config.py: compiled kernels are cached across processes, closures included."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from flashlm.kernels import config
+
+# Numba keys a closure's cache entry by the pickled contents of its cells; print that hash
+# for every public kernel that is a closure (repacked's factories).
+_KEYS = """
+import hashlib
+from numba.core.serialize import dumps
+from flashlm.kernels import repacked as rp
+for impl, table in sorted(rp._SLABBED.items()):
+    for fmt, kernels in sorted(table.items()):
+        for k in kernels:
+            cells = tuple(c.cell_contents for c in k.py_func.__closure__ or ())
+            print(impl, fmt, k.py_func.__qualname__, hashlib.sha256(dumps(cells)).hexdigest())
+"""
+
+
+def _keys(seed: str) -> list[str]:
+    env = {**os.environ, "PYTHONHASHSEED": seed}  # sets of strings pickle in hash order: vary it
+    out = subprocess.run([sys.executable, "-c", _KEYS], capture_output=True, text=True, check=True, env=env)
+    return out.stdout.splitlines()
+
+
+def test_closure_cache_keys_are_the_same_in_every_process() -> None:
+    a, b = _keys("1"), _keys("2")
+    assert len(a) >= 3 * 8  # gemv, gemm, dequant of every slabbed store layout
+    assert a == b
+
+
+def test_stable_uuid_names_each_dispatcher_apart() -> None:
+    def f(x):
+        return x + 1
+
+    d1, d2 = config.jit(f), config.jit_exact(f)
+    assert d1(1) == 2 and d2(1) == 2
+    assert d1._uuid != d2._uuid and d1._uuid.startswith("flashlm:")
+    assert config.jit(inline="always")(f)._uuid.startswith("flashlm:")
