@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from close import assert_close
 from flashlm.errors import UnsupportedError
 from flashlm.kernels.ops import rope, rope_inv_freq
 
@@ -96,7 +97,7 @@ def test_interleaved_equals_neox_on_llama_cpp_permuted_weights(head_dim: int, n_
     # the same holds for k, so per-head q.k scores agree between the two layouts
     s_hf = np.einsum("ihd,jhd->hij", q_hf, q_hf)
     s_gg = np.einsum("ihd,jhd->hij", q_gg, q_gg)
-    np.testing.assert_allclose(s_gg, s_hf, rtol=1e-4, atol=1e-3)
+    assert_close(s_gg, s_hf, rel=1e-6)  # scores up to ~1.6e4; measured 1.2e-7 of that
 
 
 @pytest.mark.parametrize("layout", ["neox", "interleaved"])

@@ -2,9 +2,13 @@
 
 For llama, qwen2 and qwen3 (tied and untied head, several rope thetas, llama3 rope
 scaling, a qwen3 head_dim != hidden / heads):
-- logits of every position within 1e-4 of transformers;
+- logits of every position within REL x the largest logit of transformers (two float32
+  paths: errors are a few ulp of the values summed; measured up to 4.8e-7);
 - decode steps with a cache equal the full-sequence logits;
-- forward_batch of 3 sequences of different lengths equals each sequence alone.
+- forward_batch of 3 sequences of different lengths equals each sequence alone: bit for
+  bit on the kernel backend (its fused GEMM computes a row the same way whatever the
+  batch), within REL on the numpy backend (BLAS may round a 12-row and a 6-row product
+  differently; measured up to 3e-7).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import json
 
 import numpy as np
 import pytest
+from close import assert_close
 from synth import tiny_tokenizer_json
 
 from flashlm.models import build_model
@@ -22,7 +27,7 @@ from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_availab
 torch = pytest.importorskip("torch", reason="torch is needed for the transformers parity tests")
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the parity tests")
 
-ATOL = 1e-4
+REL = 2e-6  # of the largest |logit|: ~16 ulp of it; the errors measured are <= 4.8e-7
 VOCAB = 128
 BASE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-6)
@@ -100,7 +105,7 @@ def test_all_positions(tiny, backend):
     ref = hf_logits(hf, ids)
     assert ours.shape == ref.shape == (len(ids), VOCAB)
     assert np.abs(ref).max() > 0.5  # the comparison is not of near-zero numbers
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=ATOL)
+    assert_close(ours, ref, rel=REL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -111,10 +116,10 @@ def test_decode_steps_equal_full_sequence(tiny, backend):
     ref = hf_logits(hf, ids)
     cache = model.make_cache(16)
     last = model.forward(ids[:5], np.arange(5), cache)
-    np.testing.assert_allclose(last, ref[4], rtol=0, atol=ATOL)
+    assert_close(last, ref[4], rel=REL)
     for t in range(5, len(ids)):
         step = model.forward(ids[t : t + 1], np.array([t]), cache)
-        np.testing.assert_allclose(step, ref[t], rtol=0, atol=ATOL, err_msg=f"decode step at position {t}")
+        assert_close(step, ref[t], rel=REL, err_msg=f"decode step at position {t}")
     assert cache.offset == len(ids)
 
 
@@ -133,5 +138,8 @@ def test_batch_equals_each_alone(tiny, backend):
     alone = []
     for ids in (a, b, c):
         alone.append(model.forward(ids, np.arange(len(ids)), model.make_cache(16)))
-        np.testing.assert_allclose(alone[-1], hf_logits(hf, ids)[-1], rtol=0, atol=ATOL)
-    np.testing.assert_allclose(out, np.stack(alone), rtol=0, atol=1e-5)
+        assert_close(alone[-1], hf_logits(hf, ids)[-1], rel=REL)
+    if backend == "kernels":
+        np.testing.assert_array_equal(out, np.stack(alone))
+    else:
+        assert_close(out, np.stack(alone), rel=REL)
