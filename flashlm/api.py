@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 from flashlm.errors import InputError
 from flashlm.models import build_model
 from flashlm.models.registry import resolve
+from flashlm.offload.budget import DEFAULT_PREFILL, Layout, RamSpec, make_plan, measure_baseline, parse_ram, parse_size, resolve_budget
 from flashlm.offload.store import Store
 from flashlm.runtime.engine import Engine, Stats
 from flashlm.runtime.sampler import SamplingParams
@@ -35,28 +36,60 @@ def default_threads() -> int:
 
 
 class LLM:
-    """A loaded model: tokenizer, config, model and engine.
+    """A loaded model: tokenizer, config, plan, weights, model and engine.
 
-    Use :func:`load` to make one.
+    Use :func:`load` to make one. ``llm.plan`` says where the weights live (all in RAM,
+    or which stream from disk); ``llm.weights`` is the Store or the StreamingWeights.
     """
 
-    def __init__(self, store: Store, *, threads: int | None = None, ctx: int = 4096, backend: str = "auto"):
+    def __init__(self, store: Store, *, threads: int | None = None, ctx: int | None = None, backend: str = "auto",
+                 ram: int | str | RamSpec | None = None, batch: int = 1, draft: int = 0, read_mode: str | None = None,
+                 readers: int = 2, stream: bool = False, prefill_rows: int | None = None):
         from flashlm.runtime.backend import get_backend
 
         self.store = store
         self.config = store.config
-        self.tokenizer = open_tokenizer(store)
         self.threads = default_threads() if threads is None else int(threads)
         if self.threads < 1:
             raise InputError(f"--threads {threads} is invalid: use 1 or more")
+        check_ctx(ctx, self.config)
+        spec = parse_ram(ram)
         self.pool = None
-        if self.threads > 1:
-            from flashlm.runtime.threadpool import ThreadPool
+        self.weights = None
+        try:
+            self.tokenizer = open_tokenizer(store)
+            if self.threads > 1:
+                from flashlm.runtime.threadpool import ThreadPool
 
-            self.pool = ThreadPool(self.threads)
-        self.backend = get_backend(backend, pool=self.pool)
-        self.model = build_model(store.config, store, self.backend)
-        self.engine = Engine(self.model, self.tokenizer, ctx=ctx)
+                self.pool = ThreadPool(self.threads)
+            self.backend = get_backend(backend, pool=self.pool)
+            if hasattr(self.backend, "warm_up"):
+                self.backend.warm_up(store, self.config)  # kernels in memory before the baseline is measured
+            baseline = measure_baseline()
+            budget = resolve_budget(spec, rss=baseline)
+            self.plan = make_plan(Layout.of(store), self.config, budget=budget, baseline=baseline, ctx=ctx,
+                                  batch=batch, draft=draft, force_stream=stream,
+                                  prefill_rows=prefill_rows or DEFAULT_PREFILL)
+            if self.plan.streams:
+                from flashlm.offload.streaming import StreamingWeights
+
+                self.weights = StreamingWeights(store, self.plan, mode=read_mode, readers=readers)
+            else:
+                self.weights = store
+            self.model = build_model(self.config, self.weights, self.backend)
+            self.engine = Engine(self.model, self.tokenizer, ctx=self.plan.ctx, prefill_rows=self.plan.prefill_rows)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def streams(self) -> bool:
+        """True when some weights stream from disk (the model does not fit the RAM budget)."""
+        return self.plan.streams
+
+    def offload_stats(self) -> dict:
+        """Reads of a streaming run (bytes, GB/s, I/O wait, overlap, ...); {} when nothing streams."""
+        return self.weights.stats() if self.plan.streams else {}
 
     @property
     def stats(self) -> Stats:
@@ -107,6 +140,8 @@ class LLM:
         return out
 
     def close(self) -> None:
+        if self.weights is not None and self.weights is not self.store and hasattr(self.weights, "close"):
+            self.weights.close()
         if self.pool is not None:
             self.pool.close()
             self.pool = None
@@ -118,46 +153,46 @@ class LLM:
         self.close()
 
 
-def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str | None = None, ctx: int = 4096,
-         backend: str = "auto", progress: bool = False) -> LLM:
-    """Load a model for generation.
+def check_ctx(ctx: int | None, config) -> None:
+    """InputError for a --ctx that is not a positive integer or exceeds what the model allows."""
+    if ctx is None:
+        return
+    if isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2:
+        raise InputError(f"--ctx {ctx!r} is invalid: use an integer >= 2")
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit and ctx > limit:
+        raise InputError(f"--ctx {ctx} is more than this model's context length ({limit}): use at most {limit}")
+
+
+def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str | None = None, ctx: int | None = None,
+         backend: str = "auto", progress: bool = False, batch: int = 1, draft: int = 0, read_mode: str | None = None,
+         readers: int = 2, stream: bool = False, prefill_rows: int | None = None) -> LLM:
+    """Load a model for generation, planned into a RAM budget.
 
     Args:
         model: a known name (pulled on first use), a store directory, a .gguf file or an HF directory.
         threads: compute threads (default: physical cores).
-        ram: RAM budget in bytes or as "512M"/"4G". The whole model is memory-mapped for now;
-            a budget below its size is refused until streaming offload lands.
-        ctx: context length (prompt + generated tokens) per sequence.
+        ram: RAM budget of the whole process: bytes, "560M"/"4G", "60%" of the machine, or
+            "auto"/None (what is available now, less a margin). A model that does not fit
+            streams its layers from disk (``llm.plan`` says how).
+        ctx: context length (prompt + generated tokens) per sequence; default 4096, lowered
+            to fit a tight budget when not given.
         backend: "auto" (Numba kernels), "kernels" or "numpy" (plain-numpy reference).
         progress: show progress bars when a model is pulled or imported.
+        batch: sequences decoded together (the plan reserves their KV caches).
+        draft: draft tokens verified per step (the plan reserves their rows).
+        read_mode: "direct" (O_DIRECT), "buffered" or "mmap" for streamed reads; default the best available.
+        readers: reader threads for streamed weights.
+        stream: plan streaming even when the model fits (benchmarks, tests).
+        prefill_rows: rows per prefill step (default 512, lowered to fit a tight budget).
     Returns:
-        An :class:`LLM` with generate(), stream(), tokenizer, config.
+        An :class:`LLM` with generate(), stream(), tokenizer, config, plan.
     """
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise InputError(f"--threads {threads!r} is invalid: use an integer >= 1")
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2):
+        raise InputError(f"--ctx {ctx!r} is invalid: use an integer >= 2")
+    spec = parse_ram(ram)  # checked before a model is pulled
     store = Store(resolve(model, progress=progress))
-    if ram is not None:
-        from flashlm.runtime.kvcache import KVCache
-
-        budget = parse_size(ram)
-        need = store.nbytes + KVCache.bytes_for(store.config, ctx)
-        if budget < need:
-            from flashlm.errors import BudgetError
-
-            raise BudgetError(
-                f"--ram {ram}: this model needs {need / 2**20:.0f} MiB resident (weights + KV cache for ctx {ctx}); "
-                "streaming offload under a smaller budget is not implemented yet: raise --ram or lower --ctx"
-            )
-    return LLM(store, threads=threads, ctx=ctx, backend=backend)
-
-
-def parse_size(s: int | str) -> int:
-    """'512M', '4G', '1.5GiB', or a byte count -> bytes."""
-    if isinstance(s, int):
-        return s
-    t = str(s).strip().upper().removesuffix("IB").removesuffix("B")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        return int(t)
-    except ValueError:
-        raise InputError(f"--ram {s!r} is not a size: use e.g. 512M or 4G") from None
+    return LLM(store, threads=threads, ctx=ctx, backend=backend, ram=spec, batch=batch, draft=draft,
+               read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows)

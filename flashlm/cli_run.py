@@ -17,11 +17,15 @@ def _human(n: float) -> str:
     return f"{n / 2**20:.0f} MiB"
 
 
-def _add_model_opts(s: argparse.ArgumentParser, ctx: int = 4096) -> None:
+def _add_model_opts(s: argparse.ArgumentParser, ctx: int | None = None) -> None:
     s.add_argument("model", metavar="MODEL", help="known name, store dir, .gguf file or HF dir")
     s.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
-    s.add_argument("--ctx", type=int, default=ctx, help=f"context length per sequence (default {ctx})")
-    s.add_argument("--ram", default=None, help="RAM budget, e.g. 512M or 4G")
+    s.add_argument("--ctx", type=int, default=ctx,
+                   help=f"context length per sequence (default {ctx})" if ctx else
+                   "context length per sequence (default 4096, or the model's if shorter; lowered to fit --ram)")
+    s.add_argument("--ram", default=None, metavar="SIZE|N%|auto",
+                   help="RAM budget of the whole process, e.g. 560M, 4G, 60%% (default auto: what is available); "
+                        "a model that does not fit streams its layers from disk")
     s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto", help=argparse.SUPPRESS)
 
 

@@ -40,3 +40,7 @@ class InputError(FlashlmError):
 
 class BudgetError(FlashlmError):
     """A RAM budget too small to run the model."""
+
+
+class OffloadError(FlashlmError):
+    """A weight could not be read from the store while streaming (path, offset and the OS error)."""

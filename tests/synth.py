@@ -243,3 +243,13 @@ def write_tiny_hf(
         "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "add_bos_token": False, "chat_template": CHAT_TEMPLATE,
     }))
     return W
+
+
+def tiny_store(directory: Path, **kw):
+    """A Store imported from a tiny GGUF written into ``directory`` (``write_tiny_gguf``'s options)."""
+    from flashlm.models.gguf_import import import_gguf
+    from flashlm.offload.store import Store
+
+    directory = Path(directory)
+    src = write_tiny_gguf(directory / "m.gguf", **kw)
+    return Store(import_gguf(src, directory / "store", progress=False))

@@ -183,11 +183,15 @@ def view_as(fmt: str, buf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class QTensor:
-    """A weight as stored: ``data`` in the kernel array layout above, ``fmt``, logical ``shape``."""
+    """A weight as stored: ``data`` in the kernel array layout above, ``fmt``, logical ``shape``.
+
+    ``stable`` is False for a view of a streaming buffer (flashlm.offload), whose address
+    holds other weights later: nothing may cache anything keyed by its address."""
 
     data: np.ndarray
     fmt: str
     shape: tuple[int, ...]
+    stable: bool = True
 
     @property
     def nbytes(self) -> int:

@@ -70,6 +70,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
     raise UnsupportedError(f"rope scaling {kind!r} is not supported (default, linear, llama3)")
 
 
+def _linear_blocks(linear, x: np.ndarray, w, bias: np.ndarray | None) -> np.ndarray:
+    """``x @ W.T`` for a weight that arrives in row blocks (``w.blocks()`` yields (r0, r1, QTensor))."""
+    out = np.empty(x.shape[:-1] + (w.shape[0],), np.float32)
+    for r0, r1, part in w.blocks():
+        out[..., r0:r1] = linear(x, part)
+    if bias is not None:
+        out += bias
+    return out
+
+
 # ---- plain numpy ----
 
 
@@ -90,10 +100,10 @@ class NumpyBackend:
         self._f32: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
     def f32(self, w: QTensor) -> np.ndarray:
-        """The float32 (rows, cols) copy of ``w`` (cached)."""
+        """The float32 (rows, cols) copy of ``w`` (cached, unless its buffer is reused: not ``w.stable``)."""
         if w.fmt == "F32":
             return np.asarray(w.data).reshape(w.shape)
-        if not self.cache_weights:
+        if not self.cache_weights or not w.stable:
             return to_f32(w)
         key = (w.data.__array_interface__["data"][0], w.fmt, w.shape)
         hit = self._f32.get(key)
@@ -110,6 +120,8 @@ class NumpyBackend:
         self._f32.clear()
 
     def linear(self, x: np.ndarray, w: QTensor, bias: QTensor | None = None) -> np.ndarray:
+        if not isinstance(w, QTensor):  # streamed in row blocks (flashlm.offload.streaming.StreamedMatrix)
+            return _linear_blocks(self.linear, x, w, bias and self.f32(bias))
         y = x @ self.f32(w).T  # (n, cols) @ (cols, rows)
         if bias is not None:
             y += self.f32(bias)
@@ -121,6 +133,8 @@ class NumpyBackend:
         return [self.linear(x, w, b) for w, b in zip(ws, biases)]
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
+        if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)
+            return np.array(to_f32(w.rows(ids)), np.float32)
         rows = QTensor(take_rows(w.fmt, w.data, w.shape[-1], np.asarray(ids)), w.fmt, (len(ids),) + tuple(w.shape[1:]))
         return np.array(to_f32(rows), np.float32)  # (n, d), a fresh array
 
@@ -216,10 +230,46 @@ class KernelBackend:
         self.pool = pool
         self._vec: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
+    def warm_up(self, weights, config) -> None:
+        """Load the kernels a model uses (compiling them on a fresh install) on tiny zero
+        tensors of its formats and row lengths, so that their memory is part of the baseline
+        the RAM planner measures and the first token does not wait for them.
+
+        Args:
+            weights: a Store (``tensor_info``) or anything with ``tensor_info``-like metadata.
+            config: the ModelConfig (head sizes for rope and attention).
+        """
+        from flashlm.kernels.formats import FLOAT_DTYPES, row_nbytes
+
+        shapes = {(t["format"], int(t["shape"][-1])) for t in weights.tensor_info.values() if len(t["shape"]) == 2}
+        for fmt, cols in sorted(shapes):
+            if fmt in FLOAT_DTYPES:
+                data = np.zeros((2, cols), FLOAT_DTYPES[fmt])
+            else:
+                data = np.zeros((2, row_nbytes(fmt, cols)), np.uint8)
+            w = QTensor(data, fmt, (2, cols))
+            for n in (1, 2):
+                self.linear(np.zeros((n, cols), np.float32), w)
+            self.embed(w, np.array([1]))
+        c = config
+        d, hd, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        x = np.ones((1, d), np.float32)
+        self.rmsnorm(x, QTensor(np.ones(d, np.float32), "F32", (d,)), 1e-6)
+        self.silu_mul(x, x)
+        q, k = np.ones((1, hq, hd), np.float32), np.ones((1, hkv, hd), np.float32)
+        for t in (q, k):
+            self.rope(t, np.array([0]), c.rope_theta, c.rope_layout, c.rope_scaling)
+        kc, vc = np.zeros((hkv, 4, hd), np.float32), np.zeros((hkv, 4, hd), np.float32)
+        self.kv_write(kc, vc, k, k, 0)
+        self.attention(q, kc, vc, 0)
+
     def vector(self, w: QTensor) -> np.ndarray:
-        """A norm weight or bias as float32 (converted once when stored as F16/BF16)."""
+        """A norm weight or bias as float32 (converted once when stored as F16/BF16, unless its
+        buffer is reused: not ``w.stable``)."""
         if w.fmt == "F32":
             return np.asarray(w.data, np.float32).reshape(-1)
+        if not w.stable:
+            return to_f32(w).reshape(-1)
         key = (w.data.__array_interface__["data"][0], w.fmt, w.shape)
         hit = self._vec.get(key)
         if hit is None:
@@ -227,6 +277,8 @@ class KernelBackend:
         return hit[1]
 
     def linear(self, x: np.ndarray, w: QTensor, bias: QTensor | None = None) -> np.ndarray:
+        if not isinstance(w, QTensor):  # streamed in row blocks (flashlm.offload.streaming.StreamedMatrix)
+            return _linear_blocks(self.linear, x, w, bias and self.vector(bias))
         y = self._matmul.matmul(x, w, pool=self.pool)
         if bias is not None:
             y += self.vector(bias)
@@ -241,6 +293,8 @@ class KernelBackend:
         return ys
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
+        if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)
+            return np.array(self._matmul.dequantize(w.rows(ids)), np.float32)
         return np.array(self._matmul.dequantize(w, rows=np.asarray(ids, np.int64)), np.float32)
 
     def rmsnorm(self, x: np.ndarray, w: QTensor, eps: float) -> np.ndarray:

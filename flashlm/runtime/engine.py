@@ -2,10 +2,11 @@
 
 The Model, the Tokenizer and the Sampler meet only here. Each sequence has its own
 KV cache, sampler (own seeded generator), logits processors, streaming detokenizer
-and stop-string checker. A batch is prefilled one prompt at a time (each prompt is
-one GEMM pass), then decoded together: one ``forward_batch`` step runs the linear
-layers once over a row per live sequence, so the weights stream once per step for
-all of them.
+and stop-string checker. Prompts are prefilled together in steps of at most
+``prefill_rows`` rows (several prompts share a step; a long prompt takes several),
+then decoded together: one ``forward_batch`` step runs the linear layers once over
+a row per live sequence, so each step reads the weights once for all of them (when
+weights stream from disk, a step costs one pass over the streamed bytes).
 
 Example:
     >>> engine = Engine(model, tokenizer)
@@ -110,12 +111,16 @@ class Engine:
         model: a flashlm model (forward, forward_batch, make_cache, config).
         tokenizer: the runtime Tokenizer (stop tokens, detokenizer).
         ctx: positions per sequence (prompt + generated); the KV cache size.
+        prefill_rows: most prompt tokens per prefill step (all prompts together).
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096):
+    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096, prefill_rows: int = 512):
         if ctx < 2:
             raise InputError(f"--ctx {ctx} is too small: use at least 2")
+        if prefill_rows < 1:
+            raise InputError(f"prefill_rows {prefill_rows} is invalid: use 1 or more")
         self.model, self.tokenizer, self.ctx = model, tokenizer, int(ctx)
+        self.prefill_rows = int(prefill_rows)
         self.stats = Stats()
         self._cancel = threading.Event()
 
@@ -166,12 +171,7 @@ class Engine:
         ]
         stop_ids = set(self.tokenizer.stop_token_ids)
         t0 = time.perf_counter()
-        # ---- prefill: one pass per prompt; its last logits give the first token ----
-        logits = []
-        for s in seqs:
-            logits.append(self.model.forward(np.asarray(s.prompt, np.int64), None, s.cache))
-            if self._cancel.is_set():
-                break
+        logits = self._prefill(seqs)
         st.prefill_s = time.perf_counter() - t0
         st.ttft_s = st.prefill_s
         t1 = time.perf_counter()
@@ -194,6 +194,34 @@ class Engine:
                 yield Event(s.index, None, s.stops.feed(s.detok.flush())[0] + s.stops.flush(), True, "cancelled")
         st.decode_s = time.perf_counter() - t1
         st.peak_rss = _peak_rss()
+
+    def _prefill(self, seqs: list[_Seq]) -> list[np.ndarray]:
+        """Feed every prompt in steps of at most ``prefill_rows`` rows; the logits of each
+        prompt's last token, for the prompts finished before a cancel."""
+        logits: dict[int, np.ndarray] = {}
+        fed = [0] * len(seqs)
+        todo = list(range(len(seqs)))
+        while todo and not self._cancel.is_set():
+            step, rows = [], 0
+            for j in todo:
+                take = min(len(seqs[j].prompt) - fed[j], self.prefill_rows - rows)
+                if take <= 0:
+                    break
+                step.append((j, take))
+                rows += take
+            out = self.model.forward_batch(
+                [(np.asarray(seqs[j].prompt[fed[j]:fed[j] + n], np.int64), None, seqs[j].cache) for j, n in step])
+            for (j, n), lg in zip(step, out):
+                fed[j] += n
+                if fed[j] == len(seqs[j].prompt):
+                    logits[j] = lg
+            todo = [j for j in todo if j not in logits]
+        out_list = []
+        for j in range(len(seqs)):  # in order, up to the first unfinished prompt
+            if j not in logits:
+                break
+            out_list.append(logits[j])
+        return out_list
 
     def _emit(self, s: _Seq, logits: np.ndarray, stop_ids: set[int]) -> Iterator[Event]:
         history = s.prompt + s.tokens

@@ -1,0 +1,402 @@
+"""The prefetcher: reader threads fill a fixed window of aligned slots ahead of the compute.
+
+Mechanism only (the planner in :mod:`flashlm.offload.budget` decides what streams and
+how many slots): a list of :class:`Segment` s in the order the model asks for them
+(layer 0, 1, ..., the head's row blocks; then again for the next token), one
+anonymous page-aligned slab of ``n_slots x slot_bytes`` allocated once, and reader
+threads that read segments into free slots, several requests in flight.
+
+The compute side calls ``get(key)`` and ``release(key)``:
+
+    READY    -> handed out at once (a prefetch hit)
+    LOADING  -> wait for the reads in flight
+    absent   -> the schedule was mispredicted: start here (evicting a slot that was
+                read ahead but not handed out), then wait
+
+The compute thread never reads a file. A slot is refilled only after ``release``: the
+kernels reading it have returned (they are synchronous), so no read ever overwrites
+bytes in use. After each release the next segments in order go into the free slots,
+wrapping around to layer 0 for the next token; a segment is never in two slots.
+
+A read error is stored with its slot and raised by ``get`` as an OffloadError that
+names the file, the offset and the OS error; ``close`` stops and joins every reader
+(also after an error), so no thread outlives the prefetcher.
+
+Example:
+    >>> pf = Prefetcher(segments, n_slots=2, slot_bytes=32 << 20)
+    >>> buf = pf.get(("layer", 0))   # np.uint8 view of the slot
+    >>> ...                          # compute on views of buf
+    >>> pf.release(("layer", 0))     # the slot may now be refilled
+    >>> pf.close()
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from flashlm.errors import OffloadError
+from flashlm.offload.io import ALIGN, StoreFile, aligned_buffer, default_mode
+
+FREE, LOADING, READY, HELD = "free", "loading", "ready", "held"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Byte ranges of one store file that stream together into one slot.
+
+    Attributes:
+        key: what the compute side asks for, e.g. ("layer", 3) or ("head", 0).
+        path: the store file.
+        ranges: (file offset, nbytes, offset in the slot) triples, all 4096-aligned.
+    """
+
+    key: Hashable
+    path: Path
+    ranges: tuple[tuple[int, int, int], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(n for _, n, _ in self.ranges)
+
+    @property
+    def span(self) -> int:
+        """Bytes of slot the segment occupies."""
+        return max(s + n for _, n, s in self.ranges)
+
+
+@dataclass
+class PrefetchStats:
+    """What the prefetcher did since it started (or since :meth:`Prefetcher.reset_stats`)."""
+
+    bytes_read: int = 0
+    segments_read: int = 0
+    read_s: float = 0.0  # wall time with at least one read in flight
+    io_wait_s: float = 0.0  # time the compute side waited in get()
+    gets: int = 0
+    hits: int = 0  # get() found the segment already read
+    misses: int = 0  # get() found it not even requested (schedule mispredicted)
+
+    @property
+    def read_gb_s(self) -> float:
+        return self.bytes_read / self.read_s / 1e9 if self.read_s else 0.0
+
+    @property
+    def overlap(self) -> float:
+        """Fraction of read time hidden under compute (not waited for)."""
+        return max(0.0, 1.0 - self.io_wait_s / self.read_s) if self.read_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {"bytes_read": self.bytes_read, "segments_read": self.segments_read,
+                "read_s": round(self.read_s, 4), "read_GB_s": round(self.read_gb_s, 3),
+                "io_wait_s": round(self.io_wait_s, 4), "overlap": round(self.overlap, 3),
+                "gets": self.gets, "hits": self.hits, "misses": self.misses}
+
+
+@dataclass
+class _Slot:
+    index: int
+    view: np.ndarray  # (slot_bytes,) uint8
+    state: str = FREE
+    key: Hashable = None
+    pending: int = 0
+    error: BaseException | None = None
+    t_submit: float = 0.0
+
+
+@dataclass
+class _Job:
+    slot: _Slot
+    path: Path
+    offset: int
+    dst: memoryview
+    seg_key: Hashable = field(default=None)
+
+
+class Prefetcher:
+    """Reader threads streaming ``schedule`` through ``n_slots`` aligned slots.
+
+    Args:
+        schedule: segments in the order they are used; the order repeats (next token).
+        n_slots: slots in the window (at least 1; 2 keeps the disk busy while one computes).
+        slot_bytes: bytes per slot (>= the largest segment's span).
+        mode: read mode ("direct", "buffered", "mmap"; see :mod:`flashlm.offload.io`).
+        readers: reader threads.
+        chunk: bytes per read request (a segment is cut into chunks for queue depth).
+        trace: keep (key, submit time, done time) of every segment read in ``self.trace``.
+    """
+
+    def __init__(self, schedule: Sequence[Segment], *, n_slots: int, slot_bytes: int, mode: str | None = None,
+                 readers: int = 2, chunk: int = 4 << 20, trace: bool = False) -> None:
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        if chunk <= 0 or chunk % ALIGN:
+            raise ValueError(f"chunk must be a positive multiple of {ALIGN}, got {chunk}")
+        self.mode = mode or default_mode()
+        self.slot_bytes = -(-int(slot_bytes) // ALIGN) * ALIGN
+        self.chunk = int(chunk)
+        self._stats = PrefetchStats()
+        self.trace: list[tuple[Hashable, float, float]] | None = [] if trace else None
+        self._cv = threading.Condition()
+        self._closed = False
+        self._files: dict[Path, StoreFile] = {}
+        self._buf = aligned_buffer(n_slots * self.slot_bytes)
+        whole = np.frombuffer(self._buf, np.uint8)
+        self._slots = [_Slot(i, whole[i * self.slot_bytes:(i + 1) * self.slot_bytes]) for i in range(n_slots)]
+        self._where: dict[Hashable, _Slot] = {}
+        self._inflight = 0
+        self._busy_since = 0.0
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._set_schedule(schedule)
+        self._threads = [threading.Thread(target=self._reader, name=f"flashlm-reader-{i}", daemon=True)
+                         for i in range(max(1, int(readers)))]
+        for t in self._threads:
+            t.start()
+        with self._cv:
+            self._fill()
+
+    # ---- schedule ----
+
+    def _set_schedule(self, schedule: Sequence[Segment]) -> None:
+        self._order = list(schedule)
+        self._pos = {s.key: i for i, s in enumerate(self._order)}
+        if len(self._pos) != len(self._order):
+            raise ValueError("prefetch schedule has a key twice")
+        for s in self._order:
+            if s.span > self.slot_bytes:
+                raise ValueError(f"segment {s.key} needs {s.span} bytes, more than a slot ({self.slot_bytes})")
+        self._next = 0
+
+    def set_schedule(self, schedule: Sequence[Segment]) -> None:
+        """Replace the schedule (e.g. when resident layers are given up). Slots read ahead
+        for keys no longer scheduled are dropped; held slots stay held until released."""
+        with self._cv:
+            self._set_schedule(schedule)
+            for s in self._slots:
+                if s.state == READY and s.key not in self._pos:
+                    self._free(s)
+            self._fill()
+
+    @property
+    def keys(self) -> list[Hashable]:
+        return [s.key for s in self._order]
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
+
+    # ---- compute side ----
+
+    def get(self, key: Hashable) -> np.ndarray:
+        """The slot holding segment ``key`` (uint8, ``slot_bytes``), once read. Hold it until
+        :meth:`release`.
+
+        Raises:
+            OffloadError: its read failed (file, offset, OS error), or the prefetcher is closed.
+            KeyError: ``key`` is not in the schedule.
+        """
+        if key not in self._pos:
+            raise KeyError(f"segment {key!r} is not in the prefetch schedule")
+        t0 = time.perf_counter()
+        with self._cv:
+            self._stats.gets += 1
+            first = True
+            while True:
+                if self._closed:
+                    raise OffloadError("the weight prefetcher is closed")
+                slot = self._where.get(key)
+                if slot is None:
+                    if first:
+                        self._stats.misses += 1
+                    self._next = self._pos[key]  # mispredicted (or the first call): start here
+                    self._fill()
+                    if self._where.get(key) is None and not self._evict_for(key):
+                        if not any(s.state == LOADING for s in self._slots):
+                            raise RuntimeError("every prefetch slot is held: release a segment before getting another")
+                        self._cv.wait()
+                elif slot.state == READY:
+                    if first:
+                        self._stats.hits += 1
+                    if slot.error is not None:
+                        err = slot.error
+                        self._free(slot)
+                        self._fill()
+                        if isinstance(err, OffloadError):
+                            raise OffloadError(str(err)) from None
+                        raise OffloadError(f"reading {key} failed: {err!r}") from err
+                    slot.state = HELD
+                    self._stats.io_wait_s += time.perf_counter() - t0
+                    return slot.view
+                elif slot.state == HELD:
+                    raise RuntimeError(f"segment {key!r} is already held: release it first")
+                else:
+                    self._cv.wait()
+                first = False
+
+    def release(self, key: Hashable) -> None:
+        """Give back the slot of ``key``: nothing reads it any more, it may be refilled."""
+        with self._cv:
+            slot = self._where.get(key)
+            if slot is None or slot.state != HELD:
+                raise RuntimeError(f"segment {key!r} is not held")
+            self._free(slot)
+            self._fill()
+
+    def held(self) -> list[Hashable]:
+        with self._cv:
+            return [s.key for s in self._slots if s.state == HELD]
+
+    # ---- internals (called with the lock held) ----
+
+    def _free(self, slot: _Slot) -> None:
+        self._where.pop(slot.key, None)
+        slot.state, slot.key, slot.error = FREE, None, None
+
+    def _fill(self) -> None:
+        """Submit the next scheduled segments into free slots, in order, wrapping around,
+        never a segment that is already in a slot."""
+        if self._closed or not self._order:
+            return
+        for _ in range(len(self._order)):
+            free = next((s for s in self._slots if s.state == FREE), None)
+            if free is None:
+                return
+            seg = self._order[self._next]
+            if seg.key in self._where:
+                return  # wrapped around to what is already read or in use
+            self._submit(seg, free)
+            self._next = (self._next + 1) % len(self._order)
+
+    def _evict_for(self, key: Hashable) -> bool:
+        """Free a slot read ahead but not handed out (the one used furthest from ``key``)."""
+        ready = [s for s in self._slots if s.state == READY]
+        if not ready:
+            return False
+        n, at = len(self._order), self._pos[key]
+        victim = max(ready, key=lambda s: (self._pos.get(s.key, at) - at) % n if s.key in self._pos else n)
+        self._free(victim)
+        self._fill()
+        return True
+
+    def _submit(self, seg: Segment, slot: _Slot) -> None:
+        f = self._files.get(seg.path)
+        if f is None:
+            try:
+                f = self._files[seg.path] = StoreFile(seg.path, self.mode)
+            except OffloadError as e:
+                slot.state, slot.key, slot.error, slot.pending = READY, seg.key, e, 0
+                self._where[seg.key] = slot
+                return
+        slot.state, slot.key, slot.error = LOADING, seg.key, None
+        slot.t_submit = time.perf_counter()
+        self._where[seg.key] = slot
+        mv = memoryview(slot.view)
+        jobs = []
+        for off, n, dst in seg.ranges:
+            for c in range(0, n, self.chunk):
+                m = min(self.chunk, n - c)
+                jobs.append(_Job(slot, seg.path, off + c, mv[dst + c:dst + c + m], seg.key))
+        slot.pending = len(jobs)
+        if not jobs:
+            slot.state = READY
+            return
+        for j in jobs:
+            self._jobs.put(j)
+
+    # ---- readers ----
+
+    def _reader(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            with self._cv:
+                if self._inflight == 0:
+                    self._busy_since = time.perf_counter()
+                self._inflight += 1
+                f = self._files.get(job.path)
+            err = None
+            try:
+                if job.slot.error is None and f is not None:
+                    f.read_into(job.dst, job.offset)
+            except BaseException as e:  # noqa: BLE001 - stored, raised by get()
+                err = e
+            with self._cv:
+                self._inflight -= 1
+                now = time.perf_counter()
+                if self._inflight == 0:
+                    self._stats.read_s += now - self._busy_since
+                slot = job.slot
+                if err is not None and slot.error is None:
+                    slot.error = err
+                if err is None:
+                    self._stats.bytes_read += len(job.dst)
+                slot.pending -= 1
+                if slot.pending == 0 and slot.state == LOADING:
+                    slot.state = READY
+                    self._stats.segments_read += 1
+                    if self.trace is not None:
+                        self.trace.append((slot.key, slot.t_submit, now))
+                    self._cv.notify_all()
+
+    # ---- lifetime ----
+
+    @property
+    def stats(self) -> PrefetchStats:
+        """A snapshot of the counters (read time includes the reads in flight now)."""
+        with self._cv:
+            snap = replace(self._stats)
+            if self._inflight:
+                snap.read_s += time.perf_counter() - self._busy_since
+            return snap
+
+    def reset_stats(self) -> None:
+        with self._cv:
+            self._stats = PrefetchStats()
+            if self._inflight:
+                self._busy_since = time.perf_counter()
+
+    def close(self) -> None:
+        """Stop the readers (after the reads in flight end) and free the files. Idempotent."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+        # drop queued jobs, then one sentinel per reader
+        try:
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    with self._cv:
+                        job.slot.pending -= 1
+        except queue.Empty:
+            pass
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    @property
+    def threads_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
