@@ -17,7 +17,7 @@ from flashlm.models import build_model
 from flashlm.models.registry import resolve
 from flashlm.offload.budget import DEFAULT_PREFILL, Layout, RamSpec, make_plan, measure_baseline, parse_ram, parse_size, resolve_budget
 from flashlm.offload.store import Store
-from flashlm.runtime.engine import Engine, Stats
+from flashlm.runtime.engine import Engine, Event, Stats
 from flashlm.runtime.sampler import SamplingParams
 from flashlm.runtime.tokenizer import Tokenizer
 
@@ -43,8 +43,9 @@ class LLM:
     """
 
     def __init__(self, store: Store, *, threads: int | None = None, ctx: int | None = None, backend: str = "auto",
-                 ram: int | str | RamSpec | None = None, batch: int = 1, draft: int = 0, read_mode: str | None = None,
-                 readers: int = 2, stream: bool = False, prefill_rows: int | None = None):
+                 ram: int | str | RamSpec | None = None, batch: int = 1, draft: str = "auto", draft_max: int = 8,
+                 read_mode: str | None = None, readers: int = 2, stream: bool = False,
+                 prefill_rows: int | None = None):
         from flashlm.runtime.backend import get_backend
 
         self.store = store
@@ -53,6 +54,7 @@ class LLM:
         if self.threads < 1:
             raise InputError(f"--threads {threads} is invalid: use 1 or more")
         check_ctx(ctx, self.config)
+        check_draft(draft, draft_max)
         spec = parse_ram(ram)
         self.pool = None
         self.weights = None
@@ -68,7 +70,7 @@ class LLM:
             baseline = measure_baseline()
             budget = resolve_budget(spec, rss=baseline)
             self.plan = make_plan(Layout.of(store), self.config, budget=budget, baseline=baseline, ctx=ctx,
-                                  batch=batch, draft=draft, force_stream=stream,
+                                  batch=batch, draft=draft_max if draft != "none" else 0, force_stream=stream,
                                   prefill_rows=prefill_rows or DEFAULT_PREFILL)
             if self.plan.streams:
                 from flashlm.offload.streaming import StreamingWeights
@@ -77,7 +79,10 @@ class LLM:
             else:
                 self.weights = store
             self.model = build_model(self.config, self.weights, self.backend)
-            self.engine = Engine(self.model, self.tokenizer, ctx=self.plan.ctx, prefill_rows=self.plan.prefill_rows)
+            # prompt lookup pays where a pass over the weights is what a token costs: when they stream
+            self.draft = "ngram" if draft == "ngram" or (draft == "auto" and self.plan.streams) else "none"
+            self.engine = Engine(self.model, self.tokenizer, ctx=self.plan.ctx, prefill_rows=self.plan.prefill_rows,
+                                 draft_max=draft_max if self.draft == "ngram" else 0)
         except BaseException:
             self.close()
             raise
@@ -87,9 +92,55 @@ class LLM:
         """True when some weights stream from disk (the model does not fit the RAM budget)."""
         return self.plan.streams
 
+    def _reads(self) -> tuple[int, float, float]:
+        st = self.weights.prefetcher.stats
+        return st.bytes_read + self.weights.embed_bytes_read, st.read_s, st.io_wait_s
+
+    def events(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Event]:
+        """``engine.generate`` for token-id prompts, with the reads of a streaming run counted
+        for this call (:meth:`offload_stats`)."""
+        if not self.plan.streams:
+            yield from self.engine.generate(prompt_ids, params)
+            return
+        self._mark = [self._reads(), None, None]
+
+        def on_decode() -> None:
+            self._mark[1] = self._reads()
+
+        self.engine.on_decode = on_decode
+        try:
+            yield from self.engine.generate(prompt_ids, params)
+        finally:
+            self.engine.on_decode = None
+            self._mark[2] = self._reads()
+
     def offload_stats(self) -> dict:
-        """Reads of a streaming run (bytes, GB/s, I/O wait, overlap, ...); {} when nothing streams."""
-        return self.weights.stats() if self.plan.streams else {}
+        """Reads of the last call of a streaming run: bytes read, read GB/s, I/O wait, overlap
+        (share of read time hidden under compute), streamed bytes per generated token,
+        resident bytes and the plan; {} when nothing streams."""
+        if not self.plan.streams:
+            return {}
+        start, dec, end = getattr(self, "_mark", [None, None, None])
+        now = self._reads()
+        start, end = start or now, end or now
+        nbytes, read_s, wait_s = (e - s for s, e in zip(start, end))
+        st = self.engine.stats
+        decode_tokens = max(0, st.generated_tokens - 1)
+        per_token = (end[0] - dec[0]) / decode_tokens if dec and decode_tokens else 0
+        return {"bytes_read": int(nbytes), "read_s": round(read_s, 4),
+                "read_GB_s": round(nbytes / read_s / 1e9, 3) if read_s else 0.0, "io_wait_s": round(wait_s, 4),
+                "overlap": round(max(0.0, 1 - wait_s / read_s), 3) if read_s else 0.0,
+                "streamed_bytes_per_token": int(per_token), "resident_bytes": self.weights.plan.resident_bytes,
+                "read_mode": self.weights.mode, "notices": list(self.weights.notices),
+                "plan": self.weights.plan.as_dict()}
+
+    def stats_dict(self) -> dict:
+        """The last call's statistics (:attr:`stats`) with the offload figures when weights stream."""
+        d = self.stats.as_dict()
+        d["draft"] = self.draft
+        if self.plan.streams:
+            d["offload"] = self.offload_stats()
+        return d
 
     @property
     def stats(self) -> Stats:
@@ -122,7 +173,7 @@ class LLM:
         """
         params = SamplingParams(**sampling)
         ids = self.prompt_ids(prompt, raw=raw, system=system)
-        for ev in self.engine.generate([ids], params):
+        for ev in self.events([ids], params):
             if ev.text:
                 yield ev.text
 
@@ -135,7 +186,7 @@ class LLM:
         params = SamplingParams(**sampling)
         ids = [self.prompt_ids(p, raw=raw) for p in prompts]
         out = [""] * len(ids)
-        for ev in self.engine.generate(ids, params):
+        for ev in self.events(ids, params):
             out[ev.seq] += ev.text
         return out
 
@@ -153,6 +204,13 @@ class LLM:
         self.close()
 
 
+def check_draft(draft: str, draft_max: int) -> None:
+    if draft not in ("auto", "ngram", "none"):
+        raise InputError(f"--draft {draft!r} is invalid: use ngram, none or auto")
+    if isinstance(draft_max, bool) or not isinstance(draft_max, int) or not 0 <= draft_max <= 32:
+        raise InputError(f"--draft-max {draft_max!r} is invalid: use an integer from 0 to 32")
+
+
 def check_ctx(ctx: int | None, config) -> None:
     """InputError for a --ctx that is not a positive integer or exceeds what the model allows."""
     if ctx is None:
@@ -165,8 +223,9 @@ def check_ctx(ctx: int | None, config) -> None:
 
 
 def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str | None = None, ctx: int | None = None,
-         backend: str = "auto", progress: bool = False, batch: int = 1, draft: int = 0, read_mode: str | None = None,
-         readers: int = 2, stream: bool = False, prefill_rows: int | None = None) -> LLM:
+         backend: str = "auto", progress: bool = False, batch: int = 1, draft: str = "auto", draft_max: int = 8,
+         read_mode: str | None = None, readers: int = 2, stream: bool = False,
+         prefill_rows: int | None = None) -> LLM:
     """Load a model for generation, planned into a RAM budget.
 
     Args:
@@ -180,7 +239,10 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
         backend: "auto" (Numba kernels), "kernels" or "numpy" (plain-numpy reference).
         progress: show progress bars when a model is pulled or imported.
         batch: sequences decoded together (the plan reserves their KV caches).
-        draft: draft tokens verified per step (the plan reserves their rows).
+        draft: "ngram" (prompt lookup: verify up to ``draft_max`` tokens copied from the context
+            per pass over the weights), "none", or "auto" (ngram when weights stream). Greedy
+            output is the same either way.
+        draft_max: most draft tokens per step.
         read_mode: "direct" (O_DIRECT), "buffered" or "mmap" for streamed reads; default the best available.
         readers: reader threads for streamed weights.
         stream: plan streaming even when the model fits (benchmarks, tests).
@@ -193,6 +255,7 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
     if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 2):
         raise InputError(f"--ctx {ctx!r} is invalid: use an integer >= 2")
     spec = parse_ram(ram)  # checked before a model is pulled
+    check_draft(draft, draft_max)
     store = Store(resolve(model, progress=progress))
     return LLM(store, threads=threads, ctx=ctx, backend=backend, ram=spec, batch=batch, draft=draft,
-               read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows)
+               draft_max=draft_max, read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows)

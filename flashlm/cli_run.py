@@ -51,17 +51,76 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
                 max_tokens=args.max_tokens, stop=args.stop)
 
 
-def _load(args: argparse.Namespace):
+def _add_offload_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--io", choices=["direct", "buffered", "mmap"], default=None,
+                   help="how streamed weights are read: direct (O_DIRECT, the default where the filesystem "
+                        "allows it), buffered (page cache, dropped after each read) or mmap")
+
+
+def _add_draft_opts(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--draft", choices=["auto", "ngram", "none"], default="auto",
+                   help="prompt-lookup drafts verified in one pass over the weights: ngram, none, or auto "
+                        "(ngram when weights stream from disk); greedy output is the same either way")
+    s.add_argument("--draft-max", type=int, default=8, metavar="K", help="most draft tokens per step (default 8)")
+
+
+def _load(args: argparse.Namespace, *, batch: int = 1):
     from flashlm.api import load
 
-    return load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend,
-                progress=sys.stderr.isatty())
+    llm = load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend,
+               progress=sys.stderr.isatty(), batch=batch, draft=getattr(args, "draft", "none"),
+               draft_max=getattr(args, "draft_max", 8), read_mode=getattr(args, "io", None))
+    if llm.streams and not getattr(args, "quiet_plan", False):
+        print(f"flashlm: {llm.plan.summary()}", file=sys.stderr)
+    return llm
 
 
-def _stats_line(stats) -> str:
-    return (f"prompt {stats.prompt_tokens} tok, {stats.prefill_tok_s:.1f} tok/s | "
+def _stats_line(stats, offload: dict | None = None) -> str:
+    line = (f"prompt {stats.prompt_tokens} tok, {stats.prefill_tok_s:.1f} tok/s | "
             f"generated {stats.generated_tokens} tok, {stats.decode_tok_s:.1f} tok/s | "
             f"ttft {stats.ttft_s:.2f} s | peak RSS {_human(stats.peak_rss)}")
+    if stats.drafted:
+        line += f" | {stats.tokens_per_step:.2f} tok/step, drafts {stats.accepted}/{stats.drafted} accepted"
+    if offload:
+        line += (f" | read {offload['bytes_read'] / 1e9:.2f} GB at {offload['read_GB_s']:.2f} GB/s, "
+                 f"{offload['streamed_bytes_per_token'] / 2**20:.0f} MiB/token, I/O wait {offload['io_wait_s']:.1f} s, "
+                 f"resident {_human(offload['resident_bytes'])}")
+    return line
+
+
+class StatusLine:
+    """One line on stderr, rewritten in place while a streaming run generates (only on a
+    terminal, and only when the answer does not go to the same terminal)."""
+
+    def __init__(self, llm, enabled: bool) -> None:
+        self.llm, self.enabled, self._last, self._shown = llm, enabled, 0.0, False
+        self._t0 = time.perf_counter()
+        self._tokens = 0
+
+    def tick(self, new_tokens: int = 0) -> None:
+        self._tokens += new_tokens
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if now - self._last < 0.25:
+            return
+        self._last = now
+        w = self.llm.weights
+        st = w.prefetcher.stats
+        dt = now - self._t0
+        msg = (f"{self._tokens} tok, {self._tokens / dt:.2f} tok/s | read {st.read_gb_s:.2f} GB/s | "
+               f"resident {_human(w.plan.resident_bytes)}, streamed {_human(w.plan.streamed_bytes_per_token)}/step")
+        for n in w.notices[len(getattr(self, "_seen", [])):]:
+            msg += f" | {n}"
+        self._seen = list(w.notices)
+        sys.stderr.write("\r\x1b[2K" + msg)
+        sys.stderr.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
 
 
 def _read_messages(path: str) -> list[dict]:
@@ -83,44 +142,97 @@ def _read_messages(path: str) -> list[dict]:
 # ---- run ----
 
 
+def _read_prompts(path: str) -> list[Any]:
+    """--prompts FILE: a JSON list (of strings or of message lists), else one prompt per line."""
+    from flashlm.runtime.chat_template import validate_messages
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"--prompts {p}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"--prompts {p}: not UTF-8 text") from None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except ValueError as e:
+            raise InputError(f"--prompts {p}: looks like JSON but is not valid ({e})") from None
+        out = []
+        for i, item in enumerate(data):
+            if isinstance(item, str) and item.strip():
+                out.append(item)
+            elif isinstance(item, list):
+                try:
+                    out.append(validate_messages(item))
+                except InputError as e:
+                    raise InputError(f"--prompts {p}: item {i}: {e}") from None
+            else:
+                raise InputError(f"--prompts {p}: item {i} is neither a non-empty string nor a list of messages")
+    else:
+        out = [line for line in text.splitlines() if line.strip()]
+    if not out:
+        raise InputError(f"--prompts {p}: no prompts in the file")
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flashlm.runtime.sampler import SamplingParams
 
     sampling = _sampling(args)
     SamplingParams(**sampling)  # validate before loading anything
-    if args.messages and args.prompt is not None:
-        raise InputError("give either PROMPT or --messages, not both")
-    prompt: Any
-    if args.messages:
-        prompt = _read_messages(args.messages)
+    given = [x for x in ("prompt", "messages", "prompts") if getattr(args, x) is not None]
+    if len(given) > 1:
+        raise InputError("give one of PROMPT, --messages or --prompts")
+    prompts: list[Any]
+    if args.prompts:
+        prompts = _read_prompts(args.prompts)
+    elif args.messages:
+        prompts = [_read_messages(args.messages)]
     elif args.prompt is not None:
-        prompt = args.prompt
+        prompts = [args.prompt]
     elif not sys.stdin.isatty():
-        prompt = sys.stdin.read()
+        prompts = [sys.stdin.read()]
     else:
         return cmd_chat(args)
-    if isinstance(prompt, str) and not prompt.strip():
+    if any(isinstance(p, str) and not p.strip() for p in prompts):
         raise InputError("the prompt is empty: give some text")
-    llm = _load(args)
+    if args.raw and args.system:
+        raise InputError("--system has no effect with --raw (no chat template is applied): drop one of them")
+    llm = _load(args, batch=len(prompts))
+    batch = args.prompts is not None
     try:
-        ids = llm.prompt_ids(prompt, raw=args.raw, system=args.system)
+        ids = [llm.prompt_ids(p, raw=args.raw, system=args.system) for p in prompts]
         params = SamplingParams(**sampling)
-        text, tokens = [], []
-        for ev in llm.engine.generate([ids], params):
-            if ev.token is not None and ev.token not in llm.tokenizer.stop_token_ids:
-                tokens.append(ev.token)
-            text.append(ev.text)
-            if not args.json and ev.text:
-                sys.stdout.write(ev.text)
-                sys.stdout.flush()
-        st = llm.stats
+        texts, tokens = [[] for _ in ids], [[] for _ in ids]
+        live_text = not args.json and not batch
+        status = StatusLine(llm, llm.streams and sys.stderr.isatty() and not (live_text and sys.stdout.isatty()))
+        try:
+            for ev in llm.events(ids, params):
+                if ev.token is not None and ev.token not in llm.tokenizer.stop_token_ids:
+                    tokens[ev.seq].append(ev.token)
+                texts[ev.seq].append(ev.text)
+                if live_text and ev.text:
+                    sys.stdout.write(ev.text)
+                    sys.stdout.flush()
+                status.tick(ev.token is not None)
+        finally:
+            status.close()
+        stats = llm.stats_dict()
         if args.json:
-            print(json.dumps({"text": "".join(text), "tokens": tokens,
-                              "prompt_tokens": len(ids), "stats": st.as_dict()}, ensure_ascii=False))
+            answers = [{"text": "".join(t), "tokens": k, "prompt_tokens": len(i)} for t, k, i in zip(texts, tokens, ids)]
+            out = {"answers": answers, "stats": stats} if batch else {**answers[0], "stats": stats}
+            print(json.dumps(out, ensure_ascii=False))
         else:
-            sys.stdout.write("\n")
+            if batch:
+                for j, t in enumerate(texts):
+                    sys.stdout.write(f"--- [{j + 1}/{len(texts)}] ---\n{''.join(t)}\n")
+            else:
+                sys.stdout.write("\n")
             sys.stdout.flush()
-            print(_stats_line(st), file=sys.stderr)
+            for n in stats.get("offload", {}).get("notices", []):
+                print(f"flashlm: {n}", file=sys.stderr)
+            print(_stats_line(llm.stats, stats.get("offload")), file=sys.stderr)
     finally:
         llm.close()
     return 0
@@ -267,17 +379,68 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from flashlm.offload.io import read_speed
+
+    if args.batch < 1:
+        raise InputError(f"--batch {args.batch} is invalid: use 1 or more")
+    args.quiet_plan = True
+    llm = _load(args, batch=args.batch)
+    try:
+        plan, store = llm.plan, llm.store
+        files = [store.path / f"layer_{i:03d}.bin" for i in (plan.streamed_layers or range(store.n_layers))]
+        mode = args.io or (llm.weights.mode if plan.streams else None) or __import__(
+            "flashlm.offload.io", fromlist=["default_mode"]).default_mode()
+        speed = read_speed(files, mode, limit=256 << 20)
+        tok_s = plan.expected_tok_s(speed)
+    finally:
+        llm.close()
+    if args.json:
+        print(json.dumps({**plan.as_dict(), "read_mode": mode, "read_bytes_per_s": int(speed),
+                          "expected_decode_tok_s": tok_s and round(tok_s, 3)}))
+        return 0
+    mb = _human
+    print(f"{args.model}  ({store.path})")
+    print(f"  budget            {mb(plan.budget)}  (process baseline {mb(plan.baseline)}, KV cache {mb(plan.kv_bytes)} "
+          f"for ctx {plan.ctx} x batch {plan.batch}, activations {mb(plan.act_bytes)})")
+    print(f"  model             {mb(plan.store_bytes)} in {store.n_layers} layers")
+    if not plan.streams:
+        print("  plan              everything in RAM (memory-mapped store), nothing streams")
+    else:
+        print(f"  resident          {mb(plan.resident_bytes)}: {len(plan.resident_layers)} of {plan.n_layers} layers"
+              f"{' ' + str(list(plan.resident_layers)) if plan.resident_layers else ''}"
+              f"{', the output head' if plan.head_resident else ''}, norms and biases")
+        print(f"  streamed          {mb(plan.streamed_bytes_per_token)} per forward step "
+              f"({len(plan.streamed_layers)} layers{'' if plan.head_resident else ' and the head in row blocks'})")
+        print(f"  window            {plan.n_slots} buffers of {mb(plan.slot_bytes)}")
+        print(f"  prefill           steps of {plan.prefill_rows} tokens")
+    print(f"  disk              {speed / 1e9:.2f} GB/s ({mode} reads, measured now on the layer files)")
+    if tok_s:
+        print(f"  expected decode   <= {tok_s:.2f} tok/s (disk-bound: read speed / streamed bytes per step); "
+              "prompt-lookup drafts and batches yield several tokens per step")
+    for n in plan.notes:
+        print(f"  note              {n}")
+    return 0
+
+
 def add_parsers(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     s = sub.add_parser("run", help="generate a reply to PROMPT (chat if none)")
     _add_model_opts(s)
+    _add_offload_opts(s)
+    _add_draft_opts(s)
     s.add_argument("prompt", nargs="?", metavar="PROMPT")
     s.add_argument("--messages", metavar="FILE.json", help="a JSON list of {role, content} messages")
+    s.add_argument("--prompts", metavar="FILE",
+                   help="several prompts, answered together as one batch: one per line, or a JSON list of "
+                        "strings or of message lists")
     s.add_argument("--raw", action="store_true", help="do not apply the chat template")
     s.add_argument("--json", action="store_true", help="print one JSON object {text, tokens, prompt_tokens, stats}")
     _add_sampling_opts(s)
 
     s = sub.add_parser("chat", help="multi-turn chat in the terminal")
     _add_model_opts(s)
+    _add_offload_opts(s)
+    _add_draft_opts(s)
     _add_sampling_opts(s)
 
     s = sub.add_parser("perplexity", help="perplexity of a text file")
@@ -286,11 +449,18 @@ def add_parsers(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -
     s.add_argument("--chunks", type=int, default=None, help="score only the first N chunks")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("plan", help="where the weights of MODEL would live under --ram, and the disk's speed")
+    _add_model_opts(s)
+    _add_offload_opts(s)
+    s.add_argument("--batch", type=int, default=1, help="sequences decoded together (default 1)")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("bench", help="prefill and decode speed")
     _add_model_opts(s)
+    _add_offload_opts(s)
     s.add_argument("-p", "--prompt-tokens", type=int, default=512)
     s.add_argument("-n", "--gen-tokens", type=int, default=64)
     s.add_argument("-r", "--repeats", type=int, default=1)
     s.add_argument("--json", action="store_true")
 
-    commands.update(run=cmd_run, chat=cmd_chat, perplexity=cmd_perplexity, bench=cmd_bench)
+    commands.update(run=cmd_run, chat=cmd_chat, perplexity=cmd_perplexity, bench=cmd_bench, plan=cmd_plan)

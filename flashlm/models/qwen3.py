@@ -104,14 +104,16 @@ class Model:
         logits = self._run(batch, rows)
         return logits if all_logits else logits[0]
 
-    def forward_batch(self, seqs) -> np.ndarray:
+    def forward_batch(self, seqs, *, all_logits: bool = False) -> np.ndarray:
         """One step for several sequences; the linear layers run once over all their rows.
 
         Args:
             seqs: list of (tokens (n_j,), positions (n_j,) or None, cache), one cache each.
+            all_logits: the logits of every row (sequence after sequence), not only the last
+                of each (draft verification).
 
         Returns:
-            (B, vocab) float32 logits of the last position of each sequence.
+            (B, vocab) float32 logits of the last position of each sequence, or (sum n_j, vocab).
         """
         batch = make_batch(seqs)
-        return self._run(batch, batch.last_rows)
+        return self._run(batch, np.arange(len(batch.tokens)) if all_logits else batch.last_rows)

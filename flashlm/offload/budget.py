@@ -14,10 +14,11 @@ largest step, and then spends what is left on weights:
    layer); embedding rows are read on demand, never the whole table.
 
 A budget below the minimum (baseline + KV cache + smallest step + window) is a
-BudgetError that names the minimum. When ``ctx`` was not given, the planner lowers it
-(4096 -> 512) before giving up, and the prefill step shrinks (512 -> 16 rows) before
-that: a smaller step reads the streamed weights once per step, so it costs speed, not
-correctness.
+BudgetError that names the minimum. When ``ctx`` was not given and weights stream, the
+KV cache gets at most KV_SHARE of the budget (ctx 4096 -> 512), so that RAM goes to
+weights; the prefill step (512 -> 16 rows) is the one with which a typical request
+reads the fewest bytes: a smaller step reads the streamed weights once per step, so it
+costs speed, not correctness.
 
 Mechanism (reading, slots, threads) lives in :mod:`flashlm.offload.prefetch`; the plan
 is a frozen value (FlexGen's ``Policy``, accelerate's device map): build it, print it,
@@ -41,6 +42,10 @@ DEFAULT_CTX = 4096
 MIN_CTX = 512
 DEFAULT_PREFILL = 512  # rows per prefill step (llama.cpp's n_ubatch)
 MIN_PREFILL = 16
+# When weights stream and --ctx is not given, the KV cache gets at most this share of the budget.
+KV_SHARE = 0.125
+# The request the prefill step is chosen for (bytes read = steps x streamed bytes per step).
+TYPICAL_PROMPT, TYPICAL_GEN = 512, 32  # 32 decode steps: ~100 tokens with prompt-lookup drafts
 # Kept free of the machine's available memory by --ram auto (and by the memory watch).
 AUTO_MARGIN_MIN = 256 * MiB
 AUTO_MARGIN_FRACTION = 0.05
@@ -411,32 +416,47 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
             f"({baseline / MiB:.0f} MiB for the process itself, {kv_bytes(config, c_min, batch) / MiB:.0f} MiB of "
             f"KV cache for ctx {c_min}{f' x batch {batch}' if batch > 1 else ''}, {n_slots} streaming buffers of "
             f"{slot / MiB:.0f} MiB and activations); raise --ram"
-            + ("" if ctx_given and c_min <= MIN_CTX else f" or lower --ctx (now {c_min})"))
-    c, r = choice
-    notes = []
-    if not ctx_given and c != ctxs[0]:
-        notes.append(f"ctx lowered from {ctxs[0]} to {c} to fit the budget (--ctx sets it)")
-    if r != prefill_rows:
-        notes.append(f"prefill in steps of {r} tokens")
-    room = budget - fixed(c, r) - window
-    # 3. resident weights: the head (if it fits) and evenly spread layers; keep whichever
-    # choice holds more bytes (every resident byte is a byte not read per step)
+            + (f" or lower --ctx (now {c_min})" if c_min > MIN_CTX else ""))
+    c, _ = choice
+    if not ctx_given:  # streaming: a KV cache of at most KV_SHARE of the budget, so weights keep the rest
+        c = next((x for x in ctxs if x <= c and kv_bytes(config, x, batch) <= KV_SHARE * budget
+                  and fixed(x, steps[-1]) + window <= budget), ctxs[-1])
     n = layout.n_layers
     lb = max(layout.layer_bytes) if layout.layer_bytes else 0
-    options = []
-    for head in (True, False):
-        left = room - (layout.head_bytes if head else 0)
-        if left < 0:
+
+    def resident_for(room: int) -> tuple[int, bool, tuple[int, ...]]:
+        """(resident bytes, head resident, layers) for ``room`` bytes: the head (if it fits)
+        and evenly spread layers, whichever choice holds more bytes."""
+        best = (0, False, ())
+        for head in (True, False):
+            left = room - (layout.head_bytes if head else 0)
+            if left < 0:
+                continue
+            layers = spread(n, min(n, left // lb) if lb else n)
+            got = sum(layout.layer_bytes[i] for i in layers) + (layout.head_bytes if head else 0)
+            best = max(best, (got, head, layers), key=lambda o: (o[0], o[1]))
+        return best
+
+    # 3. the prefill step: larger steps read the streamed weights fewer times per prompt, but
+    # their activations leave less room for resident weights. Pick the step that makes a
+    # typical request (TYPICAL_PROMPT tokens in, TYPICAL_GEN out) read the fewest bytes.
+    total = sum(layout.layer_bytes) + layout.head_bytes
+    best = None
+    for r in steps:
+        room = budget - fixed(c, r) - window
+        if room < 0:
             continue
-        k = min(n, left // lb) if lb else n
-        options.append((k * lb + (layout.head_bytes if head else 0), head, int(k)))
-    if not options:
-        options = [(0, False, 0)]
-    _, head_res, k = max(options, key=lambda o: (o[0], o[1]))
-    resident = spread(n, k)
-    res_bytes = sum(layout.layer_bytes[i] for i in resident) + (layout.head_bytes if head_res else 0)
-    streamed = sum(layout.layer_bytes[i] for i in range(n) if i not in set(resident))
-    streamed += 0 if head_res else layout.head_bytes
+        got, head_res, resident = resident_for(room)
+        cost = (-(-TYPICAL_PROMPT // r) + TYPICAL_GEN) * (total - got)
+        if best is None or cost < best[0]:
+            best = (cost, r, got, head_res, resident)
+    _, r, res_bytes, head_res, resident = best
+    streamed = total - res_bytes
+    notes = []
+    if not ctx_given and c != ctxs[0]:
+        notes.append(f"ctx {c}, not {ctxs[0]}: a longer context would take RAM from the weights (--ctx sets it)")
+    if r != prefill_rows:
+        notes.append(f"prefill in steps of {r} tokens")
     return Plan(budget, baseline, kv_bytes(config, c, batch), act(r, c), c, batch, r, True, layout.store_bytes, n,
                 resident, head_res, n_slots, slot, layout.small_bytes, res_bytes, streamed, tuple(notes))
 

@@ -192,16 +192,14 @@ def read_speed(paths: list[Path], mode: str = "direct", *, chunk: int = 4 << 20,
         if total >= limit:
             break
     files = {p: StoreFile(p, mode) for p in {j[0] for j in jobs}}
+    slots = [mv[i * chunk:(i + 1) * chunk] for i in range(threads)]
     try:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(threads) as ex:
-            slots = [mv[i * chunk:(i + 1) * chunk] for i in range(threads)]
             futs = [ex.submit(files[p].read_into, slots[k % threads][:n], off) for k, (p, off, n) in enumerate(jobs)]
             got = sum(f.result() for f in futs)
         dt = time.perf_counter() - t0
     finally:
         for f in files.values():
             f.close()
-        mv.release()
-        buf.close()
     return got / dt if dt > 0 else 0.0

@@ -24,7 +24,8 @@ import numpy as np
 import psutil
 
 from flashlm.errors import InputError
-from flashlm.runtime.sampler import SamplingParams
+from flashlm.runtime.draft import lookup
+from flashlm.runtime.sampler import SamplingParams, verify_draft
 from flashlm.runtime.tokenizer import StopChecker, Tokenizer
 
 
@@ -38,6 +39,8 @@ class Stats:
     decode_s: float = 0.0
     ttft_s: float = 0.0
     decode_steps: int = 0
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # of which the model agreed with
     peak_rss: int = 0
 
     @property
@@ -50,6 +53,13 @@ class Stats:
         n = self.generated_tokens - 1 if self.generated_tokens else 0
         return n / self.decode_s if self.decode_s and n > 0 else 0.0
 
+    @property
+    def tokens_per_step(self) -> float:
+        """Generated tokens (after the first) per decode step: > 1 when drafts are accepted
+        or several sequences decode together."""
+        n = self.generated_tokens - (self.generated_tokens > 0)
+        return n / self.decode_steps if self.decode_steps else 0.0
+
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -59,6 +69,10 @@ class Stats:
             "decode_s": round(self.decode_s, 4),
             "decode_tok_s": round(self.decode_tok_s, 2),
             "ttft_s": round(self.ttft_s, 4),
+            "decode_steps": self.decode_steps,
+            "tokens_per_step": round(self.tokens_per_step, 3),
+            "drafted": self.drafted,
+            "accepted": self.accepted,
             "peak_rss_bytes": self.peak_rss,
         }
 
@@ -112,16 +126,23 @@ class Engine:
         tokenizer: the runtime Tokenizer (stop tokens, detokenizer).
         ctx: positions per sequence (prompt + generated); the KV cache size.
         prefill_rows: most prompt tokens per prefill step (all prompts together).
+        draft_max: draft tokens (prompt lookup, ``runtime.draft``) verified per decode step
+            and sequence; 0 = off. Greedy output is the same either way; sampled output
+            keeps the model's distribution (``sampler.verify_draft``).
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096, prefill_rows: int = 512):
+    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096, prefill_rows: int = 512, draft_max: int = 0):
         if ctx < 2:
             raise InputError(f"--ctx {ctx} is too small: use at least 2")
         if prefill_rows < 1:
             raise InputError(f"prefill_rows {prefill_rows} is invalid: use 1 or more")
         self.model, self.tokenizer, self.ctx = model, tokenizer, int(ctx)
         self.prefill_rows = int(prefill_rows)
+        if draft_max < 0:
+            raise InputError(f"--draft-max {draft_max} is invalid: use 0 or more")
+        self.draft_max = int(draft_max)
         self.stats = Stats()
+        self.on_decode = None  # called when the first decode step starts (offload statistics)
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
@@ -174,20 +195,37 @@ class Engine:
         logits = self._prefill(seqs)
         st.prefill_s = time.perf_counter() - t0
         st.ttft_s = st.prefill_s
+        if self.on_decode is not None:
+            self.on_decode()
         t1 = time.perf_counter()
         live = seqs[: len(logits)]
+        for sq, lg in zip(live, logits):  # the first token of each, from its prompt's logits
+            yield from self._emit(sq, self._sample(sq, lg), stop_ids)
+        live = [sq for sq in live if not sq.done]
         while live and not self._cancel.is_set():
-            step_logits = logits
-            next_live = []
-            for s, lg in zip(live, step_logits):
-                yield from self._emit(s, lg, stop_ids)
-                if not s.done:
-                    next_live.append(s)
-            live = next_live
-            if not live or self._cancel.is_set():
-                break
-            logits = list(self.model.forward_batch([(np.asarray([s.tokens[-1]]), None, s.cache) for s in live]))
+            # one pass over the weights: each sequence's pending token, plus the draft tokens
+            # prompt lookup proposes after it
+            drafts = [self._draft(sq) for sq in live]
+            feeds = [(np.asarray([sq.tokens[-1]] + d, np.int64), None, sq.cache) for sq, d in zip(live, drafts)]
+            out = self.model.forward_batch(feeds, all_logits=any(drafts))
             st.decode_steps += 1
+            row = 0
+            for sq, d in zip(live, drafts):
+                rows = out[row:row + len(d) + 1] if any(drafts) else out[row:row + 1]
+                row += len(rows)
+                st.drafted += len(d)
+                for j, lg in enumerate(rows):
+                    if j < len(d):
+                        tok, ok = verify_draft(sq.sampler, self._process(sq, lg), d[j])
+                    else:
+                        tok, ok = self._sample(sq, lg), False
+                    yield from self._emit(sq, tok, stop_ids)
+                    if sq.done or not ok:
+                        break
+                    st.accepted += 1
+                # positions of the rejected drafts (never part of the text) leave the cache
+                sq.cache.trim(len(d) - j)
+            live = [sq for sq in live if not sq.done]
         for s in seqs:  # cancelled or never started: close them
             if not s.done:
                 s.done = True
@@ -223,11 +261,25 @@ class Engine:
             out_list.append(logits[j])
         return out_list
 
-    def _emit(self, s: _Seq, logits: np.ndarray, stop_ids: set[int]) -> Iterator[Event]:
+    def _process(self, s: _Seq, logits: np.ndarray) -> np.ndarray:
         history = s.prompt + s.tokens
         for proc in s.processors:
             logits = proc(history, logits)
-        tok = int(s.sampler(logits))
+        return logits
+
+    def _sample(self, s: _Seq, logits: np.ndarray) -> int:
+        return int(s.sampler(self._process(s, logits)))
+
+    def _draft(self, s: _Seq) -> list[int]:
+        """Draft tokens for ``s`` (prompt lookup), within its max_tokens and its cache."""
+        if not self.draft_max:
+            return []
+        k = min(self.draft_max, s.cache.room - 1)
+        if s.params.max_tokens is not None:
+            k = min(k, s.params.max_tokens - len(s.tokens) - 1)
+        return lookup(s.prompt + s.tokens, k) if k > 0 else []
+
+    def _emit(self, s: _Seq, tok: int, stop_ids: set[int]) -> Iterator[Event]:
         self.stats.generated_tokens += 1
         if tok in stop_ids:
             s.done = True

@@ -206,6 +206,11 @@ def make_sampler(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
     if temperature == 0.0 or top_k == 1:
         def greedy(logits: np.ndarray) -> int:
             return int(np.argmax(_as_logits(logits)))
+
+        def point_mass(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return np.array([greedy(logits)]), np.ones(1)
+
+        greedy.distribution, greedy.rng = point_mass, None
         return greedy
 
     rng = np.random.default_rng(seed)
@@ -223,7 +228,40 @@ def make_sampler(*, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0
         w = np.exp((xs - mx) * np.float32(inv_t))  # (n,) float32 weights
         return int(idx[_draw(w, rng.random())])
 
+    def distribution(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids in id order, their probabilities): what ``sample`` draws from."""
+        x = _as_logits(logits)
+        mx = float(x.max())
+        idx, xs = (np.arange(x.size), x) if not filtered else _filter(x, mx, top_k, top_p, min_p)
+        w = np.exp((xs - mx) * np.float32(inv_t)).astype(np.float64)
+        return idx, w / w.sum()
+
+    sample.distribution, sample.rng = distribution, rng
     return sample
+
+
+def verify_draft(sampler: Sampler, logits: np.ndarray, draft: int) -> tuple[int, bool]:
+    """Speculative sampling of one position whose draft token came from a deterministic
+    proposer (prompt lookup: q(draft) = 1): accept ``draft`` with probability p(draft),
+    else draw from p with ``draft`` removed. The token returned is distributed exactly as
+    ``sampler(logits)`` (Leviathan et al. 2023, with a point-mass draft). Greedy: the
+    argmax, accepted when it is the draft.
+
+    Returns:
+        (token, whether it is the draft).
+    """
+    if sampler.rng is None:  # greedy
+        tok = sampler(logits)
+        return tok, tok == draft
+    ids, p = sampler.distribution(logits)
+    j = int(np.searchsorted(ids, draft))
+    pd = float(p[j]) if j < ids.size and ids[j] == draft else 0.0
+    if sampler.rng.random() < pd:
+        return int(draft), True
+    if pd > 0.0:
+        p = p.copy()
+        p[j] = 0.0
+    return int(ids[_draw(p, sampler.rng.random())]), False
 
 
 # ---- logits processors ----

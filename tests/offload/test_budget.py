@@ -7,7 +7,7 @@ import pytest
 
 from flashlm.errors import BudgetError, InputError
 from flashlm.models.config import ModelConfig
-from flashlm.offload.budget import (MIN_CTX, MiB, Layout, activation_bytes, kv_bytes, make_plan, parse_ram, parse_size,
+from flashlm.offload.budget import (MIN_CTX, MIN_PREFILL, MiB, Layout, activation_bytes, kv_bytes, make_plan, parse_ram, parse_size,
                                     resolve_budget, spread)
 
 GiB = 1 << 30
@@ -107,16 +107,19 @@ def test_the_minimum_is_an_error_that_names_it():
 
 def test_ctx_is_lowered_only_when_not_given():
     p = plan(330 * MiB)
-    assert p.streams and p.ctx < 4096 and any("ctx lowered" in n for n in p.notes)
+    assert p.streams and p.ctx < 4096 and any("a longer context would take RAM" in n for n in p.notes)
     with pytest.raises(BudgetError, match="lower --ctx"):
         plan(330 * MiB, ctx=4096)
     assert plan(330 * MiB, ctx=MIN_CTX).ctx == MIN_CTX
 
 
 def test_prefill_steps_shrink_before_giving_up():
-    roomy, tight = plan(900 * MiB, ctx=512), plan(300 * MiB, ctx=512)
-    assert roomy.prefill_rows == 512
+    roomy, tight = plan(3 * GiB, ctx=512, force_stream=True), plan(300 * MiB, ctx=512)
+    assert roomy.prefill_rows == 512 and roomy.streamed_bytes_per_token == 0
     assert tight.prefill_rows < 512 and any("prefill in steps" in n for n in tight.notes)
+    # in between, the step is the one with which a 512-token prompt + 32 steps read the least
+    mid = plan(800 * MiB, ctx=512)
+    assert MIN_PREFILL <= mid.prefill_rows <= 512 and mid.planned_bytes <= mid.budget
 
 
 def test_batch_and_draft_count():
