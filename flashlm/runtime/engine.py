@@ -293,7 +293,8 @@ class Engine:
             yield Event(s.index, tok, text, True, "stop")
             return
         limit = s.params.max_tokens
-        if (limit is not None and len(s.tokens) >= limit) or s.cache.offset >= s.cache.max_ctx:
+        # no room to feed this token back (the cache may hold draft positions beyond it now)
+        if (limit is not None and len(s.tokens) >= limit) or len(s.prompt) + len(s.tokens) - 1 >= s.cache.max_ctx:
             s.done = True
             tail = s.stops.feed(s.detok.flush())[0] + s.stops.flush()
             yield Event(s.index, tok, text + tail, True, "length")
