@@ -69,7 +69,8 @@ def _load(args: argparse.Namespace, *, batch: int = 1):
 
     llm = load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend,
                progress=sys.stderr.isatty(), batch=batch, draft=getattr(args, "draft", "none"),
-               draft_max=getattr(args, "draft_max", 8), read_mode=getattr(args, "io", None))
+               draft_max=getattr(args, "draft_max", 8), read_mode=getattr(args, "io", None),
+               stream=getattr(args, "stream", False), readers=getattr(args, "readers", 2))
     if llm.streams and not getattr(args, "quiet_plan", False):
         print(f"flashlm: {llm.plan.summary()}", file=sys.stderr)
     return llm
@@ -325,8 +326,11 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 # ---- bench ----
 
 
-def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1) -> dict[str, Any]:
-    """Prefill and decode speed of a loaded model (greedy, EOS ignored), best of ``repeats``."""
+def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, warmup: bool = True) -> dict[str, Any]:
+    """Prefill and decode speed of a loaded model (greedy, EOS ignored), best of ``repeats``.
+
+    The prompt goes in the plan's prefill steps. When weights stream, the figures of the
+    reads during decode come with it: bytes per token, read GB/s, I/O wait."""
     from flashlm.runtime.engine import _peak_rss
 
     model, cfg = llm.model, llm.config
@@ -334,32 +338,53 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1) -
     ids = rng.integers(100, min(cfg.vocab_size, 30000), prompt_tokens)
     if prompt_tokens + gen_tokens + 1 > llm.engine.ctx:
         raise InputError(f"-p {prompt_tokens} + -n {gen_tokens} does not fit --ctx {llm.engine.ctx}")
+    step = llm.engine.prefill_rows
     cache = model.make_cache(prompt_tokens + gen_tokens + 1)
-    model.forward(ids, None, cache)  # warm-up: compile the kernels of both paths, map weights
-    for _ in range(2):
-        model.forward(ids[:1], None, cache)
-    best_pf, best_dec = float("inf"), float("inf")
+
+    def prefill() -> np.ndarray:
+        for a in range(0, prompt_tokens, step):
+            logits = model.forward(ids[a:a + step], None, cache)
+        return logits
+
+    if warmup:  # compile the kernels of both paths, map or read weights
+        prefill()
+        for _ in range(2):
+            model.forward(ids[:1], None, cache)
+    best_pf, best_dec, reads = float("inf"), float("inf"), None
     for _ in range(repeats):
         cache.reset()
         t0 = time.perf_counter()
-        logits = model.forward(ids, None, cache)
+        logits = prefill()
         best_pf = min(best_pf, time.perf_counter() - t0)
         tok = int(np.argmax(logits))
+        r0 = llm.weights.prefetcher.stats if llm.streams else None
         t0 = time.perf_counter()
         for _ in range(gen_tokens):
             tok = int(np.argmax(model.forward(np.array([tok]), None, cache)))
-        best_dec = min(best_dec, time.perf_counter() - t0)
+        dt = time.perf_counter() - t0
+        if dt < best_dec:
+            best_dec = dt
+            if llm.streams:
+                r1 = llm.weights.prefetcher.stats
+                reads = (r1.bytes_read - r0.bytes_read, r1.read_s - r0.read_s, r1.io_wait_s - r0.io_wait_s)
     store = llm.store
     per_token = sum(store.layer_nbytes(i) for i in range(cfg.num_hidden_layers))
     head = store.tensor_info.get("output.weight") or store.tensor_info["token_embd.weight"]
     per_token += head["nbytes"]
     dec_tps = gen_tokens / best_dec
-    return {
+    out = {
         "model": str(store.path.name), "threads": llm.threads, "prompt_tokens": prompt_tokens,
         "prefill_tok_s": round(prompt_tokens / best_pf, 2), "gen_tokens": gen_tokens,
         "decode_tok_s": round(dec_tps, 2), "weight_bytes_per_token": per_token,
         "decode_weight_GB_s": round(per_token * dec_tps / 1e9, 2), "peak_rss_bytes": _peak_rss(),
+        "streams": llm.streams, "prefill_rows": step,
     }
+    if llm.streams:
+        nbytes, read_s, wait_s = reads
+        out.update(streamed_bytes_per_token=int(nbytes / gen_tokens), decode_read_GB_s=round(nbytes / read_s / 1e9, 3)
+                   if read_s else 0.0, decode_io_wait_s=round(wait_s, 3), decode_s=round(best_dec, 3),
+                   read_mode=llm.weights.mode, plan=llm.plan.as_dict())
+    return out
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -375,6 +400,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  prefill  {r['prompt_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
         print(f"  decode   {r['gen_tokens']} tokens: {r['decode_tok_s']:.1f} tok/s, "
               f"{r['decode_weight_GB_s']:.2f} GB/s of weights ({r['weight_bytes_per_token'] / 2**20:.0f} MiB per token)")
+        if r["streams"]:
+            print(f"  streamed {r['streamed_bytes_per_token'] / 2**20:.0f} MiB per token at {r['decode_read_GB_s']:.2f} GB/s "
+                  f"({r['read_mode']} reads), I/O wait {r['decode_io_wait_s']:.2f} of {r['decode_s']:.2f} s")
         print(f"  peak RSS {_human(r['peak_rss_bytes'])}")
     return 0
 
@@ -461,6 +489,8 @@ def add_parsers(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -
     s.add_argument("-p", "--prompt-tokens", type=int, default=512)
     s.add_argument("-n", "--gen-tokens", type=int, default=64)
     s.add_argument("-r", "--repeats", type=int, default=1)
+    s.add_argument("--stream", action="store_true", help="stream the weights even if they fit (benchmarks)")
+    s.add_argument("--readers", type=int, default=2, help="reader threads for streamed weights (default 2)")
     s.add_argument("--json", action="store_true")
 
     commands.update(run=cmd_run, chat=cmd_chat, perplexity=cmd_perplexity, bench=cmd_bench, plan=cmd_plan)

@@ -1,0 +1,335 @@
+"""Offload benchmarks: a model bigger than its RAM budget, beside the limit the disk sets.
+
+Every figure comes with the read speed of the same files measured in the same run, right
+before it (the disk here is virtual, shared and noisy). As root, the page cache is dropped
+before each measurement and the memory cgroup sections run; elsewhere they are skipped
+with the reason.
+
+Sections (--sections, default all):
+  budgets    decode tok/s of MODEL at --ram 25/50/75/100 % of its store (drafts off);
+             limit = O_DIRECT read speed / streamed bytes per token; target >= 85 %
+  synthetic  the same for a synthetic Qwen2.5-7B-shaped store (perf/make_synthetic.py) at --ram 1G
+  cgroup     the 1.5B at --ram 560M inside a 600 MB memory cgroup, beside llama.cpp tuned
+             (mmap, no weight repacking) in the same cgroup: drafts off, and flashlm's
+             defaults (drafts on) on a code-edit prompt
+  batch      total tok/s of 1, 4, 8, 16 prompts answered together at --ram 50 %
+  lookup     prompt lookup on a code-edit prompt when offloaded: tok/s with drafts / without
+
+Run:
+    env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE python perf/bench_offload.py
+    python perf/bench_offload.py --sections budgets --model qwen2.5-coder-1.5b --shares 25,50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MiB = 1 << 20
+HERE = Path(__file__).resolve().parent
+CODE = (Path(__file__).resolve().parents[1] / "flashlm" / "runtime" / "draft.py").read_text()
+EDIT_PROMPT = ("Repeat this Python module exactly as it is, changing only the name of the function "
+               "`lookup` to `find_draft` everywhere:\n\n" + CODE)
+
+
+def drop_caches() -> bool:
+    if os.geteuid() != 0:
+        return False
+    subprocess.run(["sync"], check=False)
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def store_of(model: str) -> Path:
+    if Path(model).is_dir():
+        return Path(model)
+    from flashlm.models.registry import resolve
+
+    return resolve(model)
+
+
+def disk_speed(store: Path, mode: str = "direct") -> float:
+    """Read speed (bytes/s) of the store's layer files as the prefetcher reads them."""
+    from flashlm.offload.io import read_speed
+
+    drop_caches()
+    files = sorted(store.glob("layer_*.bin"))
+    return read_speed(files, mode, chunk=4 << 20, threads=2, limit=512 << 20)
+
+
+def flashlm_json(args: list[str], *, cgroup: Path | None = None, timeout: float = 3600) -> dict:
+    cmd = [sys.executable, "-m", "flashlm.cli", *args, "--json"]
+    pre = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=pre)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["?"])[-1], "exit": out.returncode,
+                "wall_s": time.perf_counter() - t0}
+    d = json.loads(out.stdout)
+    d["wall_s"] = round(time.perf_counter() - t0, 2)
+    return d
+
+
+def bench(store: Path, ram: int | str, *, p: int = 16, n: int = 32, ctx: int = 256, extra=()) -> dict:
+    drop_caches()
+    return flashlm_json(["bench", str(store), "--ram", str(ram), "-p", str(p), "-n", str(n), "--ctx", str(ctx),
+                         *extra])
+
+
+def row(*cells) -> None:
+    print(" | ".join(str(c) for c in cells), flush=True)
+
+
+# ---- sections ----
+
+
+def section_budgets(store: Path, shares: list[float], label: str | None = None, n: int = 32) -> None:
+    size = sum(f.stat().st_size for f in store.glob("*.bin"))
+    print(f"\n## {label or store.name}: decode at --ram shares of its store ({size / MiB:.0f} MiB), drafts off")
+    row("--ram", "MiB", "decode tok/s", "streamed MiB/token", "read GB/s (run)", "disk GB/s (probe)", "limit tok/s",
+        "of limit", "I/O wait", "peak RSS MiB")
+    for share in shares:
+        ram = int(share * size)
+        bw = disk_speed(store)
+        r = bench(store, ram, n=n)
+        if "error" in r:
+            row(f"{share:.0%}", ram // MiB, r["error"])
+            continue
+        if not r.get("streams"):
+            row(f"{share:.0%}", ram // MiB, r["decode_tok_s"], 0, "-", f"{bw / 1e9:.2f}", "(in RAM)", "-", "-",
+                r["peak_rss_bytes"] // MiB)
+            continue
+        per = r["streamed_bytes_per_token"]
+        limit = bw / per
+        row(f"{share:.0%}", ram // MiB, r["decode_tok_s"], per // MiB, r["decode_read_GB_s"], f"{bw / 1e9:.2f}",
+            f"{limit:.2f}", f"{r['decode_tok_s'] / limit:.0%}", f"{r['decode_io_wait_s']:.1f}/{r['decode_s']:.1f} s",
+            r["peak_rss_bytes"] // MiB)
+
+
+def section_synthetic(path: Path | None, ram: str) -> None:
+    if path is None or not path.exists():
+        print("\n## synthetic 7B: skipped (write it with `python perf/make_synthetic.py --shape qwen2.5-7b OUT.gguf`, "
+              "then pass --synthetic OUT.gguf)")
+        return
+    from flashlm.models.registry import resolve
+
+    store = resolve(str(path))
+    size = sum(f.stat().st_size for f in store.glob("*.bin"))
+    from flashlm.offload.budget import parse_size
+
+    section_budgets(store, [parse_size(ram) / size], label=f"synthetic {path.name} at --ram {ram}", n=8)
+
+
+def make_cgroup(limit: int) -> Path | None:
+    if os.geteuid() != 0:
+        return None
+    d = Path("/sys/fs/cgroup/memory") / f"flashlm_bench_{os.getpid()}"
+    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
+    try:
+        if v2.is_file() and "memory" in v2.read_text():
+            d = Path("/sys/fs/cgroup") / f"flashlm_bench_{os.getpid()}"
+            d.mkdir()
+            (d / "memory.max").write_text(str(limit))
+        else:
+            d.mkdir()
+            (d / "memory.limit_in_bytes").write_text(str(limit))
+    except OSError:
+        return None
+    return d
+
+
+def cgroup_peak(d: Path) -> int:
+    for f in ("memory.peak", "memory.max_usage_in_bytes"):
+        if (d / f).exists():
+            return int((d / f).read_text())
+    return 0
+
+
+def reset_peak(d: Path) -> None:
+    for f in ("memory.peak", "memory.max_usage_in_bytes"):
+        try:
+            (d / f).write_text("0")
+        except OSError:
+            pass
+
+
+LLAMA_CHILD = r"""
+import json, sys, time
+import numpy as np
+import llama_cpp
+import llama_cpp.llama_cpp as low
+path, prompt, n, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+orig = low.llama_model_default_params
+def no_repack():
+    p = orig()
+    if hasattr(p, "use_extra_bufts"):
+        p.use_extra_bufts = False   # weight repacking off: it copies every weight into RAM
+    return p
+low.llama_model_default_params = no_repack
+llama_cpp.llama.llama_cpp.llama_model_default_params = no_repack
+llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=2048, n_batch=512,
+                      use_mmap=True, verbose=False)
+ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+t0 = time.perf_counter(); llm.eval(ids); pf = time.perf_counter() - t0
+tok = int(np.argmax(llm.scores[llm.n_tokens - 1])); out = [tok]
+t0 = time.perf_counter()
+for _ in range(n - 1):
+    llm.eval([tok]); tok = int(np.argmax(llm.scores[llm.n_tokens - 1])); out.append(tok)
+dt = time.perf_counter() - t0
+print(json.dumps({"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / pf, "decode_tok_s": (n - 1) / dt,
+                  "tokens": out}))
+"""
+
+
+def llama_cpp_run(gguf: Path, prompt: str, n: int, cgroup: Path | None, timeout: float = 1800) -> dict:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return {"error": "llama-cpp-python is not installed (pip install -e .[compare])"}
+    pre = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
+    drop_caches()
+    try:
+        out = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(gguf), prompt, str(n), "2"], capture_output=True,
+                             text=True, timeout=timeout, preexec_fn=pre)
+    except subprocess.TimeoutExpired:
+        return {"error": f"no answer in {timeout:.0f} s"}
+    if out.returncode != 0:
+        return {"error": f"exit {out.returncode}" + (" (killed: out of memory?)" if out.returncode < 0 else ""),
+                "stderr": out.stderr[-500:]}
+    return json.loads(out.stdout)
+
+
+def section_cgroup(model: str, n: int) -> None:
+    print("\n## the 1.5B in a 600 MB memory cgroup, --ram 560M")
+    cg = make_cgroup(600 * MiB)
+    if cg is None:
+        print("skipped: cannot create a memory cgroup here (needs root and a cgroup v1/v2 memory controller)")
+        return
+    from flashlm.models.pull import gguf_path
+
+    store = store_of(model)
+    short = "Write a Python function that checks whether a number is prime."
+    try:
+        row("run", "prompt", "decode tok/s", "tokens/step", "cgroup peak MiB", "note")
+        bw = disk_speed(store)
+        reset_peak(cg)
+        drop_caches()
+        r = flashlm_json(["run", str(store), short, "--ram", "560M", "--temp", "0", "-n", str(n), "--draft", "none"],
+                         cgroup=cg)
+        st = r.get("stats", {})
+        off = st.get("offload", {})
+        limit = bw / off["streamed_bytes_per_token"] if off.get("streamed_bytes_per_token") else 0
+        row("flashlm, drafts off", "prime", st.get("decode_tok_s", r.get("error")), st.get("tokens_per_step"),
+            cgroup_peak(cg) // MiB, f"disk {bw / 1e9:.2f} GB/s, limit {limit:.2f} tok/s")
+        flash_plain = st.get("decode_tok_s", 0)
+        reset_peak(cg)
+        lc = llama_cpp_run(gguf_path(model), short, n, cg)
+        row("llama.cpp tuned (mmap, no repack)", "prime", lc.get("decode_tok_s", lc.get("error")), 1,
+            cgroup_peak(cg) // MiB, "")
+        reset_peak(cg)
+        drop_caches()
+        r2 = flashlm_json(["run", str(store), EDIT_PROMPT, "--ram", "560M", "--temp", "0", "-n", str(4 * n)],
+                          cgroup=cg)
+        st2 = r2.get("stats", {})
+        row("flashlm, defaults (drafts on)", "code edit", st2.get("decode_tok_s", r2.get("error")),
+            st2.get("tokens_per_step"), cgroup_peak(cg) // MiB, "")
+        reset_peak(cg)
+        lc2 = llama_cpp_run(gguf_path(model), EDIT_PROMPT, n, cg)
+        row("llama.cpp tuned", "code edit", lc2.get("decode_tok_s", lc2.get("error")), 1, cgroup_peak(cg) // MiB, "")
+        if lc.get("decode_tok_s"):
+            print(f"ratio drafts off / llama.cpp: {flash_plain / lc['decode_tok_s']:.2f}x")
+        if lc2.get("decode_tok_s") and st2.get("decode_tok_s"):
+            print(f"ratio defaults on the code edit / llama.cpp: {st2['decode_tok_s'] / lc2['decode_tok_s']:.2f}x")
+    finally:
+        for _ in range(50):
+            try:
+                cg.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def section_batch(store: Path, share: float, sizes: list[int], n: int) -> None:
+    size = sum(f.stat().st_size for f in store.glob("*.bin"))
+    ram = int(share * size)
+    print(f"\n## batches at --ram {share:.0%} ({ram // MiB} MiB), {n} tokens each, drafts off")
+    row("prompts", "total decode tok/s", "x batch 1", "decode steps", "bytes read GB")
+    base = None
+    topics = ["a prime check", "a binary search", "a stack class", "a CSV reader", "fizzbuzz", "a quicksort",
+              "a word counter", "a matrix product", "an LRU cache", "a palindrome check", "a gcd", "a merge sort",
+              "a queue class", "a JSON pretty printer", "a factorial", "a fibonacci generator"]
+    for b in sizes:
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write("\n".join(f"Write {topics[i % len(topics)]} in Python." for i in range(b)))
+        drop_caches()
+        r = flashlm_json(["run", str(store), "--prompts", f.name, "--ram", str(ram), "--temp", "0", "-n", str(n),
+                          "--ctx", "512", "--draft", "none"])
+        os.unlink(f.name)
+        st = r.get("stats")
+        if not st:
+            row(b, r.get("error"))
+            continue
+        tok_s = (st["generated_tokens"] - b) / st["decode_s"] if st["decode_s"] else 0
+        base = base or tok_s
+        row(b, f"{tok_s:.2f}", f"{tok_s / base:.2f}x", st["decode_steps"],
+            f"{st.get('offload', {}).get('bytes_read', 0) / 1e9:.1f}")
+
+
+def section_lookup(store: Path, share: float, n: int) -> None:
+    size = sum(f.stat().st_size for f in store.glob("*.bin"))
+    ram = int(share * size)
+    print(f"\n## prompt lookup at --ram {share:.0%} ({ram // MiB} MiB) on a code-edit prompt, {n} tokens")
+    row("drafts", "decode tok/s", "tokens/step", "accepted/drafted", "same tokens")
+    outs = {}
+    for draft in ("none", "ngram"):
+        drop_caches()
+        r = flashlm_json(["run", str(store), EDIT_PROMPT, "--ram", str(ram), "--temp", "0", "-n", str(n),
+                          "--ctx", "2048", "--draft", draft])
+        st = r.get("stats")
+        if not st:
+            row(draft, r.get("error"))
+            continue
+        outs[draft] = (r["tokens"], st["decode_tok_s"])
+        row(draft, st["decode_tok_s"], st["tokens_per_step"], f"{st['accepted']}/{st['drafted']}",
+            "" if draft == "none" else outs["ngram"][0] == outs.get("none", ([],))[0])
+    if len(outs) == 2 and outs["none"][1]:
+        print(f"ratio drafts / none: {outs['ngram'][1] / outs['none'][1]:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="qwen2.5-coder-1.5b")
+    ap.add_argument("--sections", default="budgets,synthetic,cgroup,batch,lookup")
+    ap.add_argument("--shares", default="25,50,75,100", help="--ram as %% of the store (budgets)")
+    ap.add_argument("--synthetic", type=Path, default=None, help="a synthetic GGUF (perf/make_synthetic.py)")
+    ap.add_argument("--synthetic-ram", default="1G")
+    ap.add_argument("--batches", default="1,4,8,16")
+    ap.add_argument("-n", type=int, default=32, help="tokens to generate per measurement")
+    a = ap.parse_args(argv)
+    secs = set(a.sections.split(","))
+    store = store_of(a.model)
+    print(f"# bench_offload {time.strftime('%Y-%m-%d %H:%M')}; root: {os.geteuid() == 0} (page cache dropped "
+          f"before each figure: {drop_caches()})")
+    if "budgets" in secs:
+        section_budgets(store, [float(s) / 100 for s in a.shares.split(",")], n=a.n)
+    if "synthetic" in secs:
+        section_synthetic(a.synthetic, a.synthetic_ram)
+    if "cgroup" in secs:
+        section_cgroup(a.model, a.n)
+    if "batch" in secs:
+        section_batch(store, 0.5, [int(b) for b in a.batches.split(",")], a.n)
+    if "lookup" in secs:
+        section_lookup(store, 0.5, 4 * a.n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
