@@ -76,6 +76,8 @@ class LLM:
                 from flashlm.offload.streaming import StreamingWeights
 
                 self.weights = StreamingWeights(store, self.plan, mode=read_mode, readers=readers)
+                if self.pool is not None:  # idle compute threads must not spin while the readers work
+                    self.weights.on_wait = self.pool.park
             else:
                 self.weights = store
             self.model = build_model(self.config, self.weights, self.backend)

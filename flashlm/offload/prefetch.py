@@ -192,9 +192,10 @@ class Prefetcher:
 
     # ---- compute side ----
 
-    def get(self, key: Hashable) -> np.ndarray:
+    def get(self, key: Hashable, on_wait=None) -> np.ndarray:
         """The slot holding segment ``key`` (uint8, ``slot_bytes``), once read. Hold it until
-        :meth:`release`.
+        :meth:`release`. ``on_wait()`` is called (without the lock) before waiting for a
+        read, e.g. to send spinning compute threads to sleep so the readers get the cores.
 
         Raises:
             OffloadError: its read failed (file, offset, OS error), or the prefetcher is closed.
@@ -203,6 +204,12 @@ class Prefetcher:
         if key not in self._pos:
             raise KeyError(f"segment {key!r} is not in the prefetch schedule")
         t0 = time.perf_counter()
+        if on_wait is not None:
+            with self._cv:
+                slot = self._where.get(key)
+                ready = slot is not None and slot.state == READY
+            if not ready:
+                on_wait()
         with self._cv:
             self._stats.gets += 1
             first = True

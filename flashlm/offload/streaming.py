@@ -123,7 +123,7 @@ class StreamedMatrix:
         owner = self.owner
         for key, (r0, r1) in zip(self.keys, self.row_blocks):
             owner.release()
-            buf = owner.prefetcher.get(key)
+            buf = owner.prefetcher.get(key, owner.on_wait)
             owner._held = key
             try:
                 yield r0, r1, self._view(buf, r0, r1)
@@ -192,6 +192,7 @@ class StreamingWeights:
         self.mode = mode or default_mode()
         self.watch, self._vm, self._rss = watch, vm, rss or process_rss
         self.notices: list[str] = []
+        self.on_wait = None  # called before the compute side waits for a read (api: pool.park)
         self.steps = 0
         self.embed_bytes_read = 0
         self.resident_read_bytes = 0
@@ -332,7 +333,7 @@ class StreamingWeights:
         if hit is not None:
             return hit
         key = ("layer", i)
-        buf = self.prefetcher.get(key)
+        buf = self.prefetcher.get(key, self.on_wait)
         self._held = key
         return self._layer_views(i, buf, 0, False)
 
