@@ -196,6 +196,48 @@ def matmul_many(x: np.ndarray, ws: list[QTensor], *, pool=None) -> list[np.ndarr
     return outs
 
 
+def matmul_each(xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray], *, pool=None) -> None:
+    """``outs[j][:] = xs[j] @ ws[j].T`` for products that each have their own input and
+    output (the chosen experts of a mixture-of-experts layer: every gate/up, then every down).
+
+    The fused kernels run as tables of up to ``executor.MAX_TASKS`` tasks, one pool
+    dispatch per table (a decode step's 8 experts' gate and up products are one); a
+    product of BLAS_MIN_ROWS rows or more goes to :func:`matmul` (tiles + BLAS).
+
+    Args:
+        xs: float32 inputs, each (cols_j,) or (n_j, cols_j).
+        ws: the weights, each (rows_j, cols_j).
+        outs: C-contiguous float32 results, each (rows_j,) or (n_j, rows_j).
+        pool: as for :func:`matmul`.
+    """
+    fused = []
+    for x, w, o in zip(xs, ws, outs):
+        x = _check(x, w)
+        _out(x, w, o)
+        if x.ndim == 2 and x.shape[0] >= BLAS_MIN_ROWS.get(w.fmt, 128):
+            matmul(x, w, o, pool=pool)
+        else:
+            fused.append((x, w, _kernel_array(w), o))
+    for t0 in range(0, len(fused), executor.MAX_TASKS):
+        part = fused[t0:t0 + executor.MAX_TASKS]
+
+        def fill(tab: np.ndarray, part=part) -> int:
+            for t, (x, w, data, o) in enumerate(part):
+                executor.fill(tab, t, w.fmt, data, x, o)
+            return len(part)
+
+        nbytes = sum(w.nbytes * (1 if x.ndim == 1 else x.shape[0]) for x, w, _, _ in part)
+        if pool is not None and nbytes >= PARALLEL_MIN_BYTES and hasattr(pool, "run_table"):
+            pool.run_table(fill)
+        elif pool is not None and nbytes >= PARALLEL_MIN_BYTES:  # a duck-typed pool: one run per product
+            for x, w, data, o in part:
+                gemv, gemm = KERNELS[w.fmt]
+                pool.run(gemv if x.ndim == 1 else gemm, w.shape[0], data, x, o)
+        else:  # small: in this thread, still without a Python call per kernel
+            tab = executor.new_table()
+            executor.run_chunks(tab, fill(tab), 0, 1)
+
+
 def dequantize(w: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
     """The weight (or some of its rows) as float32, equal to ``gguf.quants.dequantize``.
 
