@@ -14,7 +14,8 @@ Layers in ``mlp_only_layers`` (or off ``decoder_sparse_step``) have a dense SwiG
 The rows of a batch (a prompt, several sequences) are grouped by expert: each chosen
 expert runs its gate/up/down once over the rows routed to it, and all chosen experts'
 gate/up products of a layer go to the backend in one call, then all their downs
-(``backend.linear_each``). The layer's dense tensors come from ``weights.layer(i)``;
+(``backend.linear_each``). Routing, grouping and the weighted sum are the small pure
+functions of ``flashlm.kernels.moe``. The layer's dense tensors come from ``weights.layer(i)``;
 the experts from ``weights.experts(i, ids)``, asked once per MoE layer per forward
 with the union of the experts every row chose (a streaming source reads each once).
 """
@@ -22,51 +23,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from flashlm.kernels.moe import combine, group, route
 from flashlm.models.base import Batch, attend, check_tokens, make_batch
 from flashlm.models.config import ModelConfig
 from flashlm.runtime.kvcache import KVCache
-
-# ---- routing (pure functions) ----
-
-
-def route(logits: np.ndarray, k: int, norm: bool) -> tuple[np.ndarray, np.ndarray]:
-    """The experts each row goes to, and their weights.
-
-    Args:
-        logits: (N, E) router logits.
-        k: experts per row.
-        norm: renormalize the k probabilities to sum to 1 (``norm_topk_prob``).
-
-    Returns:
-        ids (N, k) int64, most probable first, ties to the lower expert id (a stable
-        sort; torch.topk on CPU does not promise an order among ties); weights (N, k)
-        float32: the softmax probabilities (float32) of those experts.
-    """
-    lg = np.asarray(logits, np.float32)
-    p = np.exp(lg - lg.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
-    ids = np.argsort(-p, axis=-1, kind="stable")[:, :k]
-    top = np.take_along_axis(p, ids, axis=-1)
-    if norm:
-        top /= top.sum(axis=-1, keepdims=True)
-    return ids.astype(np.int64), top
-
-
-def group(ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Group the (row, slot) assignments of ``ids`` (N, k) by expert.
-
-    Returns:
-        order: (N*k,) int64 flat indices into ``ids`` (row * k + slot), sorted by expert,
-            then by row;
-        experts: (G,) int64 the distinct experts, ascending;
-        starts: (G + 1,) int64: expert ``experts[g]`` has ``order[starts[g]:starts[g+1]]``.
-    """
-    flat = np.asarray(ids, np.int64).reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    sorted_ids = flat[order]
-    first = np.flatnonzero(np.r_[True, sorted_ids[1:] != sorted_ids[:-1]]) if flat.size else np.zeros(0, np.int64)
-    return order.astype(np.int64), sorted_ids[first], np.r_[first, flat.size].astype(np.int64)
-
 
 class Model:
     """A Qwen3-MoE decoder (per-head q/k rmsnorm, rope "neox", sparse MoE blocks).
@@ -118,30 +78,24 @@ class Model:
         n, d = h.shape
         k = c.num_experts_per_tok
         ids, wts = route(be.linear(h, w["ffn_gate_inp.weight"]), k, c.norm_topk_prob)  # (N, k) each
-        order, experts, starts = group(ids)
-        ex = self.weights.experts(i, experts.tolist())  # once per layer: the union of the batch's experts
-        segs = [(int(s), int(e)) for s, e in zip(starts[:-1], starts[1:])]
-        xs = h[order // k] if n > 1 else h  # (N*k, d): the rows grouped by expert
-        m, f = n * k, ex[int(experts[0])]["ffn_gate.weight"].shape[0]
-        gate, up = np.empty((m, f), np.float32), np.empty((m, f), np.float32)
+        order, experts, starts = group(ids)  # the N*k (row, slot) assignments, grouped by expert
+        experts, starts = experts.tolist(), starts.tolist()
+        ex = self.weights.experts(i, experts)  # once per layer: the union of the batch's experts
+        segs = list(zip(starts[:-1], starts[1:]))  # expert experts[g] has grouped rows segs[g]
+        xs = h[order // k] if n > 1 else h  # (N*k, d) the rows, grouped; one row: each expert's GEMV input
+        m, f = n * k, ex[experts[0]]["ffn_gate.weight"].shape[0]
+        gate, up, y = np.empty((m, f), np.float32), np.empty((m, f), np.float32), np.empty((m, d), np.float32)
         mats, ins, outs = [], [], []
-        for e, (s, t) in zip(experts.tolist(), segs):
-            x = xs[s:t] if n > 1 else h  # one row: the same 1-D input for every expert (a GEMV)
+        for e, (s, t) in zip(experts, segs):
+            x = xs[s:t] if n > 1 else h
             mats += [ex[e]["ffn_gate.weight"], ex[e]["ffn_up.weight"]]
             ins += [x, x]
             outs += [gate[s:t], up[s:t]]
-        be.linear_each(ins, mats, outs)
+        be.linear_each(ins, mats, outs)  # every chosen expert's gate and up
         act = be.silu_mul(gate, up)  # (N*k, F)
-        y = np.empty((m, d), np.float32)
-        be.linear_each([act[s:t] for s, t in segs], [ex[e]["ffn_down.weight"] for e in experts.tolist()],
-                       [y[s:t] for s, t in segs])
-        ys = np.empty_like(y)
-        ys[order] = y  # back to (row, slot) order
-        ys = ys.reshape(n, k, d)
-        out = wts[:, 0, None] * ys[:, 0]
-        for j in range(1, k):  # slot by slot: a row's sum is the same whatever else is in the batch
-            out += wts[:, j, None] * ys[:, j]
-        return out
+        be.linear_each([act[s:t] for s, t in segs], [ex[e]["ffn_down.weight"] for e in experts],
+                       [y[s:t] for s, t in segs])  # every down
+        return combine(y, order, wts)  # slot by slot: a row's sum does not depend on the rest of the batch
 
     def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         """Decoder block ``i``: updates the residual stream ``x`` (N, d) in place."""
