@@ -46,6 +46,7 @@ BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
 TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
 # Below this many weight bytes x activation rows a product runs in the calling thread.
 PARALLEL_MIN_BYTES = 256 * 1024
+_F32 = np.dtype(np.float32)
 
 
 class _Serial:
@@ -210,29 +211,38 @@ def matmul_each(xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray],
         outs: C-contiguous float32 results, each (rows_j,) or (n_j, rows_j).
         pool: as for :func:`matmul`.
     """
-    fused = []
-    for x, w, o in zip(xs, ws, outs):
-        x = _check(x, w)
-        _out(x, w, o)
-        if x.ndim == 2 and x.shape[0] >= BLAS_MIN_ROWS.get(w.fmt, 128):
+    fused, nbytes = [], 0
+    for x, w, o in zip(xs, ws, outs):  # the checks of _check/_out inline: a decode step has ~400 products
+        data = w.data
+        if w.fmt == "F16":
+            data = data.view(np.uint16)
+        n = 1 if x.ndim == 1 else x.shape[0]
+        if not (x.dtype == _F32 and o.dtype == _F32 and x.shape[-1] == w.shape[-1] and o.shape[-1] == w.shape[0]
+                and x.shape[:-1] == o.shape[:-1] and data.ndim == 2 and w.fmt in KERNELS
+                and x.flags.c_contiguous and o.flags.c_contiguous and data.flags.c_contiguous):
+            x = _check(x, w)  # the precise error, or a contiguous copy of x
+            _out(x, w, o)
+            data = _kernel_array(w)
+        if x.ndim == 2 and n >= BLAS_MIN_ROWS.get(w.fmt, 128):
             matmul(x, w, o, pool=pool)
         else:
-            fused.append((x, w, _kernel_array(w), o))
+            fused.append((x, w.fmt, data, o))
+            nbytes += data.nbytes * n
+    parallel = pool is not None and nbytes >= PARALLEL_MIN_BYTES
     for t0 in range(0, len(fused), executor.MAX_TASKS):
         part = fused[t0:t0 + executor.MAX_TASKS]
 
         def fill(tab: np.ndarray, part=part) -> int:
-            for t, (x, w, data, o) in enumerate(part):
-                executor.fill(tab, t, w.fmt, data, x, o)
+            for t, (x, fmt, data, o) in enumerate(part):
+                executor.fill(tab, t, fmt, data, x, o)
             return len(part)
 
-        nbytes = sum(w.nbytes * (1 if x.ndim == 1 else x.shape[0]) for x, w, _, _ in part)
-        if pool is not None and nbytes >= PARALLEL_MIN_BYTES and hasattr(pool, "run_table"):
+        if parallel and hasattr(pool, "run_table"):
             pool.run_table(fill)
-        elif pool is not None and nbytes >= PARALLEL_MIN_BYTES:  # a duck-typed pool: one run per product
-            for x, w, data, o in part:
-                gemv, gemm = KERNELS[w.fmt]
-                pool.run(gemv if x.ndim == 1 else gemm, w.shape[0], data, x, o)
+        elif parallel:  # a duck-typed pool: one run per product
+            for x, fmt, data, o in part:
+                gemv, gemm = KERNELS[fmt]
+                pool.run(gemv if x.ndim == 1 else gemm, data.shape[0], data, x, o)
         else:  # small: in this thread, still without a Python call per kernel
             tab = executor.new_table()
             executor.run_chunks(tab, fill(tab), 0, 1)
