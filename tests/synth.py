@@ -253,3 +253,92 @@ def tiny_store(directory: Path, **kw):
     directory = Path(directory)
     src = write_tiny_gguf(directory / "m.gguf", **kw)
     return Store(import_gguf(src, directory / "store", progress=False))
+
+# ---- Qwen3-MoE GGUF files ----
+
+
+def random_kquant(fmt: str, shape: tuple[int, ...], rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:
+    """Random but valid Q4_K / Q6_K blocks for a (..., cols) tensor: finite half scales chosen
+    so the weights are of size ~``scale``, random quants. Returns uint8 (..., row bytes)."""
+    from flashlm.kernels.formats import row_nbytes
+
+    lead, cols = tuple(shape[:-1]), shape[-1]
+    nb = int(np.prod(lead, dtype=np.int64)) * (cols // 256)
+    if fmt == "Q4_K":  # d, dmin (f16), 12 bytes of 6-bit scales and mins, 128 bytes of nibbles
+        blk = rng.integers(0, 256, (nb, 144), dtype=np.uint8)
+        blk[:, 0:2] = np.full((nb, 1), scale / 400, np.float16).view(np.uint8).reshape(nb, 2)
+        blk[:, 2:4] = np.full((nb, 1), scale / 60, np.float16).view(np.uint8).reshape(nb, 2)
+    elif fmt == "Q6_K":  # 128 bytes low bits, 64 high bits, 16 int8 scales, d (f16)
+        blk = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+        blk[:, 192:208] = rng.integers(-40, 40, (nb, 16)).astype(np.int8).view(np.uint8)
+        blk[:, 208:210] = np.full((nb, 1), scale / 600, np.float16).view(np.uint8).reshape(nb, 2)
+    else:
+        raise ValueError(f"random_kquant: {fmt} is not Q4_K or Q6_K")
+    return blk.reshape(lead + (row_nbytes(fmt, cols),))
+
+
+def encode(a: np.ndarray, fmt: str, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes or array to write into a GGUF file, the float32 values it holds) of ``a`` in ``fmt``;
+    Q4_K/Q6_K (which gguf-py cannot quantize) are random valid blocks of ``a``'s shape instead."""
+    import gguf
+
+    a = np.asarray(a, np.float32)
+    if fmt == "F32":
+        return a, a
+    if fmt == "F16":
+        h = a.astype(np.float16)
+        return h, h.astype(np.float32)
+    qt = gguf.GGMLQuantizationType[fmt]
+    q = random_kquant(fmt, a.shape, rng or np.random.default_rng(0)) if fmt in ("Q4_K", "Q6_K") else gguf.quants.quantize(a, qt)
+    return q, np.asarray(gguf.quants.dequantize(q, qt), np.float32).reshape(a.shape)
+
+
+def write_qwen3moe_gguf(path: Path, tensors: dict[str, np.ndarray], *, hidden: int, n_layers: int, n_heads: int,
+                        n_kv: int, head_dim: int, n_experts: int, k: int, expert_ffn: int, ffn: int | None,
+                        norm_topk: bool | None = True, fmts: dict[str, str] | None = None, eps: float = 1e-6,
+                        theta: float = 10000.0, skip: tuple[str, ...] = (), meta: dict | None = None) -> Path:
+    """Write a ``qwen3moe`` GGUF of GGUF-named tensors (2-D, and 3-D ``ffn_*_exps``) with the tiny
+    vocabulary. ``fmts`` maps a name to the format it is written in (default F32; values must
+    already be what the format holds: see :func:`encode`, whose first result may be passed as is)."""
+    import gguf
+
+    tokens, merges, types = tiny_vocab()
+    w = gguf.GGUFWriter(str(path), "qwen3moe")
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    if ffn is not None:
+        w.add_feed_forward_length(ffn)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(eps)
+    w.add_expert_count(n_experts)
+    w.add_expert_used_count(k)
+    w.add_expert_feed_forward_length(expert_ffn)
+    if norm_topk is not None:
+        w.add_expert_weights_norm(norm_topk)
+    for key, v in (meta or {}).items():
+        w.add_uint32(key, v)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(len(tokens) - 1)
+    w.add_chat_template(CHAT_TEMPLATE)
+    for name, a in tensors.items():
+        if name in skip:
+            continue
+        f = (fmts or {}).get(name, "F32")
+        if f in ("F32", "F16"):
+            w.add_tensor(name, np.asarray(a, np.float32 if f == "F32" else np.float16))
+        else:
+            w.add_tensor(name, a, raw_dtype=gguf.GGMLQuantizationType[f])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

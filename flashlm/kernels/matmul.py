@@ -46,6 +46,7 @@ BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
 TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
 # Below this many weight bytes x activation rows a product runs in the calling thread.
 PARALLEL_MIN_BYTES = 256 * 1024
+_F32 = np.dtype(np.float32)
 
 
 class _Serial:
@@ -194,6 +195,57 @@ def matmul_many(x: np.ndarray, ws: list[QTensor], *, pool=None) -> list[np.ndarr
     outs = [_out(x, w, None) for w in ws]
     _run(x, ws, outs, pool)
     return outs
+
+
+def matmul_each(xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray], *, pool=None) -> None:
+    """``outs[j][:] = xs[j] @ ws[j].T`` for products that each have their own input and
+    output (the chosen experts of a mixture-of-experts layer: every gate/up, then every down).
+
+    The fused kernels run as tables of up to ``executor.MAX_TASKS`` tasks, one pool
+    dispatch per table (a decode step's 8 experts' gate and up products are one); a
+    product of BLAS_MIN_ROWS rows or more goes to :func:`matmul` (tiles + BLAS).
+
+    Args:
+        xs: float32 inputs, each (cols_j,) or (n_j, cols_j).
+        ws: the weights, each (rows_j, cols_j).
+        outs: C-contiguous float32 results, each (rows_j,) or (n_j, rows_j).
+        pool: as for :func:`matmul`.
+    """
+    fused, nbytes = [], 0
+    for x, w, o in zip(xs, ws, outs):  # the checks of _check/_out inline: a decode step has ~400 products
+        data = w.data
+        if w.fmt == "F16":
+            data = data.view(np.uint16)
+        n = 1 if x.ndim == 1 else x.shape[0]
+        if not (x.dtype == _F32 and o.dtype == _F32 and x.shape[-1] == w.shape[-1] and o.shape[-1] == w.shape[0]
+                and x.shape[:-1] == o.shape[:-1] and data.ndim == 2 and w.fmt in KERNELS
+                and x.flags.c_contiguous and o.flags.c_contiguous and data.flags.c_contiguous):
+            x = _check(x, w)  # the precise error, or a contiguous copy of x
+            _out(x, w, o)
+            data = _kernel_array(w)
+        if x.ndim == 2 and n >= BLAS_MIN_ROWS.get(w.fmt, 128):
+            matmul(x, w, o, pool=pool)
+        else:
+            fused.append((x, w.fmt, data, o))
+            nbytes += data.nbytes * n
+    parallel = pool is not None and nbytes >= PARALLEL_MIN_BYTES
+    for t0 in range(0, len(fused), executor.MAX_TASKS):
+        part = fused[t0:t0 + executor.MAX_TASKS]
+
+        def fill(tab: np.ndarray, part=part) -> int:
+            for t, (x, fmt, data, o) in enumerate(part):
+                executor.fill(tab, t, fmt, data, x, o)
+            return len(part)
+
+        if parallel and hasattr(pool, "run_table"):
+            pool.run_table(fill)
+        elif parallel:  # a duck-typed pool: one run per product
+            for x, fmt, data, o in part:
+                gemv, gemm = KERNELS[fmt]
+                pool.run(gemv if x.ndim == 1 else gemm, data.shape[0], data, x, o)
+        else:  # small: in this thread, still without a Python call per kernel
+            tab = executor.new_table()
+            executor.run_chunks(tab, fill(tab), 0, 1)
 
 
 def dequantize(w: QTensor, rows: np.ndarray | None = None) -> np.ndarray:

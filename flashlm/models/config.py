@@ -12,7 +12,9 @@ from typing import Any
 IMPORTER_VERSION = 9
 
 # model_type -> module in flashlm.models that implements it
-ARCH_ALIASES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama"}
+ARCH_ALIASES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "llama", "qwen3_moe": "qwen3_moe"}
+# GGUF general.architecture -> model_type, where the two differ
+GGUF_ARCHS = {"qwen3moe": "qwen3_moe"}
 
 
 @dataclass
@@ -37,6 +39,13 @@ class ModelConfig:
     rope_layout: str = "neox"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # mixture of experts (qwen3_moe): 0 experts is a dense model
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False  # renormalize the top-k router probabilities to sum to 1
+    decoder_sparse_step: int = 1  # every step-th layer is sparse (layer i when (i + 1) % step == 0)
+    mlp_only_layers: list[int] = field(default_factory=list)  # layers with a dense MLP all the same
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -46,12 +55,20 @@ class ModelConfig:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.model_type == "qwen2":
             self.attention_bias = True
-        if self.model_type == "qwen3":
+        if self.model_type in ("qwen3", "qwen3_moe"):
             self.qk_norm = True
+        self.mlp_only_layers = [int(i) for i in (self.mlp_only_layers or [])]
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Decoder block ``i`` has a sparse MoE block (else a dense SwiGLU MLP), as transformers decides."""
+        return (self.num_experts > 0 and i not in self.mlp_only_layers
+                and (i + 1) % max(1, self.decoder_sparse_step) == 0)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         names = {f.name for f in dataclasses.fields(cls)}
+        if "num_experts" not in d and "num_local_experts" in d:  # transformers 5 writes qwen3_moe's under this name
+            d = {**d, "num_experts": d["num_local_experts"]}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import numpy as np
 
 from flashlm.errors import GGUFError, UnsupportedError
 from flashlm.kernels.formats import STORE_LAYOUT, tensor_nbytes
-from flashlm.models.config import ARCH_ALIASES, IMPORTER_VERSION, ModelConfig
+from flashlm.models.config import ARCH_ALIASES, GGUF_ARCHS, IMPORTER_VERSION, ModelConfig
 from flashlm.models.gguf_file import GGUFFile
 from flashlm.offload.store import StoreWriter
 from flashlm.progress import byte_progress
@@ -31,10 +31,10 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         source: file name for error messages.
     """
     arch = meta.get("general.architecture")
-    if arch not in ARCH_ALIASES:
-        raise UnsupportedError(
-            f"{source}: architecture {arch!r} is not supported (flashlm runs: {', '.join(sorted(ARCH_ALIASES))})"
-        )
+    model_type = GGUF_ARCHS.get(arch, arch)
+    if model_type not in ARCH_ALIASES or arch in GGUF_ARCHS.values():
+        known = sorted({a for a in ARCH_ALIASES if a not in GGUF_ARCHS.values()} | set(GGUF_ARCHS))
+        raise UnsupportedError(f"{source}: architecture {arch!r} is not supported (flashlm runs: {', '.join(known)})")
 
     def key(name: str, default: Any = None, required: bool = False) -> Any:
         v = meta.get(f"{arch}.{name}", default)
@@ -58,11 +58,14 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         if key("rope.scaling.original_context_length") is not None:
             scaling["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
     eos = meta.get("tokenizer.ggml.eos_token_id")
+    n_layers = int(key("block_count", required=True))
+    moe = _moe_config(key, tensor_shapes, n_layers, hidden, source) if model_type == "qwen3_moe" else {}
+    ffn = key("feed_forward_length", required=not moe)  # a MoE file may have only the experts' length
     return ModelConfig(
-        model_type=arch,
+        model_type=model_type,
         hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length", required=True)),
-        num_hidden_layers=int(key("block_count", required=True)),
+        intermediate_size=int(ffn if ffn is not None else moe["moe_intermediate_size"]),
+        num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
         num_key_value_heads=int(n_kv),
         head_dim=int(head_dim),
@@ -78,7 +81,49 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=eos,
         extra={"tokenizer_vocab": len(tokens) if tokens is not None else None},
+        **moe,
     )
+
+
+def _moe_config(key, shapes: dict[str, tuple[int, ...]], n_layers: int, hidden: int, source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of a ``qwen3moe`` GGUF, checked against its tensors.
+
+    A layer with ``ffn_gate_inp`` is sparse; one with a dense ``ffn_gate`` instead goes to
+    ``mlp_only_layers``. llama.cpp always renormalizes qwen3moe's top-k weights, so
+    ``norm_topk_prob`` is ``expert_weights_norm`` when the file has it, else true.
+    """
+    n_exp = int(key("expert_count", required=True))
+    k = int(key("expert_used_count", required=True))
+    eff = key("expert_feed_forward_length")
+    if not 0 < k <= n_exp:
+        raise GGUFError(f"{source}: expert_used_count {k} is not in 1 .. expert_count {n_exp}")
+    dense = []
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        if p + "ffn_gate_inp.weight" not in shapes:
+            if p + "ffn_gate.weight" in shapes:
+                dense.append(i)
+                continue
+            raise GGUFError(f"{source}: layer {i} has neither a router (ffn_gate_inp.weight) nor a dense ffn_gate.weight")
+        if tuple(shapes[p + "ffn_gate_inp.weight"]) != (n_exp, hidden):
+            raise GGUFError(f"{source}: {p}ffn_gate_inp.weight has shape {tuple(shapes[p + 'ffn_gate_inp.weight'])}, "
+                            f"expected ({n_exp}, {hidden}) for expert_count {n_exp}")
+        for m in ("gate", "up", "down"):
+            name = f"{p}ffn_{m}_exps.weight"
+            if name not in shapes:
+                raise GGUFError(f"{source}: the file lacks expert tensor {name}")
+            s = tuple(shapes[name])
+            if eff is None:
+                eff = s[1] if m != "down" else s[2]
+            want = (n_exp, hidden, int(eff)) if m == "down" else (n_exp, int(eff), hidden)
+            if s != want:
+                raise GGUFError(f"{source}: {name} has shape {s}, expected {want} "
+                                f"(expert_count {n_exp}, expert_feed_forward_length {eff})")
+    if eff is None:
+        raise GGUFError(f"{source}: GGUF metadata lacks expert_feed_forward_length and no layer has experts")
+    return {"num_experts": n_exp, "num_experts_per_tok": k, "moe_intermediate_size": int(eff),
+            "norm_topk_prob": bool(key("expert_weights_norm", True)), "decoder_sparse_step": 1,
+            "mlp_only_layers": dense}
 
 
 def gguf_tokenizer_files(meta: dict[str, Any], source: str) -> tuple[dict[str, str], dict[str, Any]]:
@@ -112,23 +157,45 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, progress: boo
     config = config_from_gguf_meta(g.meta, shapes, str(src))
     files, tok_info = gguf_tokenizer_files(g.meta, str(src))
     total = sum(tensor_nbytes(STORE_LAYOUT.get(t.fmt, t.fmt), t.shape) for t in g.tensors.values())
-    # Write embedding, then layers in order, then the head: the order layers stream in.
+    # Write embedding, then layers in order, then the head: the order layers stream in. A layer's
+    # experts come after its dense tensors, one expert (gate, up, down) after another.
     order = sorted(g.tensors.values(), key=lambda t: _tensor_order(t.name))
     with byte_progress(total, f"import {src.name}", enabled=progress) as bar, StoreWriter(dst, progress=bar) as w:
         for t in order:
-            data = g.tensor_bytes(t.name)
-            if t.fmt in STORE_LAYOUT:
-                from flashlm.kernels.repacked import pack  # Numba kernels: loaded only when needed
-
-                fmt, data = pack(t.fmt, np.asarray(data).reshape(t.shape[:-1] + (-1,)), t.shape)
-            else:
-                fmt = t.fmt
-            w.add_tensor(t.name, data, fmt, t.shape)
+            if t.name.endswith("_exps.weight"):
+                continue  # written below, split per expert
+            _add(w, t.name, t.fmt, t.shape, g.tensor_bytes(t.name))
+            if t.name.endswith(".ffn_gate_inp.weight"):
+                _add_experts(w, g, int(t.name.split(".")[1]), config.num_experts)
         for name, content in files.items():
             w.add_file(name, content)
         source = {"kind": "gguf", "file": src.name, "bytes": g.size, "importer_version": IMPORTER_VERSION}
         out = w.commit(config, tokenizer=tok_info, source=source)
     return out
+
+
+def _add(w: StoreWriter, name: str, fmt: str, shape: tuple[int, ...], data: np.ndarray) -> None:
+    """One tensor, in its store layout (formats.STORE_LAYOUT) if it has one."""
+    if fmt in STORE_LAYOUT:
+        from flashlm.kernels.repacked import pack  # Numba kernels: loaded only when needed
+
+        fmt, data = pack(fmt, np.asarray(data).reshape(tuple(shape[:-1]) + (-1,)), shape)
+    w.add_tensor(name, data, fmt, shape)
+
+
+def _add_experts(w: StoreWriter, g: GGUFFile, i: int, n_exp: int) -> None:
+    """Block ``i``'s 3-D ``ffn_{gate,up,down}_exps`` as per-expert store tensors
+    (``blk.{i}.expert.{e}.ffn_gate.weight`` ...), expert by expert."""
+    from flashlm.models.weights import EXPERT_MATS, expert_name
+
+    exps = [g.tensors[f"blk.{i}.ffn_{m}_exps.weight"] for m in ("gate", "up", "down")]
+    for t in exps:
+        if t.shape[0] != n_exp:
+            raise GGUFError(f"{g.path}: {t.name} holds {t.shape[0]} experts, the metadata says {n_exp}")
+    for e in range(n_exp):
+        for t, mat in zip(exps, EXPERT_MATS):
+            per = t.nbytes // n_exp
+            _add(w, expert_name(i, e, mat), t.fmt, t.shape[1:], g.tensor_bytes(t.name)[e * per:(e + 1) * per])
 
 
 def _tensor_order(name: str) -> tuple[int, int, str]:

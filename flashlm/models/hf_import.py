@@ -21,7 +21,8 @@ from flashlm.models.config import IMPORTER_VERSION, ModelConfig
 from flashlm.offload.store import StoreWriter
 from flashlm.progress import byte_progress
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "llama"}
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+                 "MistralForCausalLM": "llama", "Qwen3MoeForCausalLM": "qwen3_moe"}
 QUANTS = {"q8_0": "Q8_0", "q4_0": "Q4_0"}
 _ST_DTYPES = {"F32": ("F32", np.float32), "F16": ("F16", np.float16), "BF16": ("BF16", np.uint16)}
 _LAYER_NAMES = {
@@ -39,7 +40,13 @@ _LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate.weight": "ffn_gate_inp.weight",  # a MoE block's router (experts, hidden)
 }
+_EXPERT_RE = re.compile(r"^mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+# transformers 5 keeps a block's experts fused in memory, gate_up_proj (E, 2F, hidden) and
+# down_proj (E, hidden, F); its save_pretrained writes them per expert (the names above), but
+# a checkpoint may hold the fused form: split on import
+_FUSED = {"mlp.experts.gate_up_proj": ("ffn_gate.weight", "ffn_up.weight"), "mlp.experts.down_proj": ("ffn_down.weight",)}
 _GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _IGNORED = re.compile(r"rotary_emb\.inv_freq$")
@@ -52,6 +59,9 @@ def gguf_name(hf_name: str) -> str | None:
     m = _LAYER_RE.match(hf_name)
     if m and m.group(2) in _LAYER_NAMES:
         return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}"
+    x = _EXPERT_RE.match(m.group(2)) if m else None
+    if x:
+        return f"blk.{int(m.group(1))}.expert.{int(x.group(1))}.ffn_{x.group(2)}.weight"
     return None
 
 
@@ -113,17 +123,42 @@ def _weight_files(src: Path) -> list[Path]:
 
 
 def iter_hf_tensors(src: str | os.PathLike) -> Iterator[tuple[str, str, np.ndarray]]:
-    """Yield (store name, format, array) for every weight in an HF directory."""
+    """Yield (store name, format, array) for every weight in an HF directory, in file order
+    (fused experts split into per-expert views)."""
     for path in _weight_files(Path(src)):
         st = SafetensorsFile(path)
         for hf_name in st.keys():
             name = gguf_name(hf_name)
+            m = _LAYER_RE.match(hf_name)
+            if name is None and m and m.group(2) in _FUSED:
+                fmt, arr = st.get(hf_name)
+                mats = _FUSED[m.group(2)]
+                if arr.ndim != 3 or arr.shape[1] % len(mats):
+                    raise ImportError_(f"{path}: {hf_name} has shape {list(arr.shape)}, expected (experts, rows, cols)")
+                f = arr.shape[1] // len(mats)
+                for e in range(arr.shape[0]):
+                    for j, mat in enumerate(mats):
+                        yield f"blk.{int(m.group(1))}.expert.{e}.{mat}", fmt, arr[e, j * f:(j + 1) * f]
+                continue
             if name is None:
                 if _IGNORED.search(hf_name):
                     continue
                 raise UnsupportedError(f"{path}: unexpected tensor {hf_name}; is this a supported architecture?")
             fmt, arr = st.get(hf_name)
             yield name, fmt, arr
+
+
+def _store_order(name: str) -> tuple:
+    """Embedding, then each block's dense tensors, then its experts one by one (gate, up,
+    down), then the head: the order layers stream in, one expert one byte range."""
+    if name == "token_embd.weight":
+        return (0,)
+    parts = name.split(".")
+    if parts[0] == "blk":
+        if parts[2] == "expert":
+            return (1, int(parts[1]), 1, int(parts[3]), ("ffn_gate", "ffn_up", "ffn_down").index(parts[4]))
+        return (1, int(parts[1]), 0, name)
+    return (2, name)
 
 
 def to_f32(fmt: str, arr: np.ndarray) -> np.ndarray:
@@ -161,6 +196,10 @@ def config_from_hf(src: Path) -> ModelConfig:
     for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if k not in d:
             raise ImportError_(f"{cpath}: config.json lacks {k}")
+    if d["model_type"] == "qwen3_moe":
+        for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size"):
+            if k not in d and not (k == "num_experts" and "num_local_experts" in d):
+                raise ImportError_(f"{cpath}: config.json lacks {k}, which a Qwen3-MoE model needs")
     return ModelConfig.from_dict(d)
 
 
@@ -250,14 +289,20 @@ def import_hf(src: str | os.PathLike, dst: str | os.PathLike, *, quant: str | No
         config.tie_word_embeddings = not has_head
     total = sum(p.stat().st_size for p in _weight_files(src))
     seen: set[str] = set()
+    tensors: dict[str, tuple[str, np.ndarray]] = {}
+    for name, fmt, arr in iter_hf_tensors(src):  # views of the memory-mapped files: nothing read yet
+        if name in tensors:
+            raise ImportError_(f"{src}: the weights hold {name} twice")
+        tensors[name] = (fmt, arr)
     with byte_progress(total, f"import {src.name}", enabled=progress) as bar, StoreWriter(dst) as w:
-        for name, fmt, arr in iter_hf_tensors(src):
+        for name in sorted(tensors, key=_store_order):
+            fmt, arr = tensors[name]
             if name == "output.weight" and config.tie_word_embeddings:
                 continue  # tied: the head reads token_embd.weight
             seen.add(name)
             if arr.ndim == 1:
                 w.add_tensor(name, to_f32(fmt, arr), "F32", arr.shape)
-            elif qfmt and arr.shape[-1] % 32 == 0:
+            elif qfmt and arr.shape[-1] % 32 == 0 and not name.endswith("ffn_gate_inp.weight"):  # routers stay exact
                 from flashlm.kernels.repacked import pack  # Numba kernels: loaded only when needed
 
                 w.add_tensor(name, *reversed(pack(qfmt, quantize(to_f32(fmt, arr), qfmt), arr.shape)), arr.shape)
@@ -276,8 +321,16 @@ def _check_complete(src: Path, config: ModelConfig, seen: set[str]) -> None:
     if not config.tie_word_embeddings:
         need.append("output.weight")
     for i in range(config.num_hidden_layers):
-        for short in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"):
+        for short in ("attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm"):
             need.append(f"blk.{i}.{short}.weight")
+        if config.is_moe_layer(i):
+            need.append(f"blk.{i}.ffn_gate_inp.weight")
+            need += [f"blk.{i}.expert.{e}.ffn_{m}.weight" for e in range(config.num_experts) for m in ("gate", "up", "down")]
+        else:
+            need += [f"blk.{i}.ffn_{m}.weight" for m in ("gate", "up", "down")]
     missing = [n for n in need if n not in seen]
     if missing:
         raise ImportError_(f"{src}: the weights lack {len(missing)} tensors the config needs, e.g. {missing[0]}")
+    extra = [n for n in seen if ".expert." in n and int(n.split(".")[3]) >= config.num_experts]
+    if extra:
+        raise ImportError_(f"{src}: the weights hold {extra[0]}, but config.json says num_experts = {config.num_experts}")

@@ -6,7 +6,9 @@ Layout::
     tokenizer.json     Hugging Face tokenizers file
     chat_template.jinja  (optional)
     embed.bin          token_embd.weight
-    layer_000.bin ...  every tensor of decoder block N (``blk.N.*``)
+    layer_000.bin ...  every tensor of decoder block N (``blk.N.*``); in a mixture-of-experts
+                       block the dense tensors first, then expert 0's gate, up, down
+                       (``blk.N.expert.0.ffn_gate.weight`` ...), expert 1's, ...
     head.bin           output_norm.weight, output.weight (unless tied), other globals
 
 Every tensor starts on a 4096-byte boundary, so a layer file can be memory-mapped or
@@ -44,6 +46,7 @@ ALIGN = 4096
 MANIFEST = "manifest.json"
 _LAYER_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 _HASH_CHUNK = 1 << 24
+_EXPERT_MATS = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")  # one expert's tensors, in file order
 
 
 def file_for_tensor(name: str) -> str:
@@ -257,6 +260,7 @@ class Store:
         self._maps: dict[str, np.ndarray] = {}
         self._layers: dict[int, dict[str, QTensor]] = {}
         self._globals: dict[str, QTensor] = {}
+        self._experts: dict[tuple[int, int], dict[str, QTensor]] = {}
         self.n_layers = self.config.num_hidden_layers
 
     # -- files and tensors --
@@ -291,7 +295,8 @@ class Store:
         return [n for n in self.tensor_info if n.startswith(prefix)]
 
     def layer(self, i: int) -> dict[str, QTensor]:
-        """All tensors of decoder block ``i``, keyed by short name (``attn_q.weight``).
+        """The dense tensors of decoder block ``i``, keyed by short name (``attn_q.weight``):
+        every tensor of the block but the experts' matrices (see :meth:`experts`).
 
         The views are made once per layer and reused (the decode loop asks for every
         layer on every token).
@@ -302,9 +307,36 @@ class Store:
         if not 0 <= i < self.n_layers:
             raise StoreError(f"{self.path}: layer {i} out of range (0..{self.n_layers - 1})")
         prefix = f"blk.{i}."
-        views = {n[len(prefix) :]: self.tensor(n) for n in self.layer_names(i)}
+        views = {n[len(prefix) :]: self.tensor(n) for n in self.layer_names(i)
+                 if not n.startswith(prefix + "expert.")}
         self._layers[i] = views
         return views
+
+    def experts(self, i: int, ids) -> dict[int, dict[str, QTensor]]:
+        """Zero-copy views of experts ``ids`` of mixture-of-experts block ``i``:
+        ``{e: {"ffn_gate.weight": ..., "ffn_up.weight": ..., "ffn_down.weight": ...}}``
+        (made once per expert and reused)."""
+        out = {}
+        for e in ids:
+            key = (i, int(e))
+            hit = self._experts.get(key)
+            if hit is None:
+                names = [f"blk.{i}.expert.{int(e)}.{m}" for m in _EXPERT_MATS]
+                missing = [n for n in names if n not in self.tensor_info]
+                if missing:
+                    raise StoreError(f"{self.path}: no tensor {missing[0]} (layer {i} has no expert {int(e)})")
+                hit = self._experts[key] = {m: self.tensor(n) for m, n in zip(_EXPERT_MATS, names)}
+            out[int(e)] = hit
+        return out
+
+    def expert_span(self, i: int, e: int) -> tuple[str, int, int]:
+        """(file, offset, nbytes) of expert ``e`` of block ``i``: its gate, up and down
+        tensors as one contiguous byte range (the offset is 4096-aligned)."""
+        infos = [self.tensor_info.get(f"blk.{i}.expert.{e}.{m}") for m in _EXPERT_MATS]
+        if any(t is None for t in infos):
+            raise StoreError(f"{self.path}: layer {i} has no expert {e}")
+        start, end = infos[0]["offset"], infos[-1]["offset"] + infos[-1]["nbytes"]
+        return infos[0]["file"], start, end - start
 
     def layer_file(self, i: int) -> Path:
         return self.path / f"layer_{i:03d}.bin"
@@ -343,6 +375,7 @@ class Store:
         self._maps.clear()
         self._layers.clear()
         self._globals.clear()
+        self._experts.clear()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r}, {self.config.model_type}, {self.n_layers} layers)"

@@ -4,6 +4,8 @@ A backend offers the operations of a decoder-only transformer on float32
 activations and QTensor weights:
 
     linear(x, w, bias=None)      (n, cols) @ W.T (+ bias)       -> (n, rows)
+    linear_each(xs, ws, outs)    outs[j] = xs[j] @ ws[j].T: products with an input each
+                                 (the chosen experts of a MoE layer), in one call
     embed(w, ids)                rows ``ids`` of the embedding  -> (n, d)
     rmsnorm(x, w, eps)           over the last axis of (n, d)   -> (n, d)
     rope(x, positions, theta, layout, scaling=None)   in place on (n, H, D)
@@ -131,6 +133,11 @@ class NumpyBackend:
         """Several products sharing ``x`` (q/k/v, gate/up)."""
         biases = biases or [None] * len(ws)
         return [self.linear(x, w, b) for w, b in zip(ws, biases)]
+
+    def linear_each(self, xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray]) -> None:
+        """``outs[j][:] = xs[j] @ ws[j].T`` for every j (each product its own input and output)."""
+        for x, w, o in zip(xs, ws, outs):
+            np.matmul(x, self.f32(w).T, out=o)
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
         if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)
@@ -291,6 +298,10 @@ class KernelBackend:
             if b is not None:
                 y += self.vector(b)
         return ys
+
+    def linear_each(self, xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray]) -> None:
+        """``outs[j][:] = xs[j] @ ws[j].T`` for every j, in as few pool dispatches as fit."""
+        self._matmul.matmul_each(xs, ws, outs, pool=self.pool)
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
         if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)

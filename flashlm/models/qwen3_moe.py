@@ -1,0 +1,151 @@
+"""Qwen3-MoE: the Qwen3 decoder (q/k rmsnorm) with a sparse mixture-of-experts block.
+
+    x = embed(tokens)
+    for each block:
+        x += Wo . attention(rope(qnorm(Wq . norm(x))), rope(knorm(Wk . norm(x))), Wv . norm(x))
+        h = norm(x)
+        p = softmax(Wrouter . h)                     over the E experts, float32
+        top = the k largest p (ties: the lower expert id), renormalized if norm_topk_prob
+        x += sum over e in top of p_e * Wdown_e . (silu(Wgate_e . h) * (Wup_e . h))
+    logits = Whead . norm(x[last])
+
+Layers in ``mlp_only_layers`` (or off ``decoder_sparse_step``) have a dense SwiGLU MLP.
+
+The rows of a batch (a prompt, several sequences) are grouped by expert: each chosen
+expert runs its gate/up/down once over the rows routed to it, and all chosen experts'
+gate/up products of a layer go to the backend in one call, then all their downs
+(``backend.linear_each``). Routing, grouping and the weighted sum are the small pure
+functions of ``flashlm.kernels.moe``. The layer's dense tensors come from ``weights.layer(i)``;
+the experts from ``weights.experts(i, ids)``, asked once per MoE layer per forward
+with the union of the experts every row chose (a streaming source reads each once).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from flashlm.kernels.moe import combine, group, route
+from flashlm.models.base import Batch, attend, check_tokens, make_batch
+from flashlm.models.config import ModelConfig
+from flashlm.runtime.kvcache import KVCache
+
+class Model:
+    """A Qwen3-MoE decoder (per-head q/k rmsnorm, rope "neox", sparse MoE blocks).
+
+    Args:
+        config: the model's ModelConfig (num_experts, num_experts_per_tok, ...).
+        weights: an object with ``tensor(name)``, ``has(name)``, ``layer(i)``, ``experts(i, ids)``.
+        backend: a compute backend (NumpyBackend, KernelBackend).
+
+    Example:
+        >>> model = Model(config, weights, NumpyBackend())
+        >>> cache = model.make_cache(2048)
+        >>> logits = model.forward(ids, np.arange(len(ids)), cache)   # prefill
+        >>> logits = model.forward([tok], [len(ids)], cache)          # one decode step
+    """
+
+    def __init__(self, config: ModelConfig, weights, backend) -> None:
+        self.config, self.weights, self.backend = config, weights, backend
+
+    def make_cache(self, max_ctx: int) -> KVCache:
+        """An empty KV cache for one sequence of up to ``max_ctx`` positions."""
+        return KVCache.for_config(self.config, max_ctx)
+
+    # ---- blocks ----
+
+    def attention(self, i: int, w: dict, h: np.ndarray, batch: Batch) -> np.ndarray:
+        """Self-attention of block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""
+        c, be = self.config, self.backend
+        n = h.shape[0]
+        hq, hkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
+        q, k, v = be.linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]])
+        q = be.rmsnorm(q.reshape(n * hq, d), w["attn_q_norm.weight"], eps).reshape(n, hq, d)  # per head
+        k = be.rmsnorm(k.reshape(n * hkv, d), w["attn_k_norm.weight"], eps).reshape(n, hkv, d)
+        v = v.reshape(n, hkv, d)
+        be.rope(q, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
+        be.rope(k, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
+        o = attend(be, i, q, k, v, batch)  # (N, Hq, D)
+        return be.linear(o.reshape(n, -1), w["attn_output.weight"])
+
+    def mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
+        """Dense SwiGLU feed-forward on normed rows ``h`` (N, d) -> (N, d)."""
+        be = self.backend
+        g, u = be.linear_many(h, [w["ffn_gate.weight"], w["ffn_up.weight"]])
+        return be.linear(be.silu_mul(g, u), w["ffn_down.weight"])
+
+    def moe(self, i: int, w: dict, h: np.ndarray) -> np.ndarray:
+        """Sparse MoE block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""
+        c, be = self.config, self.backend
+        n, d = h.shape
+        k = c.num_experts_per_tok
+        ids, wts = route(be.linear(h, w["ffn_gate_inp.weight"]), k, c.norm_topk_prob)  # (N, k) each
+        order, experts, starts = group(ids)  # the N*k (row, slot) assignments, grouped by expert
+        experts, starts = experts.tolist(), starts.tolist()
+        ex = self.weights.experts(i, experts)  # once per layer: the union of the batch's experts
+        segs = list(zip(starts[:-1], starts[1:]))  # expert experts[g] has grouped rows segs[g]
+        xs = h[order // k] if n > 1 else h  # (N*k, d) the rows, grouped; one row: each expert's GEMV input
+        m, f = n * k, ex[experts[0]]["ffn_gate.weight"].shape[0]
+        gate, up, y = np.empty((m, f), np.float32), np.empty((m, f), np.float32), np.empty((m, d), np.float32)
+        mats, ins, outs = [], [], []
+        for e, (s, t) in zip(experts, segs):
+            x = xs[s:t] if n > 1 else h
+            mats += [ex[e]["ffn_gate.weight"], ex[e]["ffn_up.weight"]]
+            ins += [x, x]
+            outs += [gate[s:t], up[s:t]]
+        be.linear_each(ins, mats, outs)  # every chosen expert's gate and up
+        act = be.silu_mul(gate, up)  # (N*k, F)
+        be.linear_each([act[s:t] for s, t in segs], [ex[e]["ffn_down.weight"] for e in experts],
+                       [y[s:t] for s, t in segs])  # every down
+        return combine(y, order, wts)  # slot by slot: a row's sum does not depend on the rest of the batch
+
+    def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
+        """Decoder block ``i``: updates the residual stream ``x`` (N, d) in place."""
+        eps, be = self.config.rms_norm_eps, self.backend
+        w = self.weights.layer(i)  # asked every forward: a streaming source may swap buffers
+        x += self.attention(i, w, be.rmsnorm(x, w["attn_norm.weight"], eps), batch)
+        h = be.rmsnorm(x, w["ffn_norm.weight"], eps)
+        x += self.moe(i, w, h) if self.config.is_moe_layer(i) else self.mlp(w, h)
+        return x
+
+    # ---- forward ----
+
+    def _run(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        c, be, wt = self.config, self.backend, self.weights
+        check_tokens(batch.tokens, c.vocab_size)
+        x = np.array(be.embed(wt.tensor("token_embd.weight"), batch.tokens), np.float32)  # (N, d)
+        for i in range(c.num_hidden_layers):
+            x = self.block(i, x, batch)
+        h = be.rmsnorm(np.ascontiguousarray(x[rows]), wt.tensor("output_norm.weight"), c.rms_norm_eps)
+        head = wt.tensor("output.weight") if wt.has("output.weight") else wt.tensor("token_embd.weight")
+        logits = be.linear(h, head)  # only the rows asked for, not the whole prompt
+        batch.finish()
+        return logits
+
+    def forward(self, tokens, positions, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run ``tokens`` (n,) at ``positions`` (n,) through the model, appending to ``cache``.
+
+        Args:
+            tokens: (n,) int token ids (a whole prompt, or one token to decode).
+            positions: (n,) int rope positions, or None for cache.offset + arange(n).
+            cache: this sequence's KV cache (advanced by n).
+            all_logits: return the logits of every position, not only the last.
+
+        Returns:
+            (vocab,) float32 logits of the last position, or (n, vocab) with all_logits.
+        """
+        batch = make_batch([(tokens, positions, cache)])
+        rows = np.arange(len(batch.tokens)) if all_logits else batch.last_rows
+        logits = self._run(batch, rows)
+        return logits if all_logits else logits[0]
+
+    def forward_batch(self, seqs) -> np.ndarray:
+        """One step for several sequences; dense layers run once over all their rows, and
+        each expert once over the rows (of any sequence) routed to it.
+
+        Args:
+            seqs: list of (tokens (n_j,), positions (n_j,) or None, cache), one cache each.
+
+        Returns:
+            (B, vocab) float32 logits of the last position of each sequence.
+        """
+        batch = make_batch(seqs)
+        return self._run(batch, batch.last_rows)
