@@ -254,6 +254,7 @@ def tiny_store(directory: Path, **kw):
     src = write_tiny_gguf(directory / "m.gguf", **kw)
     return Store(import_gguf(src, directory / "store", progress=False))
 
+
 # ---- Qwen3-MoE GGUF files ----
 
 
