@@ -134,6 +134,8 @@ class LLM:
                 "overlap": round(max(0.0, 1 - wait_s / read_s), 3) if read_s else 0.0,
                 "streamed_bytes_per_token": int(per_token), "resident_bytes": self.weights.plan.resident_bytes,
                 "read_mode": self.weights.mode, "notices": list(self.weights.notices),
+                **({k: v for k, v in self.weights.stats().items() if k.startswith("expert")}
+                   if self.weights.experts_cache is not None else {}),
                 "plan": self.weights.plan.as_dict()}
 
     def stats_dict(self) -> dict:

@@ -367,10 +367,11 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
             if llm.streams:
                 r1 = llm.weights.prefetcher.stats
                 reads = (r1.bytes_read - r0.bytes_read, r1.read_s - r0.read_s, r1.io_wait_s - r0.io_wait_s)
+    from flashlm.offload.budget import Layout
+
     store = llm.store
-    per_token = sum(store.layer_nbytes(i) for i in range(cfg.num_hidden_layers))
-    head = store.tensor_info.get("output.weight") or store.tensor_info["token_embd.weight"]
-    per_token += head["nbytes"]
+    lay = Layout.of(store)  # a token reads every dense layer, the head, and top_k experts per MoE layer
+    per_token = sum(lay.layer_bytes) + lay.head_bytes + len(lay.moe_layers) * lay.top_k * lay.expert_bytes
     dec_tps = gen_tokens / best_dec
     out = {
         "model": str(store.path.name), "threads": llm.threads, "prompt_tokens": prompt_tokens,
@@ -441,6 +442,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"  streamed          {mb(plan.streamed_bytes_per_token)} per forward step "
               f"({len(plan.streamed_layers)} layers{'' if plan.head_resident else ' and the head in row blocks'})")
         print(f"  window            {plan.n_slots} buffers of {mb(plan.slot_bytes)}")
+        if plan.expert_slots:
+            print(f"  expert cache      {plan.expert_slots} experts of {plan.expert_slot_bytes / 2**20:.1f} MiB "
+                  f"({mb(plan.expert_slots * plan.expert_slot_bytes)}); expected expert reads "
+                  f"{mb(plan.expert_read_per_token)} per token (routing spread evenly)")
         print(f"  prefill           steps of {plan.prefill_rows} tokens")
     print(f"  disk              {speed / 1e9:.2f} GB/s ({mode} reads, measured now on the layer files)")
     if tok_s:

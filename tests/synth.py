@@ -343,3 +343,37 @@ def write_qwen3moe_gguf(path: Path, tensors: dict[str, np.ndarray], *, hidden: i
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def tiny_moe_store(directory: Path, *, n_layers: int = 3, hidden: int = 64, n_heads: int = 4, n_kv: int = 2,
+                   head_dim: int = 16, n_experts: int = 8, k: int = 2, expert_ffn: int = 64, fmt: str = "Q8_0",
+                   seed: int = 0):
+    """A Store of a random tiny Qwen3-MoE (written as a GGUF, imported): experts in ``fmt``."""
+    from flashlm.models.gguf_import import import_gguf
+    from flashlm.offload.store import Store
+
+    rng = np.random.default_rng(seed)
+    vocab = len(tiny_vocab()[0])
+    r = lambda *s: (0.1 * rng.standard_normal(s)).astype(np.float32)  # noqa: E731
+    one = lambda n: (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)  # noqa: E731
+    t, fmts = {"token_embd.weight": r(vocab, hidden) * 10}, {}
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        t.update({p + "attn_norm.weight": one(hidden), p + "attn_q.weight": r(n_heads * head_dim, hidden),
+                  p + "attn_k.weight": r(n_kv * head_dim, hidden), p + "attn_v.weight": r(n_kv * head_dim, hidden),
+                  p + "attn_output.weight": r(hidden, n_heads * head_dim), p + "attn_q_norm.weight": one(head_dim),
+                  p + "attn_k_norm.weight": one(head_dim), p + "ffn_norm.weight": one(hidden),
+                  p + "ffn_gate_inp.weight": r(n_experts, hidden) * 10,
+                  p + "ffn_gate_exps.weight": r(n_experts, expert_ffn, hidden),
+                  p + "ffn_up_exps.weight": r(n_experts, expert_ffn, hidden),
+                  p + "ffn_down_exps.weight": r(n_experts, hidden, expert_ffn)})
+        for m in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps", "attn_q", "attn_k", "attn_v", "attn_output"):
+            name = p + m + ".weight"
+            t[name], _ = encode(t[name], fmt, rng)
+            fmts[name] = fmt
+    t["output_norm.weight"], t["output.weight"] = one(hidden), r(vocab, hidden)
+    directory = Path(directory)
+    src = write_qwen3moe_gguf(directory / "moe.gguf", t, hidden=hidden, n_layers=n_layers, n_heads=n_heads,
+                              n_kv=n_kv, head_dim=head_dim, n_experts=n_experts, k=k, expert_ffn=expert_ffn,
+                              ffn=None, fmts=fmts)
+    return Store(import_gguf(src, directory / "store", progress=False))

@@ -161,12 +161,19 @@ def import_gguf(src: str | os.PathLike, dst: str | os.PathLike, *, progress: boo
     # experts come after its dense tensors, one expert (gate, up, down) after another.
     order = sorted(g.tensors.values(), key=lambda t: _tensor_order(t.name))
     with byte_progress(total, f"import {src.name}", enabled=progress) as bar, StoreWriter(dst, progress=bar) as w:
+        moe_layer = None  # the layer whose experts are still to write, after all its dense tensors
         for t in order:
+            layer = int(t.name.split(".")[1]) if t.name.startswith("blk.") else None
+            if moe_layer is not None and layer != moe_layer:
+                _add_experts(w, g, moe_layer, config.num_experts)
+                moe_layer = None
             if t.name.endswith("_exps.weight"):
-                continue  # written below, split per expert
+                continue  # written after the layer's dense tensors, split per expert
             _add(w, t.name, t.fmt, t.shape, g.tensor_bytes(t.name))
             if t.name.endswith(".ffn_gate_inp.weight"):
-                _add_experts(w, g, int(t.name.split(".")[1]), config.num_experts)
+                moe_layer = layer
+        if moe_layer is not None:
+            _add_experts(w, g, moe_layer, config.num_experts)
         for name, content in files.items():
             w.add_file(name, content)
         source = {"kind": "gguf", "file": src.name, "bytes": g.size, "importer_version": IMPORTER_VERSION}

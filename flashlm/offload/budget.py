@@ -212,7 +212,8 @@ class Layout:
     """The sizes the planner needs, read off a store's manifest.
 
     Attributes:
-        layer_bytes: bytes of each decoder layer's file (what streams per layer).
+        layer_bytes: bytes of each decoder layer that stream together (the layer's file; for a
+            mixture-of-experts layer, the part before its experts).
         small_bytes: 1-D tensors (norms, biases) of all layers and the head: always resident.
         head_name: the output projection ("output.weight", or "token_embd.weight" when tied).
         head_bytes, head_rows, head_row_bytes: its size, rows (vocab) and bytes a row.
@@ -220,6 +221,9 @@ class Layout:
         tied: the head is the embedding.
         store_bytes: every file of the store (what runs fully in RAM).
         n_layers: decoder layers.
+        n_experts, top_k: experts per MoE layer and experts a token uses (0 for a dense model).
+        moe_layers: the layers with experts.
+        expert_bytes: the largest expert (its gate, up and down: one contiguous range).
     """
 
     layer_bytes: tuple[int, ...]
@@ -232,24 +236,36 @@ class Layout:
     tied: bool
     store_bytes: int
     n_layers: int
+    n_experts: int = 0
+    top_k: int = 0
+    moe_layers: tuple[int, ...] = ()
+    expert_bytes: int = 0
+
+    @property
+    def experts_total(self) -> int:
+        return self.n_experts * len(self.moe_layers)
 
     @classmethod
     def of(cls, store) -> "Layout":
         ti = store.tensor_info
         n = store.n_layers
-        layer = [0] * n
-        small = 0
-        for name, t in ti.items():
-            if len(t["shape"]) == 1:
-                small += _round_up(t["nbytes"], 64)
-        for i in range(n):
-            layer[i] = store.files.get(f"layer_{i:03d}.bin", {}).get("size", 0)
+        cfg = store.config
+        small = sum(_round_up(t["nbytes"], 64) for t in ti.values() if len(t["shape"]) == 1)
+        moe = tuple(i for i in range(n) if getattr(cfg, "is_moe_layer", lambda _: False)(i))
+        layer = [store.files.get(f"layer_{i:03d}.bin", {}).get("size", 0) for i in range(n)]
+        expert = 0
+        for i in moe:
+            prefix = f"blk.{i}."
+            dense = [t for k, t in ti.items() if k.startswith(prefix) and not k.startswith(prefix + "expert.")]
+            layer[i] = _round_up(max(t["offset"] + t["nbytes"] for t in dense))
+            expert = max(expert, max(_round_up(store.expert_span(i, e)[2]) for e in range(cfg.num_experts)))
         tied = "output.weight" not in ti
         head_name = "token_embd.weight" if tied else "output.weight"
         h = ti[head_name]
         return cls(tuple(layer), small, head_name, int(h["nbytes"]), int(h["shape"][0]),
                    int(h["nbytes"]) // int(h["shape"][0]), int(ti["token_embd.weight"]["nbytes"]), tied,
-                   int(store.nbytes), n)
+                   int(store.nbytes), n, int(cfg.num_experts) if moe else 0,
+                   int(cfg.num_experts_per_tok) if moe else 0, moe, expert)
 
 
 def activation_bytes(config, rows: int, *, logits_rows: int = 1, ctx: int = 0) -> int:
@@ -294,8 +310,11 @@ class Plan:
     slot_bytes: int = 0
     small_bytes: int = 0
     resident_bytes: int = 0  # weights held in RAM (the whole store when not streaming)
-    streamed_bytes_per_token: int = 0  # read from disk per forward step
+    streamed_bytes_per_token: int = 0  # read from disk per forward step (experts: expected misses)
     notes: tuple[str, ...] = field(default=())
+    expert_slots: int = 0  # the expert cache of a mixture-of-experts model
+    expert_slot_bytes: int = 0
+    expert_read_per_token: int = 0  # expected, with routing spread evenly over the experts
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -304,7 +323,7 @@ class Plan:
 
     @property
     def window_bytes(self) -> int:
-        return self.n_slots * self.slot_bytes
+        return self.n_slots * self.slot_bytes + self.expert_slots * self.expert_slot_bytes
 
     @property
     def planned_bytes(self) -> int:
@@ -318,7 +337,7 @@ class Plan:
         res = sum(layout.layer_bytes[i] for i in layers) + (layout.head_bytes if head else 0)
         total = sum(layout.layer_bytes) + layout.head_bytes
         return replace(self, resident_layers=layers, head_resident=head, resident_bytes=res,
-                       streamed_bytes_per_token=total - res)
+                       streamed_bytes_per_token=total - res + self.expert_read_per_token)
 
     def expected_tok_s(self, read_bytes_per_s: float) -> float | None:
         """Disk-bound decode tok/s at that read speed (None when nothing streams)."""
@@ -333,9 +352,11 @@ class Plan:
             return (f"ram budget {mb(self.budget)}: the whole model ({mb(self.store_bytes)}) fits in RAM, nothing "
                     f"streams (ctx {self.ctx})")
         res = [f"{len(self.resident_layers)}/{self.n_layers} layers"] + (["the head"] if self.head_resident else [])
+        experts = (f", an expert cache of {self.expert_slots} experts ({mb(self.expert_slots * self.expert_slot_bytes)}"
+                   f", ~{mb(self.expert_read_per_token)} of experts read per token)" if self.expert_slots else "")
         return (f"ram budget {mb(self.budget)} < model {mb(self.store_bytes)}: streaming "
                 f"{mb(self.streamed_bytes_per_token)} per step through {self.n_slots} buffers of {mb(self.slot_bytes)}, "
-                f"resident {' and '.join(res)} ({mb(self.resident_bytes)}), ctx {self.ctx}"
+                f"resident {' and '.join(res)} ({mb(self.resident_bytes)}){experts}, ctx {self.ctx}"
                 + "".join(f"; {n}" for n in self.notes))
 
     def as_dict(self) -> dict:
@@ -345,7 +366,8 @@ class Plan:
                 "resident_layers": list(self.resident_layers), "head_resident": self.head_resident,
                 "n_slots": self.n_slots, "slot_bytes": self.slot_bytes, "small_bytes": self.small_bytes,
                 "streamed_bytes_per_token": self.streamed_bytes_per_token, "planned_bytes": self.planned_bytes,
-                "notes": list(self.notes)}
+                "expert_slots": self.expert_slots, "expert_slot_bytes": self.expert_slot_bytes,
+                "expert_read_per_token": self.expert_read_per_token, "notes": list(self.notes)}
 
 
 def spread(n: int, k: int) -> tuple[int, ...]:
@@ -389,7 +411,14 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
         rows = max(rows, decode_rows)
         return activation_bytes(config, rows, logits_rows=decode_rows, ctx=c)
 
-    fixed = lambda c, r: baseline + kv_bytes(config, c, batch) + act(r, c) + layout.small_bytes  # noqa: E731
+    def min_experts(r: int) -> int:
+        """Expert slots a step of ``r`` rows needs at once: the union of its rows' experts in one layer."""
+        return min(layout.n_experts, max(r, decode_rows) * layout.top_k) if layout.moe_layers else 0
+
+    def fixed(c: int, r: int) -> int:
+        return (baseline + kv_bytes(config, c, batch) + act(r, c) + layout.small_bytes
+                + min_experts(r) * layout.expert_bytes)
+
     # 1. everything in RAM (memory-mapped store)?
     if not force_stream:
         for c in ctxs:
@@ -415,7 +444,10 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
             f"--ram {budget / MiB:.0f} MiB is too small for this model: it needs at least {need / MiB:.0f} MiB "
             f"({baseline / MiB:.0f} MiB for the process itself, {kv_bytes(config, c_min, batch) / MiB:.0f} MiB of "
             f"KV cache for ctx {c_min}{f' x batch {batch}' if batch > 1 else ''}, {n_slots} streaming buffers of "
-            f"{slot / MiB:.0f} MiB and activations); raise --ram"
+            f"{slot / MiB:.0f} MiB"
+            + (f", {min_experts(MIN_PREFILL)} expert slots of {layout.expert_bytes / MiB:.1f} MiB" if layout.moe_layers
+               else "")
+            + " and activations); raise --ram"
             + (f" or lower --ctx (now {c_min})" if c_min > MIN_CTX else ""))
     c, _ = choice
     if not ctx_given:  # streaming: a KV cache of at most KV_SHARE of the budget, so weights keep the rest
@@ -437,9 +469,19 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
             best = max(best, (got, head, layers), key=lambda o: (o[0], o[1]))
         return best
 
+    def experts_for(room: int, r: int) -> tuple[int, int]:
+        """(expert slots, expected expert bytes read per token) with ``room`` bytes left: every
+        slot past the minimum is one more expert kept (hits estimated for routing spread evenly)."""
+        if not layout.moe_layers:
+            return 0, 0
+        slots = min(layout.experts_total, min_experts(r) + max(0, room) // layout.expert_bytes)
+        miss = 1.0 - slots / layout.experts_total
+        return slots, int(len(layout.moe_layers) * layout.top_k * layout.expert_bytes * miss)
+
     # 3. the prefill step: larger steps read the streamed weights fewer times per prompt, but
     # their activations leave less room for resident weights. Pick the step that makes a
     # typical request (TYPICAL_PROMPT tokens in, TYPICAL_GEN out) read the fewest bytes.
+    # Dense weights come first (every token reads them); an expert cache gets what is left.
     total = sum(layout.layer_bytes) + layout.head_bytes
     best = None
     for r in steps:
@@ -447,17 +489,19 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
         if room < 0:
             continue
         got, head_res, resident = resident_for(room)
-        cost = (-(-TYPICAL_PROMPT // r) + TYPICAL_GEN) * (total - got)
+        slots, expert_read = experts_for(room - got, r)
+        cost = (-(-TYPICAL_PROMPT // r) + TYPICAL_GEN) * (total - got + expert_read)
         if best is None or cost < best[0]:
-            best = (cost, r, got, head_res, resident)
-    _, r, res_bytes, head_res, resident = best
-    streamed = total - res_bytes
+            best = (cost, r, got, head_res, resident, slots, expert_read)
+    _, r, res_bytes, head_res, resident, slots, expert_read = best
+    streamed = total - res_bytes + expert_read
     notes = []
     if not ctx_given and c != ctxs[0]:
         notes.append(f"ctx {c}, not {ctxs[0]}: a longer context would take RAM from the weights (--ctx sets it)")
     if r != prefill_rows:
         notes.append(f"prefill in steps of {r} tokens")
     return Plan(budget, baseline, kv_bytes(config, c, batch), act(r, c), c, batch, r, True, layout.store_bytes, n,
-                resident, head_res, n_slots, slot, layout.small_bytes, res_bytes, streamed, tuple(notes))
+                resident, head_res, n_slots, slot, layout.small_bytes, res_bytes, streamed, tuple(notes),
+                slots, layout.expert_bytes if slots else 0, expert_read)
 
 

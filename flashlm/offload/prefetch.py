@@ -34,7 +34,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Hashable, Sequence
 
@@ -104,18 +105,142 @@ class _Slot:
     view: np.ndarray  # (slot_bytes,) uint8
     state: str = FREE
     key: Hashable = None
-    pending: int = 0
     error: BaseException | None = None
     t_submit: float = 0.0
+    gen: int = 0
 
 
-@dataclass
-class _Job:
-    slot: _Slot
-    path: Path
-    offset: int
-    dst: memoryview
-    seg_key: Hashable = field(default=None)
+class _Request:
+    """The chunks of one read request still in flight, and what to call when they are done."""
+
+    __slots__ = ("pending", "error", "on_done")
+
+    def __init__(self, pending: int, on_done) -> None:
+        self.pending, self.error, self.on_done = pending, None, on_done
+
+
+class ReadPool:
+    """Reader threads that fill buffers from store files, several requests in flight.
+
+    ``submit`` (called with ``cv`` held) cuts a request into ``chunk``-byte reads for the
+    queue; when the last chunk of a request is done, ``on_done(error or None)`` runs with
+    ``cv`` held and waiters are notified. The Prefetcher and the ExpertCache share one pool
+    (its ``cv`` is their lock), so the disk sees one queue.
+
+    Args:
+        mode: read mode ("direct", "buffered", "mmap"; see :mod:`flashlm.offload.io`).
+        readers: reader threads.
+        chunk: bytes per read request.
+    """
+
+    def __init__(self, mode: str | None = None, *, readers: int = 2, chunk: int = 4 << 20) -> None:
+        if chunk <= 0 or chunk % ALIGN:
+            raise ValueError(f"chunk must be a positive multiple of {ALIGN}, got {chunk}")
+        self.mode = mode or default_mode()
+        self.chunk = int(chunk)
+        self.cv = threading.Condition()
+        self.closed = False
+        self.bytes_read = 0
+        self._read_s = 0.0
+        self._inflight = 0
+        self._busy_since = 0.0
+        self._files: dict[Path, StoreFile] = {}
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._reader, name=f"flashlm-reader-{i}", daemon=True)
+                         for i in range(max(1, int(readers)))]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def read_s(self) -> float:
+        """Wall time with at least one read in flight (including the reads in flight now)."""
+        return self._read_s + (time.perf_counter() - self._busy_since if self._inflight else 0.0)
+
+    def submit(self, path: Path, ranges, dst: np.ndarray, on_done) -> None:
+        """Read ``ranges`` ((file offset, nbytes, offset in dst) triples) of ``path`` into ``dst``
+        (uint8); ``on_done(error or None)`` when all are in. Call with ``cv`` held."""
+        f = self._files.get(path)
+        if f is None:
+            try:
+                f = self._files[path] = StoreFile(path, self.mode)
+            except OffloadError as e:
+                on_done(e)
+                return
+        mv = memoryview(dst)
+        jobs = []
+        for off, n, at in ranges:
+            for c in range(0, n, self.chunk):
+                m = min(self.chunk, n - c)
+                jobs.append((f, off + c, mv[at + c:at + c + m]))
+        if not jobs:
+            on_done(None)
+            return
+        req = _Request(len(jobs), on_done)
+        for f, off, buf in jobs:
+            self._jobs.put((req, f, off, buf))
+
+    def _reader(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            req, f, off, buf = job
+            with self.cv:
+                if self._inflight == 0:
+                    self._busy_since = time.perf_counter()
+                self._inflight += 1
+            err = None
+            try:
+                if req.error is None:
+                    f.read_into(buf, off)
+            except BaseException as e:  # noqa: BLE001 - handed to on_done, raised by the caller
+                err = e
+            with self.cv:
+                self._inflight -= 1
+                if self._inflight == 0:
+                    self._read_s += time.perf_counter() - self._busy_since
+                if err is not None and req.error is None:
+                    req.error = err
+                elif err is None:
+                    self.bytes_read += len(buf)
+                req.pending -= 1
+                if req.pending == 0:
+                    req.on_done(req.error)
+                    self.cv.notify_all()
+
+    def close(self) -> None:
+        """Stop the readers after the reads in flight; drop queued ones. Idempotent."""
+        with self.cv:
+            if self.closed:
+                return
+            self.closed = True
+            self.cv.notify_all()
+        try:
+            while True:
+                job = self._jobs.get_nowait()
+                if job is not None:
+                    with self.cv:
+                        req = job[0]
+                        req.pending -= 1
+                        if req.error is None:
+                            req.error = OffloadError("the weight reader was closed")
+                        if req.pending == 0:
+                            req.on_done(req.error)
+        except queue.Empty:
+            pass
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+        with self.cv:
+            self.cv.notify_all()
+
+    @property
+    def threads_alive(self) -> int:
+        return sum(t.is_alive() for t in self._threads)
 
 
 class Prefetcher:
@@ -132,31 +257,28 @@ class Prefetcher:
     """
 
     def __init__(self, schedule: Sequence[Segment], *, n_slots: int, slot_bytes: int, mode: str | None = None,
-                 readers: int = 2, chunk: int = 4 << 20, trace: bool = False) -> None:
+                 readers: int = 2, chunk: int = 4 << 20, trace: bool = False, pool: ReadPool | None = None) -> None:
         if n_slots < 1:
             raise ValueError(f"n_slots must be >= 1, got {n_slots}")
-        if chunk <= 0 or chunk % ALIGN:
-            raise ValueError(f"chunk must be a positive multiple of {ALIGN}, got {chunk}")
-        self.mode = mode or default_mode()
+        self._own_pool = pool is None
+        self.pool = pool or ReadPool(mode, readers=readers, chunk=chunk)
+        self.mode = self.pool.mode
         self.slot_bytes = -(-int(slot_bytes) // ALIGN) * ALIGN
-        self.chunk = int(chunk)
         self._stats = PrefetchStats()
+        self._read_s0 = self.pool.read_s
         self.trace: list[tuple[Hashable, float, float]] | None = [] if trace else None
-        self._cv = threading.Condition()
+        self._cv = self.pool.cv
         self._closed = False
-        self._files: dict[Path, StoreFile] = {}
-        self._buf = aligned_buffer(n_slots * self.slot_bytes)
-        whole = np.frombuffer(self._buf, np.uint8)
-        self._slots = [_Slot(i, whole[i * self.slot_bytes:(i + 1) * self.slot_bytes]) for i in range(n_slots)]
-        self._where: dict[Hashable, _Slot] = {}
-        self._inflight = 0
-        self._busy_since = 0.0
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._set_schedule(schedule)
-        self._threads = [threading.Thread(target=self._reader, name=f"flashlm-reader-{i}", daemon=True)
-                         for i in range(max(1, int(readers)))]
-        for t in self._threads:
-            t.start()
+        try:
+            self._buf = aligned_buffer(n_slots * self.slot_bytes)
+            whole = np.frombuffer(self._buf, np.uint8)
+            self._slots = [_Slot(i, whole[i * self.slot_bytes:(i + 1) * self.slot_bytes]) for i in range(n_slots)]
+            self._where: dict[Hashable, _Slot] = {}
+            self._set_schedule(schedule)
+        except BaseException:
+            if self._own_pool:
+                self.pool.close()
+            raise
         with self._cv:
             self._fill()
 
@@ -291,110 +413,51 @@ class Prefetcher:
         return True
 
     def _submit(self, seg: Segment, slot: _Slot) -> None:
-        f = self._files.get(seg.path)
-        if f is None:
-            try:
-                f = self._files[seg.path] = StoreFile(seg.path, self.mode)
-            except OffloadError as e:
-                slot.state, slot.key, slot.error, slot.pending = READY, seg.key, e, 0
-                self._where[seg.key] = slot
-                return
         slot.state, slot.key, slot.error = LOADING, seg.key, None
         slot.t_submit = time.perf_counter()
+        slot.gen += 1
         self._where[seg.key] = slot
-        mv = memoryview(slot.view)
-        jobs = []
-        for off, n, dst in seg.ranges:
-            for c in range(0, n, self.chunk):
-                m = min(self.chunk, n - c)
-                jobs.append(_Job(slot, seg.path, off + c, mv[dst + c:dst + c + m], seg.key))
-        slot.pending = len(jobs)
-        if not jobs:
-            slot.state = READY
+        self.pool.submit(seg.path, seg.ranges, slot.view, partial(self._done, slot, slot.gen, seg.nbytes))
+
+    def _done(self, slot: _Slot, gen: int, nbytes: int, err: BaseException | None) -> None:
+        """A segment's reads are in (called by the pool with the lock held)."""
+        if slot.gen != gen or slot.state != LOADING:
             return
-        for j in jobs:
-            self._jobs.put(j)
-
-    # ---- readers ----
-
-    def _reader(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            with self._cv:
-                if self._inflight == 0:
-                    self._busy_since = time.perf_counter()
-                self._inflight += 1
-                f = self._files.get(job.path)
-            err = None
-            try:
-                if job.slot.error is None and f is not None:
-                    f.read_into(job.dst, job.offset)
-            except BaseException as e:  # noqa: BLE001 - stored, raised by get()
-                err = e
-            with self._cv:
-                self._inflight -= 1
-                now = time.perf_counter()
-                if self._inflight == 0:
-                    self._stats.read_s += now - self._busy_since
-                slot = job.slot
-                if err is not None and slot.error is None:
-                    slot.error = err
-                if err is None:
-                    self._stats.bytes_read += len(job.dst)
-                slot.pending -= 1
-                if slot.pending == 0 and slot.state == LOADING:
-                    slot.state = READY
-                    self._stats.segments_read += 1
-                    if self.trace is not None:
-                        self.trace.append((slot.key, slot.t_submit, now))
-                    self._cv.notify_all()
+        slot.state, slot.error = READY, err
+        if err is None:
+            self._stats.bytes_read += nbytes
+            self._stats.segments_read += 1
+        if self.trace is not None:
+            self.trace.append((slot.key, slot.t_submit, time.perf_counter()))
 
     # ---- lifetime ----
 
     @property
     def stats(self) -> PrefetchStats:
-        """A snapshot of the counters (read time includes the reads in flight now)."""
+        """A snapshot of the counters (read time: the pool's, including the reads in flight now)."""
         with self._cv:
             snap = replace(self._stats)
-            if self._inflight:
-                snap.read_s += time.perf_counter() - self._busy_since
+            snap.read_s = self.pool.read_s - self._read_s0
             return snap
 
     def reset_stats(self) -> None:
         with self._cv:
             self._stats = PrefetchStats()
-            if self._inflight:
-                self._busy_since = time.perf_counter()
+            self._read_s0 = self.pool.read_s
 
     def close(self) -> None:
-        """Stop the readers (after the reads in flight end) and free the files. Idempotent."""
+        """Stop the readers (after the reads in flight end) when the pool is this prefetcher's own. Idempotent."""
         with self._cv:
             if self._closed:
                 return
             self._closed = True
             self._cv.notify_all()
-        # drop queued jobs, then one sentinel per reader
-        try:
-            while True:
-                job = self._jobs.get_nowait()
-                if job is not None:
-                    with self._cv:
-                        job.slot.pending -= 1
-        except queue.Empty:
-            pass
-        for _ in self._threads:
-            self._jobs.put(None)
-        for t in self._threads:
-            t.join()
-        for f in self._files.values():
-            f.close()
-        self._files.clear()
+        if self._own_pool:
+            self.pool.close()
 
     @property
     def threads_alive(self) -> int:
-        return sum(t.is_alive() for t in self._threads)
+        return self.pool.threads_alive
 
     def __enter__(self) -> "Prefetcher":
         return self
@@ -407,3 +470,163 @@ class Prefetcher:
             self.close()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+# ---- experts ----
+
+
+@dataclass
+class ExpertStats:
+    """What the expert cache did since it started."""
+
+    requests: int = 0  # experts asked for
+    hits: int = 0  # already in the cache (or on their way)
+    bytes_read: int = 0
+    io_wait_s: float = 0.0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    def as_dict(self) -> dict:
+        return {"expert_requests": self.requests, "expert_hits": self.hits, "expert_hit_rate": round(self.hit_rate, 4),
+                "expert_bytes_read": self.bytes_read, "expert_io_wait_s": round(self.io_wait_s, 4)}
+
+
+@dataclass
+class _ExpertSlot:
+    view: np.ndarray
+    key: Hashable = None
+    state: str = FREE
+    error: BaseException | None = None
+    uses: float = 0.0  # frequency, halved every `age_every` requests
+    last: int = 0  # recency: the request counter at the last use
+    pinned: bool = False
+    gen: int = 0
+
+
+class ExpertCache:
+    """Experts of mixture-of-experts layers, read on demand into a fixed set of slots.
+
+    ``get(layer, ids)`` returns a slot per expert: the experts already there are hits; the
+    others are read now, all requests in flight at once (one contiguous aligned range each),
+    into slots whose experts are the least used (frequency, aged, then recency). The slots
+    handed out stay pinned until the next ``get`` or ``release``, so a layer's experts are
+    never overwritten while its kernels run; the cache needs at least as many slots as the
+    most experts one call asks for.
+
+    Args:
+        pool: the ReadPool (shared with the layers' prefetcher).
+        n_slots: slots.
+        slot_bytes: bytes per slot (>= the largest expert).
+        spans: (layer, expert) -> (path, file offset, nbytes) of each expert.
+    """
+
+    def __init__(self, pool: ReadPool, *, n_slots: int, slot_bytes: int, spans: dict) -> None:
+        if n_slots < 1:
+            raise ValueError(f"n_slots must be >= 1, got {n_slots}")
+        self.pool, self._cv = pool, pool.cv
+        self.slot_bytes = -(-int(slot_bytes) // ALIGN) * ALIGN
+        self.spans = spans
+        for k, (_, off, n) in spans.items():
+            if off % ALIGN or n > self.slot_bytes:
+                raise ValueError(f"expert {k}: span ({off}, {n}) is not aligned or is larger than a slot")
+        self._buf = aligned_buffer(n_slots * self.slot_bytes)
+        whole = np.frombuffer(self._buf, np.uint8)
+        self._slots = [_ExpertSlot(whole[i * self.slot_bytes:(i + 1) * self.slot_bytes]) for i in range(n_slots)]
+        self._where: dict[Hashable, _ExpertSlot] = {}
+        self._tick = 0
+        self.age_every = 4 * n_slots
+        self.stats = ExpertStats()
+
+    @property
+    def n_slots(self) -> int:
+        return len(self._slots)
+
+    def release(self) -> None:
+        """Unpin every slot (its experts may be replaced from now on)."""
+        with self._cv:
+            for s in self._slots:
+                s.pinned = False
+
+    def get(self, layer: int, ids, on_wait=None) -> dict[int, np.ndarray]:
+        """Slots (uint8 views) holding experts ``ids`` of ``layer``, read now if missing.
+
+        Raises:
+            OffloadError: a read failed (file, offset, OS error).
+            RuntimeError: more experts asked for than the cache has slots.
+        """
+        ids = [int(e) for e in ids]
+        if len(ids) > len(self._slots):
+            raise RuntimeError(f"{len(ids)} experts asked for at once, the cache has {len(self._slots)} slots")
+        t0 = time.perf_counter()
+        with self._cv:
+            for s in self._slots:
+                s.pinned = False
+            want = []
+            for e in ids:
+                key = (layer, e)
+                self._tick += 1
+                self.stats.requests += 1
+                slot = self._where.get(key)
+                if slot is not None and slot.error is None:
+                    self.stats.hits += 1
+                else:
+                    if slot is not None:  # a failed read: try again
+                        self._drop(slot)
+                    slot = self._victim()
+                    self._load(slot, key)
+                slot.pinned = True
+                slot.uses += 1
+                slot.last = self._tick
+                want.append((e, slot))
+                if self._tick % self.age_every == 0:
+                    for s in self._slots:
+                        s.uses *= 0.5
+        if on_wait is not None and any(s.state == LOADING for _, s in want):
+            on_wait()
+        with self._cv:
+            while any(s.state == LOADING for _, s in want):
+                if self.pool.closed:
+                    raise OffloadError("the weight reader is closed")
+                self._cv.wait()
+            self.stats.io_wait_s += time.perf_counter() - t0
+            for e, s in want:
+                if s.error is not None:
+                    err = s.error
+                    self._drop(s)
+                    raise OffloadError(f"reading expert {e} of layer {layer} failed: {err}") from None
+            return {e: s.view for e, s in want}
+
+    # -- internals, with the lock held --
+
+    def _drop(self, slot: _ExpertSlot) -> None:
+        self._where.pop(slot.key, None)
+        slot.key, slot.state, slot.error, slot.uses, slot.pinned = None, FREE, None, 0.0, False
+
+    def _victim(self) -> _ExpertSlot:
+        free = [s for s in self._slots if s.state == FREE]
+        if free:
+            return free[0]
+        cand = [s for s in self._slots if not s.pinned and s.state == READY]
+        if not cand:
+            raise RuntimeError("every expert slot is pinned or loading: the cache is too small for one call")
+        victim = min(cand, key=lambda s: (s.uses, s.last))
+        self._drop(victim)
+        return victim
+
+    def _load(self, slot: _ExpertSlot, key) -> None:
+        path, off, n = self.spans[key]
+        slot.key, slot.state, slot.error = key, LOADING, None
+        slot.gen += 1
+        self._where[key] = slot
+        lo = off - off % ALIGN
+        self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view,
+                         partial(self._done, slot, slot.gen, n))
+
+    def _done(self, slot: _ExpertSlot, gen: int, nbytes: int, err: BaseException | None) -> None:
+        if slot.gen != gen:
+            return
+        slot.state, slot.error = READY, err
+        if err is None:
+            self.stats.bytes_read += nbytes

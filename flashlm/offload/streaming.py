@@ -39,7 +39,7 @@ from flashlm.errors import OffloadError
 from flashlm.kernels.formats import QTensor, slab_bytes, view_as
 from flashlm.offload.budget import AUTO_MARGIN_MIN, Layout, Plan, cgroup_memory, process_rss, spread, trim_heap
 from flashlm.offload.io import ALIGN, StoreFile, aligned_buffer, default_mode
-from flashlm.offload.prefetch import Prefetcher, Segment
+from flashlm.offload.prefetch import ExpertCache, Prefetcher, ReadPool, Segment
 
 WATCH_S = 0.5
 MIN_FREE = AUTO_MARGIN_MIN // 2  # the memory watch gives up resident layers below this much available
@@ -201,13 +201,21 @@ class StreamingWeights:
         self._last_watch = 0.0
         self._files: dict[str, StoreFile] = {}
         self.prefetcher: Prefetcher | None = None
+        self.experts_cache: ExpertCache | None = None
+        self.layout = Layout.of(store)
+        self.pool = ReadPool(self.mode, readers=readers, chunk=chunk)
         try:
             self._small = self._read_small()
             self._resident: dict[int, dict[str, QTensor]] = {i: self._read_layer(i) for i in plan.resident_layers}
             self._globals: dict[str, QTensor | StreamedMatrix] = {}
             self._setup_head()
             self.prefetcher = Prefetcher(self._schedule(), n_slots=plan.n_slots, slot_bytes=plan.slot_bytes,
-                                         mode=self.mode, readers=readers, chunk=chunk, trace=trace)
+                                         trace=trace, pool=self.pool)
+            if self.layout.moe_layers:
+                spans = {(i, e): (self.store.path / f, off, n) for i in self.layout.moe_layers
+                         for e in range(self.layout.n_experts) for f, off, n in [self.store.expert_span(i, e)]}
+                self.experts_cache = ExpertCache(self.pool, n_slots=plan.expert_slots,
+                                                 slot_bytes=plan.expert_slot_bytes, spans=spans)
         except BaseException:
             self.close()
             raise
@@ -243,6 +251,8 @@ class StreamingWeights:
         prefix = f"blk.{i}."
         views = {}
         for name in self.store.layer_names(i):
+            if name.startswith(prefix + "expert."):
+                continue  # experts come through experts(), from the expert cache
             t = self.store.tensor_info[name]
             short = name[len(prefix):]
             if name in self._small:
@@ -255,7 +265,7 @@ class StreamingWeights:
 
     def _read_layer(self, i: int) -> dict[str, QTensor]:
         fname = f"layer_{i:03d}.bin"
-        size = self.store.files[fname]["size"]
+        size = self.layout.layer_bytes[i]  # a MoE layer: the part before its experts
         buf = np.frombuffer(aligned_buffer(size), np.uint8)
         self._file(fname).read_into(memoryview(buf[:size]), 0)
         self.resident_read_bytes += size
@@ -291,7 +301,7 @@ class StreamingWeights:
             if i in self._resident:
                 continue
             fname = f"layer_{i:03d}.bin"
-            segs.append(Segment(("layer", i), self.store.path / fname, ((0, self.store.files[fname]["size"], 0),)))
+            segs.append(Segment(("layer", i), self.store.path / fname, ((0, self.layout.layer_bytes[i], 0),)))
         head = self._head()
         if isinstance(head, StreamedMatrix):
             segs += [head.segment(k, r0, r1) for k, (r0, r1) in zip(head.keys, head.row_blocks)]
@@ -338,10 +348,29 @@ class StreamingWeights:
         return self._layer_views(i, buf, 0, False)
 
     def release(self) -> None:
-        """Give back the slot in use (the model has finished with the layer or head block)."""
+        """Give back the slot in use (the model has finished with the layer or head block) and
+        the experts it used."""
         if self._held is not None and self.prefetcher is not None:
             key, self._held = self._held, None
             self.prefetcher.release(key)
+        if self.experts_cache is not None:
+            self.experts_cache.release()
+
+    def experts(self, i: int, ids) -> dict[int, dict[str, QTensor]]:
+        """Experts ``ids`` of MoE block ``i`` from the expert cache (read now when missing, all
+        at once); valid until the next ``experts`` or ``layer`` call."""
+        views = self.experts_cache.get(i, ids, self.on_wait)
+        out = {}
+        for e, buf in views.items():
+            _, base, _ = self.store.expert_span(i, e)
+            d = {}
+            for m in ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight"):
+                t = self.store.tensor_info[f"blk.{i}.expert.{e}.{m}"]
+                o = t["offset"] - base
+                d[m] = QTensor(view_as(t["format"], buf[o:o + t["nbytes"]], tuple(t["shape"])), t["format"],
+                               tuple(t["shape"]), stable=False)
+            out[e] = d
+        return out
 
     # ---- memory watch ----
 
@@ -370,7 +399,7 @@ class StreamingWeights:
         drop = [keep[i] for i in spread(len(keep), n)] if n < len(keep) else keep
         for i in drop:
             del self._resident[i]
-        self.plan = self.plan.with_resident(Layout.of(self.store), self._resident)
+        self.plan = self.plan.with_resident(self.layout, self._resident)
         self.prefetcher.set_schedule(self._schedule())
         trim_heap()
         self.notices.append(f"{why + ': ' if why else ''}{len(drop)} resident layer(s) given up, "
@@ -381,6 +410,8 @@ class StreamingWeights:
     def stats(self) -> dict:
         """Reads since start (prefetcher stats, embedding rows, resident loads) and the plan's figures."""
         ps = self.prefetcher.stats.as_dict() if self.prefetcher else {}
+        if self.experts_cache is not None:
+            ps.update(self.experts_cache.stats.as_dict())
         return {**ps, "embed_bytes_read": self.embed_bytes_read, "resident_read_bytes": self.resident_read_bytes,
                 "resident_bytes": self.plan.resident_bytes, "streamed_bytes_per_step": self.plan.streamed_bytes_per_token,
                 "steps": self.steps, "read_mode": self.mode}
@@ -389,6 +420,8 @@ class StreamingWeights:
         if self.prefetcher is not None:
             self._held = None
             self.prefetcher.close()
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
         for g in getattr(self, "_globals", {}).values():
             if isinstance(g, StreamedMatrix):
                 g.close()
