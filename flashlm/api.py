@@ -95,8 +95,7 @@ class LLM:
         return self.plan.streams
 
     def _reads(self) -> tuple[int, float, float]:
-        st = self.weights.prefetcher.stats
-        return st.bytes_read + self.weights.embed_bytes_read, st.read_s, st.io_wait_s
+        return self.weights.reads()
 
     def events(self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams) -> Iterator[Event]:
         """``engine.generate`` for token-id prompts, with the reads of a streaming run counted

@@ -107,9 +107,9 @@ class StatusLine:
             return
         self._last = now
         w = self.llm.weights
-        st = w.prefetcher.stats
+        nbytes, read_s, _ = w.reads()
         dt = now - self._t0
-        msg = (f"{self._tokens} tok, {self._tokens / dt:.2f} tok/s | read {st.read_gb_s:.2f} GB/s | "
+        msg = (f"{self._tokens} tok, {self._tokens / dt:.2f} tok/s | read {nbytes / read_s / 1e9 if read_s else 0:.2f} GB/s | "
                f"resident {_human(w.plan.resident_bytes)}, streamed {_human(w.plan.streamed_bytes_per_token)}/step")
         for n in w.notices[len(getattr(self, "_seen", [])):]:
             msg += f" | {n}"
@@ -357,7 +357,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         logits = prefill()
         best_pf = min(best_pf, time.perf_counter() - t0)
         tok = int(np.argmax(logits))
-        r0 = llm.weights.prefetcher.stats if llm.streams else None
+        r0 = llm.weights.reads() if llm.streams else None
         t0 = time.perf_counter()
         for _ in range(gen_tokens):
             tok = int(np.argmax(model.forward(np.array([tok]), None, cache)))
@@ -365,8 +365,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         if dt < best_dec:
             best_dec = dt
             if llm.streams:
-                r1 = llm.weights.prefetcher.stats
-                reads = (r1.bytes_read - r0.bytes_read, r1.read_s - r0.read_s, r1.io_wait_s - r0.io_wait_s)
+                reads = tuple(b - a for a, b in zip(r0, llm.weights.reads()))
     from flashlm.offload.budget import Layout
 
     store = llm.store

@@ -407,6 +407,16 @@ class StreamingWeights:
 
     # ---- stats and lifetime ----
 
+    def reads(self) -> tuple[int, float, float]:
+        """(bytes read while streaming: layers, head blocks, experts, embedding rows; seconds with a
+        read in flight; seconds the compute side waited for reads) since start."""
+        with self.pool.cv:
+            nbytes, read_s = self.pool.bytes_read, self.pool.read_s
+        wait = self.prefetcher.stats.io_wait_s if self.prefetcher else 0.0
+        if self.experts_cache is not None:
+            wait += self.experts_cache.stats.io_wait_s
+        return nbytes + self.embed_bytes_read, read_s, wait
+
     def stats(self) -> dict:
         """Reads since start (prefetcher stats, embedding rows, resident loads) and the plan's figures."""
         ps = self.prefetcher.stats.as_dict() if self.prefetcher else {}
