@@ -143,17 +143,23 @@ def _read_messages(path: str) -> list[dict]:
 # ---- run ----
 
 
+def _read_text(path: str | Path, what: str = "") -> str:
+    """A UTF-8 text file, or an InputError saying why not."""
+    p = Path(path)
+    try:
+        return p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"{what}{p}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{what}{p}: not UTF-8 text") from None
+
+
 def _read_prompts(path: str) -> list[Any]:
     """--prompts FILE: a JSON list (of strings or of message lists), else one prompt per line."""
     from flashlm.runtime.chat_template import validate_messages
 
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"--prompts {p}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"--prompts {p}: not UTF-8 text") from None
+    text = _read_text(p, "--prompts ")
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -295,13 +301,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from flashlm.runtime.perplexity import perplexity
 
-    p = Path(args.file)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"{p}: cannot read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{p}: not UTF-8 text") from None
+    text = _read_text(args.file)
     llm = _load(args)
     try:
         ids = llm.tokenizer.encode(text, add_special=False, parse_special=False)

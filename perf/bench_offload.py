@@ -12,6 +12,9 @@ Sections (--sections, default all):
   cgroup     the 1.5B at --ram 560M inside a 600 MB memory cgroup, beside llama.cpp tuned
              (mmap, no weight repacking) in the same cgroup: drafts off, and flashlm's
              defaults (drafts on) on a code-edit prompt
+  moe        the synthetic Qwen3-MoE (perf/make_moe_gguf.py) at --ram 1.4G inside a 1.5 GB memory
+             cgroup, beside llama.cpp tuned in the same cgroup; limit = (expert bytes missed per
+             token + streamed dense bytes) / read speed; target >= 85 % and >= 5x llama.cpp
   batch      total tok/s of 1, 4, 8, 16 prompts answered together at --ram 50 %
   lookup     prompt lookup on a code-edit prompt when offloaded: tok/s with drafts / without
 
@@ -29,6 +32,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from flashlm.offload.cgroup import MemoryCgroup
 
 MiB = 1 << 20
 HERE = Path(__file__).resolve().parent
@@ -65,9 +70,9 @@ def disk_speed(store: Path, mode: str = "direct") -> float:
     return read_speed(files, mode, chunk=4 << 20, threads=2, limit=512 << 20)
 
 
-def flashlm_json(args: list[str], *, cgroup: Path | None = None, timeout: float = 3600) -> dict:
+def flashlm_json(args: list[str], *, cgroup: MemoryCgroup | None = None, timeout: float = 3600) -> dict:
     cmd = [sys.executable, "-m", "flashlm.cli", *args, "--json"]
-    pre = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
+    pre = cgroup.join if cgroup else None
     t0 = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, preexec_fn=pre)
     if out.returncode != 0:
@@ -128,39 +133,6 @@ def section_synthetic(path: Path | None, ram: str) -> None:
     section_budgets(store, [parse_size(ram) / size], label=f"synthetic {path.name} at --ram {ram}", n=8)
 
 
-def make_cgroup(limit: int) -> Path | None:
-    if os.geteuid() != 0:
-        return None
-    d = Path("/sys/fs/cgroup/memory") / f"flashlm_bench_{os.getpid()}"
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    try:
-        if v2.is_file() and "memory" in v2.read_text():
-            d = Path("/sys/fs/cgroup") / f"flashlm_bench_{os.getpid()}"
-            d.mkdir()
-            (d / "memory.max").write_text(str(limit))
-        else:
-            d.mkdir()
-            (d / "memory.limit_in_bytes").write_text(str(limit))
-    except OSError:
-        return None
-    return d
-
-
-def cgroup_peak(d: Path) -> int:
-    for f in ("memory.peak", "memory.max_usage_in_bytes"):
-        if (d / f).exists():
-            return int((d / f).read_text())
-    return 0
-
-
-def reset_peak(d: Path) -> None:
-    for f in ("memory.peak", "memory.max_usage_in_bytes"):
-        try:
-            (d / f).write_text("0")
-        except OSError:
-            pass
-
-
 LLAMA_CHILD = r"""
 import json, sys, time
 import numpy as np
@@ -189,12 +161,12 @@ print(json.dumps({"prompt_tokens": len(ids), "prefill_tok_s": len(ids) / pf, "de
 """
 
 
-def llama_cpp_run(gguf: Path, prompt: str, n: int, cgroup: Path | None, timeout: float = 1800) -> dict:
+def llama_cpp_run(gguf: Path, prompt: str, n: int, cgroup: MemoryCgroup | None, timeout: float = 1800) -> dict:
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
         return {"error": "llama-cpp-python is not installed (pip install -e .[compare])"}
-    pre = (lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))) if cgroup else None
+    pre = cgroup.join if cgroup else None
     drop_caches()
     try:
         out = subprocess.run([sys.executable, "-c", LLAMA_CHILD, str(gguf), prompt, str(n), "2"], capture_output=True,
@@ -209,7 +181,7 @@ def llama_cpp_run(gguf: Path, prompt: str, n: int, cgroup: Path | None, timeout:
 
 def section_cgroup(model: str, n: int) -> None:
     print("\n## the 1.5B in a 600 MB memory cgroup, --ram 560M")
-    cg = make_cgroup(600 * MiB)
+    cg = MemoryCgroup.create(600 * MiB)
     if cg is None:
         print("skipped: cannot create a memory cgroup here (needs root and a cgroup v1/v2 memory controller)")
         return
@@ -220,7 +192,7 @@ def section_cgroup(model: str, n: int) -> None:
     try:
         row("run", "prompt", "decode tok/s", "tokens/step", "cgroup peak MiB", "note")
         bw = disk_speed(store)
-        reset_peak(cg)
+        cg.reset_peak()
         drop_caches()
         r = flashlm_json(["run", str(store), short, "--ram", "560M", "--temp", "0", "-n", str(n), "--draft", "none"],
                          cgroup=cg)
@@ -228,33 +200,65 @@ def section_cgroup(model: str, n: int) -> None:
         off = st.get("offload", {})
         limit = bw / off["streamed_bytes_per_token"] if off.get("streamed_bytes_per_token") else 0
         row("flashlm, drafts off", "prime", st.get("decode_tok_s", r.get("error")), st.get("tokens_per_step"),
-            cgroup_peak(cg) // MiB, f"disk {bw / 1e9:.2f} GB/s, limit {limit:.2f} tok/s")
+            cg.peak() // MiB, f"disk {bw / 1e9:.2f} GB/s, limit {limit:.2f} tok/s")
         flash_plain = st.get("decode_tok_s", 0)
-        reset_peak(cg)
+        cg.reset_peak()
         lc = llama_cpp_run(gguf_path(model), short, n, cg)
         row("llama.cpp tuned (mmap, no repack)", "prime", lc.get("decode_tok_s", lc.get("error")), 1,
-            cgroup_peak(cg) // MiB, "")
-        reset_peak(cg)
+            cg.peak() // MiB, "")
+        cg.reset_peak()
         drop_caches()
         r2 = flashlm_json(["run", str(store), EDIT_PROMPT, "--ram", "560M", "--temp", "0", "-n", str(4 * n)],
                           cgroup=cg)
         st2 = r2.get("stats", {})
         row("flashlm, defaults (drafts on)", "code edit", st2.get("decode_tok_s", r2.get("error")),
-            st2.get("tokens_per_step"), cgroup_peak(cg) // MiB, "")
-        reset_peak(cg)
+            st2.get("tokens_per_step"), cg.peak() // MiB, "")
+        cg.reset_peak()
         lc2 = llama_cpp_run(gguf_path(model), EDIT_PROMPT, n, cg)
-        row("llama.cpp tuned", "code edit", lc2.get("decode_tok_s", lc2.get("error")), 1, cgroup_peak(cg) // MiB, "")
+        row("llama.cpp tuned", "code edit", lc2.get("decode_tok_s", lc2.get("error")), 1, cg.peak() // MiB, "")
         if lc.get("decode_tok_s"):
             print(f"ratio drafts off / llama.cpp: {flash_plain / lc['decode_tok_s']:.2f}x")
         if lc2.get("decode_tok_s") and st2.get("decode_tok_s"):
             print(f"ratio defaults on the code edit / llama.cpp: {st2['decode_tok_s'] / lc2['decode_tok_s']:.2f}x")
     finally:
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        cg.remove()
+
+
+def section_moe(gguf: Path, ram: str, limit: int, n: int) -> None:
+    print(f"\n## MoE {gguf.name} at --ram {ram} in a {limit / 2**30:.1f} GiB memory cgroup")
+    if not gguf.exists():
+        print(f"skipped: {gguf} is missing (python perf/make_moe_gguf.py writes it)")
+        return
+    cg = MemoryCgroup.create(limit)
+    if cg is None:
+        print("skipped: cannot create a memory cgroup here (needs root and a cgroup v1/v2 memory controller)")
+        return
+    from flashlm.models.registry import resolve
+
+    store = resolve(str(gguf))
+    try:
+        row("run", "decode tok/s", "streamed MiB/token", "expert hit rate", "disk GB/s", "limit tok/s", "of limit",
+            "cgroup peak MiB")
+        bw = disk_speed(store)
+        cg.reset_peak()
+        drop_caches()
+        r = flashlm_json(["bench", str(store), "--ram", ram, "-p", "16", "-n", str(n), "--ctx", "256"], cgroup=cg)
+        if "error" in r:
+            row("flashlm", r["error"], "", "", "", "", "", cg.peak() // MiB)
+        else:
+            per = r["streamed_bytes_per_token"]
+            lim = bw / per if per else float("inf")
+            row("flashlm", r["decode_tok_s"], per // MiB, "", f"{bw / 1e9:.2f}", f"{lim:.2f}",
+                f"{r['decode_tok_s'] / lim:.0%}", cg.peak() // MiB)
+        cg.reset_peak()
+        lc = llama_cpp_run(gguf, "Write a Python function that checks whether a number is prime.", n, cg)
+        row("llama.cpp tuned (mmap, no repack)", lc.get("decode_tok_s", lc.get("error")), "", "", "", "", "",
+            cg.peak() // MiB)
+        if lc.get("decode_tok_s") and "error" not in r:
+            print(f"ratio flashlm / llama.cpp: {r['decode_tok_s'] / lc['decode_tok_s']:.2f}x; killed in the cgroup: "
+                  f"{cg.oom_kills()}")
+    finally:
+        cg.remove()
 
 
 def section_batch(store: Path, share: float, sizes: list[int], n: int) -> None:
@@ -307,7 +311,8 @@ def section_lookup(store: Path, share: float, n: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
-    ap.add_argument("--sections", default="budgets,synthetic,cgroup,batch,lookup")
+    ap.add_argument("--sections", default="budgets,synthetic,cgroup,moe,batch,lookup")
+    ap.add_argument("--moe", type=Path, default=Path.home() / ".cache" / "flashlm" / "bench" / "qwen3moe-synth.gguf")
     ap.add_argument("--shares", default="25,50,75,100", help="--ram as %% of the store (budgets)")
     ap.add_argument("--synthetic", type=Path, default=None, help="a synthetic GGUF (perf/make_synthetic.py)")
     ap.add_argument("--synthetic-ram", default="1G")
@@ -324,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         section_synthetic(a.synthetic, a.synthetic_ram)
     if "cgroup" in secs:
         section_cgroup(a.model, a.n)
+    if "moe" in secs:
+        section_moe(a.moe, "1.4G", 1536 * MiB, a.n)
     if "batch" in secs:
         section_batch(store, 0.5, [int(b) for b in a.batches.split(",")], a.n)
     if "lookup" in secs:

@@ -4,7 +4,6 @@ the budget, and the 1.5B inside a 600 MB memory cgroup."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,19 +14,18 @@ import psutil
 import pytest
 from realmodels import real_store_path
 
+from flashlm.offload.cgroup import MemoryCgroup
+
 PROMPT = "Write a Python function that checks whether a number is prime."
 MiB = 1 << 20
 
 
-def run_cli(store: Path, *args: str, cgroup: Path | None = None, timeout: float = 900) -> tuple[dict, int]:
+def run_cli(store: Path, *args: str, cgroup: MemoryCgroup | None = None, timeout: float = 900) -> tuple[dict, int]:
     """`flashlm run STORE PROMPT --json ...` in a child process: (its JSON, peak RSS sampled every 10 ms)."""
     cmd = [sys.executable, "-m", "flashlm.cli", "run", str(store), PROMPT, "--json", "--temp", "0", "--ctx", "512",
            *args]
-    pre = None
-    if cgroup is not None:
-        def pre():  # join the cgroup before exec, so every byte of the child is charged to it
-            (cgroup / "cgroup.procs").write_text(str(os.getpid()))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=cgroup.join if cgroup else None)
     peak, stop = [0], threading.Event()
 
     def sample():
@@ -103,65 +101,17 @@ def test_the_15b_at_30_percent_of_its_store():
 # ---- a memory cgroup ----
 
 
-def make_cgroup(limit: int) -> Path | None:
-    """A fresh memory cgroup (v2, else v1) limited to ``limit`` bytes, or None where impossible."""
-    if os.geteuid() != 0:
-        return None
-    name = f"flashlm_test_{os.getpid()}"
-    v2 = Path("/sys/fs/cgroup/cgroup.controllers")
-    try:
-        if v2.is_file() and "memory" in v2.read_text():
-            d = Path("/sys/fs/cgroup") / name
-            d.mkdir()
-            (d / "memory.max").write_text(str(limit))
-            (d / "memory.swap.max").write_text("0") if (d / "memory.swap.max").exists() else None
-            return d
-        v1 = Path("/sys/fs/cgroup/memory")
-        if v1.is_dir():
-            d = v1 / name
-            d.mkdir()
-            (d / "memory.limit_in_bytes").write_text(str(limit))
-            return d
-    except OSError:
-        return None
-    return None
-
-
-def cgroup_peak(d: Path) -> int:
-    for f in ("memory.peak", "memory.max_usage_in_bytes"):
-        if (d / f).exists():
-            return int((d / f).read_text())
-    return 0
-
-
-def cgroup_killed(d: Path) -> int:
-    for f, key in (("memory.events", "oom_kill"), ("memory.oom_control", "oom_kill")):
-        if (d / f).exists():
-            for line in (d / f).read_text().splitlines():
-                k, _, v = line.partition(" ")
-                if k == key:
-                    return int(v)
-    return 0
-
-
 def test_15b_in_a_600mb_cgroup():
-    cg = make_cgroup(600 * MiB)
+    cg = MemoryCgroup.create(600 * MiB)
     if cg is None:
         pytest.skip("cannot create a memory cgroup here (needs root and a cgroup v1/v2 memory controller)")
     store = real_store_path("qwen2.5-coder-1.5b")
-    try:
+    with cg:
         ref, _ = run_cli(store, "-n", "12", "--draft", "none")
         subprocess.run(["sync"], check=False)
         got, peak = run_cli(store, "-n", "12", "--draft", "none", "--ram", "560M", cgroup=cg)
         assert got["tokens"] == ref["tokens"]
-        assert cgroup_killed(cg) == 0
-        print(f"cgroup peak {cgroup_peak(cg) / MiB:.0f} MiB, process peak RSS {peak / MiB:.0f} MiB, "
+        assert cg.oom_kills() == 0
+        print(f"cgroup peak {cg.peak() / MiB:.0f} MiB, process peak RSS {peak / MiB:.0f} MiB, "
               f"{got['stats']['decode_tok_s']} tok/s")
-        assert cgroup_peak(cg) <= 600 * MiB
-    finally:
-        for _ in range(50):
-            try:
-                cg.rmdir()
-                break
-            except OSError:
-                time.sleep(0.1)
+        assert cg.peak() <= 600 * MiB
