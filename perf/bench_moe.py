@@ -1,6 +1,6 @@
 """Decode and prefill speed of a Qwen3-MoE model in RAM, beside llama.cpp in the same run.
 
-The model is the synthetic GGUF of ``perf/make_moe_gguf.py`` (written first if missing;
+The model is the synthetic GGUF of ``perf/make_synthetic_gguf.py`` (written first if missing;
 random valid Q4_K/Q6_K blocks, so the tokens are noise but the work is a real model's).
 flashlm imports it once into a store (experts as per-expert tensors) and runs it from
 the page cache (every page touched before timing); llama.cpp (llama-cpp-python, when
@@ -105,11 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-llama-cpp", action="store_true")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args(argv)
-    from make_moe_gguf import default_path, write_moe_gguf
+    from make_synthetic_gguf import default_path, write_synthetic_gguf
 
     gguf = a.gguf or default_path()
     if not gguf.exists():
-        write_moe_gguf(gguf)
+        write_synthetic_gguf(gguf)
     ctx = a.prompt_tokens + a.gen_tokens + 64
     rng = np.random.default_rng(0)
     ids = rng.integers(100, 30000, a.prompt_tokens)

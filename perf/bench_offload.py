@@ -8,11 +8,11 @@ with the reason.
 Sections (--sections, default all):
   budgets    decode tok/s of MODEL at --ram 25/50/75/100 % of its store (drafts off);
              limit = O_DIRECT read speed / streamed bytes per token; target >= 85 %
-  synthetic  the same for a synthetic Qwen2.5-7B-shaped store (perf/make_synthetic.py) at --ram 1G
+  synthetic  the same for a synthetic Qwen2.5-7B-shaped store (perf/make_synthetic_gguf.py --dense) at --ram 1G
   cgroup     the 1.5B at --ram 560M inside a 600 MB memory cgroup, beside llama.cpp tuned
              (mmap, no weight repacking) in the same cgroup: drafts off, and flashlm's
              defaults (drafts on) on a code-edit prompt
-  moe        the synthetic Qwen3-MoE (perf/make_moe_gguf.py) at --ram 1.4G inside a 1.5 GB memory
+  moe        the synthetic Qwen3-MoE (perf/make_synthetic_gguf.py) at --ram 1.4G inside a 1.5 GB memory
              cgroup, beside llama.cpp tuned in the same cgroup; limit = (expert bytes missed per
              token + streamed dense bytes) / read speed; target >= 85 % and >= 5x llama.cpp
   batch      total tok/s of 1, 4, 8, 16 prompts answered together at --ram 50 %
@@ -40,6 +40,12 @@ HERE = Path(__file__).resolve().parent
 CODE = (Path(__file__).resolve().parents[1] / "flashlm" / "runtime" / "draft.py").read_text()
 EDIT_PROMPT = ("Repeat this Python module exactly as it is, changing only the name of the function "
                "`lookup` to `find_draft` everywhere:\n\n" + CODE)
+
+
+def bench_dir() -> Path:
+    from flashlm.models.registry import home
+
+    return home() / "bench"
 
 
 def drop_caches() -> bool:
@@ -121,7 +127,7 @@ def section_budgets(store: Path, shares: list[float], label: str | None = None, 
 
 def section_synthetic(path: Path | None, ram: str) -> None:
     if path is None or not path.exists():
-        print("\n## synthetic 7B: skipped (write it with `python perf/make_synthetic.py --shape qwen2.5-7b OUT.gguf`, "
+        print("\n## synthetic 7B: skipped (write it with `python perf/make_synthetic_gguf.py --dense`, "
               "then pass --synthetic OUT.gguf)")
         return
     from flashlm.models.registry import resolve
@@ -227,7 +233,7 @@ def section_cgroup(model: str, n: int) -> None:
 def section_moe(gguf: Path, ram: str, limit: int, n: int) -> None:
     print(f"\n## MoE {gguf.name} at --ram {ram} in a {limit / 2**30:.1f} GiB memory cgroup")
     if not gguf.exists():
-        print(f"skipped: {gguf} is missing (python perf/make_moe_gguf.py writes it)")
+        print(f"skipped: {gguf} is missing (python perf/make_synthetic_gguf.py writes it)")
         return
     cg = MemoryCgroup.create(limit)
     if cg is None:
@@ -312,9 +318,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="qwen2.5-coder-1.5b")
     ap.add_argument("--sections", default="budgets,synthetic,cgroup,moe,batch,lookup")
-    ap.add_argument("--moe", type=Path, default=Path.home() / ".cache" / "flashlm" / "bench" / "qwen3moe-synth.gguf")
+    ap.add_argument("--moe", type=Path, default=bench_dir() / "qwen3moe-synth.gguf",
+                    help="a synthetic Qwen3-MoE GGUF (perf/make_synthetic_gguf.py)")
     ap.add_argument("--shares", default="25,50,75,100", help="--ram as %% of the store (budgets)")
-    ap.add_argument("--synthetic", type=Path, default=None, help="a synthetic GGUF (perf/make_synthetic.py)")
+    ap.add_argument("--synthetic", type=Path, default=bench_dir() / "qwen2-7b-synth.gguf",
+                    help="a synthetic dense GGUF (perf/make_synthetic_gguf.py --dense)")
     ap.add_argument("--synthetic-ram", default="1G")
     ap.add_argument("--batches", default="1,4,8,16")
     ap.add_argument("-n", type=int, default=32, help="tokens to generate per measurement")

@@ -1,17 +1,21 @@
-"""Write a synthetic Qwen3-MoE GGUF of a given shape, for I/O and speed benchmarks only.
+"""Write a synthetic GGUF of a given shape, for I/O and speed benchmarks only: a Qwen3-MoE
+(``moe``, the default) or a dense Qwen2 (``--dense``, e.g. Qwen2.5-7B's shape).
 
 The weights are random but valid blocks (finite half scales, random quants): Q4_K for
-the embedding and every layer matrix, Q6_K for the experts' ffn_down and the output head,
-F32 norms and routers, as a Q4_K_M file has them. The tokenizer (Qwen2.5's) is copied
-from qwen2.5-coder-0.5b's GGUF (``flashlm pull qwen2.5-coder-0.5b``), so the vocabulary
-is 151936. The text it generates is noise; llama.cpp and flashlm both run it.
+the embedding and every layer matrix, Q6_K for ffn_down (the experts' too) and the output
+head, F32 norms, biases and routers, as a Q4_K_M file has them. The tokenizer (Qwen2.5's) is
+copied from qwen2.5-coder-0.5b's GGUF (``flashlm pull qwen2.5-coder-0.5b``), so the
+vocabulary is 151936. The text it generates is noise; llama.cpp and flashlm both run it.
 
-Default shape (issue G): hidden 2048, 16 layers, 64 experts, top-8, expert ffn 1024,
-16 heads / 4 kv heads of 128: 4.7 GB.
+Default MoE shape (issue G): hidden 2048, 16 layers, 64 experts, top-8, expert ffn 1024,
+16 heads / 4 kv heads of 128: 4.7 GB. ``--dense`` defaults to Qwen2.5-7B: hidden 3584,
+28 layers, ffn 18944, 28 heads / 4 kv heads of 128, vocab 152064 (Qwen2.5's tokenizer
+padded): 4.7 GB.
 
 Run:
-    python perf/make_moe_gguf.py                       # -> ~/.cache/flashlm/bench/qwen3moe-synth.gguf
-    python perf/make_moe_gguf.py out.gguf --layers 4 --experts 16
+    python perf/make_synthetic_gguf.py                 # -> ~/.cache/flashlm/bench/qwen3moe-synth.gguf
+    python perf/make_synthetic_gguf.py out.gguf --layers 4 --experts 16
+    python perf/make_synthetic_gguf.py --dense         # -> ~/.cache/flashlm/bench/qwen2-7b-synth.gguf
 """
 from __future__ import annotations
 
@@ -58,15 +62,17 @@ def random_tensor(fmt: str, shape: tuple[int, ...], rng: np.random.Generator, sc
 # alike and routing collapsed in the later layers: distinct experts of the 64 over 8 decode steps
 # (uniform routing would give ~42) were 15, 16, 10, ... 8 by layer; with these scales 36-42 in
 # every layer, and a 64-token prompt uses 63-64 experts per layer (it used 41 .. 17).
-_SCALE = {"token_embd.weight": 4.0, "attn_output.weight": 0.05 / 256, "ffn_down_exps.weight": 0.05 / 256}
+_SCALE = {"token_embd.weight": 4.0, "attn_output.weight": 0.05 / 256, "ffn_down_exps.weight": 0.05 / 256,
+          "ffn_down.weight": 0.05 / 256}
 
 
 # ---- the file ----
 
 
 def tensor_plan(hidden: int, layers: int, experts: int, expert_ffn: int, heads: int, kv_heads: int, head_dim: int,
-                vocab: int) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, format, logical numpy shape) of every tensor, in file order."""
+                vocab: int, ffn: int = 0) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, format, logical numpy shape) of every tensor, in file order: a Qwen3-MoE layer when
+    ``experts``, else a dense Qwen2 layer (q/k/v biases) with an ``ffn``-wide MLP."""
     t = [("token_embd.weight", "Q4_K", (vocab, hidden))]
     for i in range(layers):
         p = f"blk.{i}."
@@ -74,14 +80,23 @@ def tensor_plan(hidden: int, layers: int, experts: int, expert_ffn: int, heads: 
               (p + "attn_q.weight", "Q4_K", (heads * head_dim, hidden)),
               (p + "attn_k.weight", "Q4_K", (kv_heads * head_dim, hidden)),
               (p + "attn_v.weight", "Q4_K", (kv_heads * head_dim, hidden)),
-              (p + "attn_output.weight", "Q4_K", (hidden, heads * head_dim)),
-              (p + "attn_q_norm.weight", "F32", (head_dim,)),
-              (p + "attn_k_norm.weight", "F32", (head_dim,)),
-              (p + "ffn_norm.weight", "F32", (hidden,)),
-              (p + "ffn_gate_inp.weight", "F32", (experts, hidden)),
-              (p + "ffn_gate_exps.weight", "Q4_K", (experts, expert_ffn, hidden)),
-              (p + "ffn_up_exps.weight", "Q4_K", (experts, expert_ffn, hidden)),
-              (p + "ffn_down_exps.weight", "Q6_K", (experts, hidden, expert_ffn))]
+              (p + "attn_output.weight", "Q4_K", (hidden, heads * head_dim))]
+        if experts:
+            t += [(p + "attn_q_norm.weight", "F32", (head_dim,)),
+                  (p + "attn_k_norm.weight", "F32", (head_dim,)),
+                  (p + "ffn_norm.weight", "F32", (hidden,)),
+                  (p + "ffn_gate_inp.weight", "F32", (experts, hidden)),
+                  (p + "ffn_gate_exps.weight", "Q4_K", (experts, expert_ffn, hidden)),
+                  (p + "ffn_up_exps.weight", "Q4_K", (experts, expert_ffn, hidden)),
+                  (p + "ffn_down_exps.weight", "Q6_K", (experts, hidden, expert_ffn))]
+        else:
+            t += [(p + "attn_q.bias", "F32", (heads * head_dim,)),
+                  (p + "attn_k.bias", "F32", (kv_heads * head_dim,)),
+                  (p + "attn_v.bias", "F32", (kv_heads * head_dim,)),
+                  (p + "ffn_norm.weight", "F32", (hidden,)),
+                  (p + "ffn_gate.weight", "Q4_K", (ffn, hidden)),
+                  (p + "ffn_up.weight", "Q4_K", (ffn, hidden)),
+                  (p + "ffn_down.weight", "Q6_K", (hidden, ffn))]
     t += [("output_norm.weight", "F32", (hidden,)), ("output.weight", "Q6_K", (vocab, hidden))]
     return t
 
@@ -109,10 +124,11 @@ def copy_tokenizer(w, src: Path) -> int:
     return len(m["tokenizer.ggml.tokens"])
 
 
-def write_moe_gguf(out: Path, *, hidden: int = 2048, layers: int = 16, experts: int = 64, top_k: int = 8,
+def write_synthetic_gguf(out: Path, *, hidden: int = 2048, layers: int = 16, experts: int = 64, top_k: int = 8,
                    expert_ffn: int = 1024, heads: int = 16, kv_heads: int = 4, head_dim: int = 128,
-                   tokenizer_gguf: Path | None = None, seed: int = 0, progress: bool = True) -> Path:
-    """Write the synthetic model to ``out`` (tensor by tensor: memory stays at one tensor)."""
+                   tokenizer_gguf: Path | None = None, seed: int = 0, progress: bool = True, ffn: int = 0) -> Path:
+    """Write the synthetic model to ``out`` (tensor by tensor: memory stays at one tensor); with
+    ``experts=0`` a dense Qwen2 of MLP width ``ffn``."""
     import gguf
 
     from flashlm.kernels.formats import tensor_nbytes
@@ -123,12 +139,12 @@ def write_moe_gguf(out: Path, *, hidden: int = 2048, layers: int = 16, experts: 
         tokenizer_gguf = gguf_path("qwen2.5-coder-0.5b")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".gguf.part")
-    w = gguf.GGUFWriter(None, "qwen3moe")
-    w.add_name(f"synthetic qwen3moe {layers}x{experts}e top-{top_k}")
+    w = gguf.GGUFWriter(None, "qwen3moe" if experts else "qwen2")
+    w.add_name(f"synthetic qwen3moe {layers}x{experts}e top-{top_k}" if experts else f"synthetic qwen2 {layers} layers")
     w.add_block_count(layers)
     w.add_context_length(32768)
     w.add_embedding_length(hidden)
-    w.add_feed_forward_length(6 * expert_ffn)
+    w.add_feed_forward_length(6 * expert_ffn if experts else ffn)
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
     w.add_key_length(head_dim)
@@ -136,12 +152,13 @@ def write_moe_gguf(out: Path, *, hidden: int = 2048, layers: int = 16, experts: 
     w.add_rope_dimension_count(head_dim)
     w.add_rope_freq_base(1000000.0)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_expert_count(experts)
-    w.add_expert_used_count(top_k)
-    w.add_expert_feed_forward_length(expert_ffn)
+    if experts:
+        w.add_expert_count(experts)
+        w.add_expert_used_count(top_k)
+        w.add_expert_feed_forward_length(expert_ffn)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_K_M)
     vocab = copy_tokenizer(w, Path(tokenizer_gguf))
-    plan = tensor_plan(hidden, layers, experts, expert_ffn, heads, kv_heads, head_dim, vocab)
+    plan = tensor_plan(hidden, layers, experts, expert_ffn, heads, kv_heads, head_dim, vocab, ffn)
     for name, fmt, shape in plan:
         nbytes = tensor_nbytes(fmt, shape)
         if fmt == "F32":
@@ -170,29 +187,34 @@ def write_moe_gguf(out: Path, *, hidden: int = 2048, layers: int = 16, experts: 
     return out
 
 
-def default_path() -> Path:
+def default_path(dense: bool = False) -> Path:
     from flashlm.models.registry import home
 
-    return home() / "bench" / "qwen3moe-synth.gguf"
+    return home() / "bench" / ("qwen2-7b-synth.gguf" if dense else "qwen3moe-synth.gguf")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("out", nargs="?", type=Path, help="output .gguf (default ~/.cache/flashlm/bench/qwen3moe-synth.gguf)")
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("out", nargs="?", type=Path, help="output .gguf (default ~/.cache/flashlm/bench/qwen3moe-synth.gguf, "
+                                                       "or qwen2-7b-synth.gguf with --dense)")
+    ap.add_argument("--dense", action="store_true", help="a dense Qwen2 (defaults: Qwen2.5-7B's shape)")
+    ap.add_argument("--hidden", type=int, default=None, help="default 2048 (MoE) / 3584 (dense)")
+    ap.add_argument("--layers", type=int, default=None, help="default 16 (MoE) / 28 (dense)")
+    ap.add_argument("--ffn", type=int, default=18944, help="dense MLP width (default 18944)")
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--expert-ffn", type=int, default=1024)
-    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=None, help="default 16 (MoE) / 28 (dense)")
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--tokenizer-gguf", type=Path, help="GGUF to copy the tokenizer from (default qwen2.5-coder-0.5b's)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
-    write_moe_gguf(a.out or default_path(), hidden=a.hidden, layers=a.layers, experts=a.experts, top_k=a.top_k,
-                   expert_ffn=a.expert_ffn, heads=a.heads, kv_heads=a.kv_heads, head_dim=a.head_dim,
-                   tokenizer_gguf=a.tokenizer_gguf, seed=a.seed)
+    d = a.dense
+    write_synthetic_gguf(a.out or default_path(d), hidden=a.hidden or (3584 if d else 2048),
+                   layers=a.layers or (28 if d else 16), experts=0 if d else a.experts, top_k=a.top_k,
+                   expert_ffn=a.expert_ffn, heads=a.heads or (28 if d else 16), kv_heads=a.kv_heads,
+                   head_dim=a.head_dim, tokenizer_gguf=a.tokenizer_gguf, seed=a.seed, ffn=a.ffn if d else 0)
     return 0
 
 
