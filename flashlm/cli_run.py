@@ -381,6 +381,9 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
     }
     if llm.streams:
         nbytes, read_s, wait_s = reads
+        io_ceiling = llm.weights.read_pass(max(1, min(gen_tokens, 4)))
+        out.update(io_ceiling_GB_s=round(io_ceiling / 1e9, 3),
+                   io_limit_tok_s=round(io_ceiling / (nbytes / gen_tokens), 3) if nbytes else None)
         out.update(streamed_bytes_per_token=int(nbytes / gen_tokens), decode_read_GB_s=round(nbytes / read_s / 1e9, 3)
                    if read_s else 0.0, decode_io_wait_s=round(wait_s, 3), decode_s=round(best_dec, 3),
                    read_mode=llm.weights.mode, plan=llm.plan.as_dict())
@@ -416,10 +419,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
     llm = _load(args, batch=args.batch)
     try:
         plan, store = llm.plan, llm.store
-        files = [store.path / f"layer_{i:03d}.bin" for i in (plan.streamed_layers or range(store.n_layers))]
-        mode = args.io or (llm.weights.mode if plan.streams else None) or __import__(
-            "flashlm.offload.io", fromlist=["default_mode"]).default_mode()
-        speed = read_speed(files, mode, limit=256 << 20)
+        if plan.streams:  # the plan's own reads, through its prefetcher, with no compute
+            mode, speed = llm.weights.mode, llm.weights.read_pass(1)
+        else:
+            from flashlm.offload.io import default_mode
+
+            mode = args.io or default_mode()
+            speed = read_speed([store.path / f"layer_{i:03d}.bin" for i in range(store.n_layers)], mode,
+                               limit=256 << 20)
         tok_s = plan.expected_tok_s(speed)
     finally:
         llm.close()
@@ -446,7 +453,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   f"({mb(plan.expert_slots * plan.expert_slot_bytes)}); expected expert reads "
                   f"{mb(plan.expert_read_per_token)} per token (routing spread evenly)")
         print(f"  prefill           steps of {plan.prefill_rows} tokens")
-    print(f"  disk              {speed / 1e9:.2f} GB/s ({mode} reads, measured now on the layer files)")
+    print(f"  disk              {speed / 1e9:.2f} GB/s ({mode} reads, measured now: "
+          + ("one pass over the streamed weights)" if plan.streams else "the layer files)"))
     if tok_s:
         print(f"  expected decode   <= {tok_s:.2f} tok/s (disk-bound: read speed / streamed bytes per step); "
               "prompt-lookup drafts and batches yield several tokens per step")

@@ -407,6 +407,22 @@ class StreamingWeights:
 
     # ---- stats and lifetime ----
 
+    def read_pass(self, steps: int = 2) -> float:
+        """Bytes/s of ``steps`` passes over the streamed segments with no compute: the reads a
+        decode step makes, as fast as the disk takes them (the I/O ceiling of this plan)."""
+        self.release()
+        pf = self.prefetcher
+        keys = pf.keys
+        if not keys:
+            return 0.0
+        b0, t0 = self.pool.bytes_read, time.perf_counter()
+        for _ in range(steps):
+            for k in keys:
+                pf.get(k)
+                pf.release(k)
+        dt = time.perf_counter() - t0
+        return (self.pool.bytes_read - b0) / dt if dt > 0 else 0.0
+
     def reads(self) -> tuple[int, float, float]:
         """(bytes read while streaming: layers, head blocks, experts, embedding rows; seconds with a
         read in flight; seconds the compute side waited for reads) since start."""
