@@ -72,7 +72,9 @@ def _load(args: argparse.Namespace, *, batch: int = 1):
                draft_max=getattr(args, "draft_max", 8), read_mode=getattr(args, "io", None),
                stream=getattr(args, "stream", False), readers=getattr(args, "readers", 2))
     if llm.streams and not getattr(args, "quiet_plan", False):
-        print(f"flashlm: {llm.plan.summary()}", file=sys.stderr)
+        print(f"flashlm: {llm.plan.summary()}; {llm.threads} compute thread{'s' * (llm.threads > 1)}"
+              + (" (the disk sets the pace; --threads sets it)" if llm.threads == 1 and args.threads is None else ""),
+              file=sys.stderr)
     return llm
 
 
