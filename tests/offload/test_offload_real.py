@@ -87,11 +87,13 @@ def test_drafts_when_offloaded_give_the_same_tokens(qwen05):
     assert got["stats"]["draft"] == "ngram"
 
 
-def test_the_15b_at_30_percent_of_its_store():
+def test_the_15b_with_30_percent_of_its_store_for_weights():
+    """The process itself takes 200-250 MiB depending on the CPU (more compiled kernels on
+    AVX-512), so the budget is what it needs besides weights + 30% of the store, as for the 0.5B."""
     store = real_store_path("qwen2.5-coder-1.5b")
     ref, _ = run_cli(store, "-n", "12", "--draft", "none")
-    size = sum(f.stat().st_size for f in store.iterdir() if f.suffix == ".bin")
-    ram = int(0.3 * size)
+    p = plan_of(store, "8G")
+    ram = p["baseline"] + p["kv_bytes"] + 48 * MiB + int(0.3 * p["store_bytes"])
     got, peak = run_cli(store, "-n", "12", "--draft", "none", "--ram", str(ram))
     assert got["tokens"] == ref["tokens"]
     assert got["stats"]["offload"]["plan"]["streams"]
