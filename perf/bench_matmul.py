@@ -4,6 +4,8 @@ and numpy f32 ``X @ W.T`` on the dequantized matrix, measured in the same run.
     python perf/bench_matmul.py                    # full table (a few minutes)
     python perf/bench_matmul.py --quick            # big shapes, GEMV only
     python perf/bench_matmul.py --extra            # + pool overhead, pool vs prange, GEMM vs BLAS
+    python perf/bench_matmul.py --smalln           # n = 1, 2, 4, 8, 16, 32 rows on the 1.5B's shapes
+    python perf/bench_matmul.py --smalln --formats Q4_KR,Q6_KR --shapes 8960x1536,1536x8960
     pytest perf/bench_matmul.py --benchmark-only   # pytest-benchmark, a subset
 
 Q5_0R is Q5_0 as a store keeps it (kernels/repacked.py: imported GGUF Q5_0 tensors are
@@ -256,6 +258,40 @@ def gemm_vs_blas(pool, fmts) -> None:
         mm.BLAS_MIN_ROWS.update(saved)
 
 
+SMALLN_SHAPES = ((8960, 1536), (1536, 8960), (151936, 1536))  # the 1.5B's ffn_gate/up, ffn_down, head
+SMALLN_NS = (1, 2, 4, 8, 16, 32)
+
+
+def smalln_table(pool, fmts, shapes, ns, rounds: int) -> None:
+    """matmul of n activation rows (the small-n kernels for 2 <= n < BLAS_MIN_ROWS) per format and
+    shape, weights from memory: ms per call, ms per row, and the ratios t(n) / t(1) and
+    t(n) / (n t(1)) (the cost against n separate GEMVs). The n of one format and shape are timed
+    in interleaved rounds (median), so the ratios compare moments alike on a shared machine."""
+    print(f"\nsmall n: matmul(X (n, cols), W), {pool.n_threads} threads, weights from memory, median of {rounds} "
+          f"rounds; BLAS from n >= BLAS_MIN_ROWS")
+    print(f"{'fmt':6s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'ms/row':>7s} {'x n=1':>6s} {'/ n*GEMV':>8s}")
+    for rows, cols in shapes:
+        for fmt in fmts:
+            if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
+                continue
+            copies = dram_copies(make_weight(fmt, rows, cols))
+            X = np.random.default_rng(1).standard_normal((max(ns), cols)).astype(np.float32)
+            calls = {n: cycling(lambda w, x=(X[0] if n == 1 else X[:n]): mm.matmul(x, w, pool=pool), copies)
+                     for n in ns}
+            ts: dict[int, list[float]] = {n: [] for n in ns}
+            for f in calls.values():
+                f()
+            for _ in range(rounds):
+                for n, f in calls.items():
+                    ts[n].append(timeit(f, 0.03, 2))
+            med = {n: float(np.median(v)) for n, v in ts.items()}
+            for n in ns:
+                t = med[n]
+                print(f"{fmt:6s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {t / n * 1e3:7.3f} {t / med[ns[0]]:6.2f} "
+                      f"{t / (n * med[ns[0]]):8.2f}", flush=True)
+            del copies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -263,6 +299,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="big shapes, GEMV only")
     ap.add_argument("--extra", action="store_true", help="pool overhead, pool vs prange, GEMM vs BLAS")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--smalln", action="store_true", help="n = 1, 2, 4, 8, 16, 32 per format (implies --no-table)")
+    ap.add_argument("--shapes", default="", help="ROWSxCOLS,... for --smalln (default: the 1.5B's shapes)")
+    ap.add_argument("--ns", default=",".join(map(str, SMALLN_NS)), help="row counts for --smalln")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="bandwidth / kernel pairs per row (default %(default)s)")
     args = ap.parse_args()
     fmts = [f for f in args.formats.split(",") if f]
@@ -271,7 +310,10 @@ def main() -> None:
     with ThreadPool(args.threads) as pool, ThreadPool(1) as one:
         bw1, bw = bandwidth(one), bandwidth(pool)
         print(f"memory bandwidth (read 256 MB, best of 6): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
-        if not args.no_table:
+        if args.smalln:
+            shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",") if x] or SMALLN_SHAPES
+            smalln_table(pool, fmts, shapes, [int(n) for n in args.ns.split(",")], args.rounds)
+        elif not args.no_table:
             main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES, args.rounds)
         if args.extra:
             pool_overhead(pool)
