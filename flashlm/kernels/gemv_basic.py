@@ -31,6 +31,8 @@ from flashlm.kernels.config import jit, jit_exact
 from flashlm.kernels import simd
 from flashlm.kernels.simd import HAVE_SIMD, bits_to_f32
 
+_TILE = simd.TILE
+
 # ---- scalar helpers ----
 
 
@@ -294,10 +296,10 @@ def _dec_bf16(w, o, n, dst, do):
 
 
 # ---- SIMD drivers ----
-# The GEMV runs the one-row dot per weight row; the GEMM (small n) runs, per weight row, the
-# multi-row dot on 4 activation rows at a time (then 2, then the one-row dot), which decodes each
-# block once per call and gives every row the one-row dot's operations: out[i] of the GEMM has
-# the bits of the GEMV on X[i]. The drivers are compiled without fast-math (``jit_exact``: their
+# The GEMV runs the one-row dot per weight row; the GEMM (small n) runs the two-row dot on each
+# pair of activation rows (an odd last row: the one-row dot) over simd.TILE weight rows at a
+# time. The two-row dot decodes each block once for both rows and gives every row the one-row
+# dot's operations in the same order: out[i] of the GEMM has the bits of the GEMV on X[i]. The drivers are compiled without fast-math (``jit_exact``: their
 # few float operations, the float formats' tails, round the same way in both); the vector IR
 # carries its own flags.
 
@@ -344,8 +346,8 @@ def _group4_prep_rows(X, ng):
     return XP, XSL
 
 
-def _block_kernels(dot, rows4, rows2, compile=jit_exact) -> tuple:
-    """(gemv, gemm) of a 32-weight block format from its one-row dot and its 4- and 2-row dots
+def _block_kernels(dot, rows, compile=jit_exact) -> tuple:
+    """(gemv, gemm) of a 32-weight block format from its one-row dot and its two-row dot
     (intrinsics, called inline: a call per row through a jitted wrapper costs 5-10 %). ``compile``
     the decorator (the tests pass an uncached one for code paths built with other simd flags)."""
 
@@ -363,23 +365,21 @@ def _block_kernels(dot, rows4, rows2, compile=jit_exact) -> tuple:
         nb = cols // 32
         rb = w.strides[0]
         XS = _block_sums_rows(X, 0, nb)
-        for r in range(r0, r1):
-            i = 0
-            while i + 4 <= n:
-                rows4(w, r * rb, X, 0, XS, i, nb, out, r)
-                i += 4
-            if i + 2 <= n:
-                rows2(w, r * rb, X, 0, XS, i, nb, out, r)
-                i += 2
-            if i < n:
-                out[i, r] = dot(w, r * rb, X[i], 0, XS[i], nb)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    rows(w, r * rb, X, 0, XS, i, nb, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = dot(w, r * rb, X[n - 1], 0, XS[n - 1], nb)
 
     return gemv, gemm
 
 
-def _group4_kernels(dot4, rows4, rows2, dot, compile=jit_exact) -> tuple:
+def _group4_kernels(dot4, rows, dot, compile=jit_exact) -> tuple:
     """Q4_0/Q4_1 (AVX-512): groups of 4 blocks by ``dot4`` on x permuted per simd.GROUP4_PERM (and
-    its 4- and 2-row versions), the last nb % 4 blocks of each row by the one-block ``dot``."""
+    its two-row version), the last nb % 4 blocks of each row by the one-block ``dot``."""
 
     @compile
     def gemv(w, x, out, r0, r1):
@@ -404,24 +404,23 @@ def _group4_kernels(dot4, rows4, rows2, dot, compile=jit_exact) -> tuple:
         ub = w.shape[1] // nb if nb else 0
         XS = _block_sums_rows(X, 4 * ng, nb)
         XP, XSL = _group4_prep_rows(X, ng)
-        for r in range(r0, r1):
-            i = 0
-            while i + 4 <= n:
-                rows4(w, r * rb, XP, XSL, i, ng, out, r)
-                i += 4
-            if i + 2 <= n:
-                rows2(w, r * rb, XP, XSL, i, ng, out, r)
-                i += 2
-            if i < n:
-                out[i, r] = dot4(w, r * rb, XP[i], XSL[i], ng)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    rows(w, r * rb, XP, XSL, i, ng, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = dot4(w, r * rb, XP[n - 1], XSL[n - 1], ng)
             if 4 * ng < nb:
-                for k in range(n):
-                    out[k, r] = out[k, r] + dot(w, r * rb + 4 * ng * ub, X[k], 128 * ng, XS[k], nb - 4 * ng)
+                for r in range(ra, rz):
+                    for k in range(n):
+                        out[k, r] = out[k, r] + dot(w, r * rb + 4 * ng * ub, X[k], 128 * ng, XS[k], nb - 4 * ng)
 
     return gemv, gemm
 
 
-def _float_kernels(dot, rows4, rows2, el, compile=jit_exact) -> tuple:
+def _float_kernels(dot, rows, el, compile=jit_exact) -> tuple:
     """(gemv, gemm) of F32/F16/BF16: 16-weight units by the dots, a row's last cols % 16 weights
     by ``el`` (a jitted element converter) in this order, the same in both."""
 
@@ -441,22 +440,21 @@ def _float_kernels(dot, rows4, rows2, el, compile=jit_exact) -> tuple:
         n, cols = X.shape
         n16 = cols // 16
         rb = w.strides[0]
-        for r in range(r0, r1):
-            i = 0
-            while i + 4 <= n:
-                rows4(w, r * rb, X, 0, X, i, n16, out, r)
-                i += 4
-            if i + 2 <= n:
-                rows2(w, r * rb, X, 0, X, i, n16, out, r)
-                i += 2
-            if i < n:
-                out[i, r] = dot(w, r * rb, X[i], 0, X[i], n16)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    rows(w, r * rb, X, 0, X, i, n16, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = dot(w, r * rb, X[n - 1], 0, X[n - 1], n16)
             if n16 * 16 < cols:
-                for k in range(n):
-                    s = out[k, r]
-                    for j in range(n16 * 16, cols):
-                        s += el(w, r, j) * X[k, j]
-                    out[k, r] = s
+                for r in range(ra, rz):
+                    for k in range(n):
+                        s = out[k, r]
+                        for j in range(n16 * 16, cols):
+                            s += el(w, r, j) * X[k, j]
+                        out[k, r] = s
 
     return gemv, gemm
 
@@ -473,12 +471,11 @@ def _dequant_blocks_simd(dec, w, out, r0, r1):  # out (rows, cols) float32 C-con
 # gemv_*(w, x, out, r0, r1): w per module docstring; x (cols,) f32; out (rows,) f32
 # gemm_*(w, X, out, r0, r1): X (n, cols) f32 C-contiguous; out (n, rows) f32
 
-gemv_q4_0_simd, gemm_q4_0_simd = _block_kernels(simd.DOT["Q4_0"], *(simd.DOT_ROWS["Q4_0"][k] for k in simd.ROW_GROUPS))
+gemv_q4_0_simd, gemm_q4_0_simd = _block_kernels(simd.DOT["Q4_0"], simd.DOT_ROWS["Q4_0"])
 
 
 # AVX-512: 4 blocks at a time (simd.GROUP4)
-gemv_q4_0_simd4, gemm_q4_0_simd4 = _group4_kernels(simd.DOT4["Q4_0"], *(simd.DOT4_ROWS["Q4_0"][k] for k in simd.ROW_GROUPS),
-                                                 simd.DOT["Q4_0"])
+gemv_q4_0_simd4, gemm_q4_0_simd4 = _group4_kernels(simd.DOT4["Q4_0"], simd.DOT4_ROWS["Q4_0"], simd.DOT["Q4_0"])
 
 
 @jit_exact
@@ -501,12 +498,11 @@ def dequant_q4_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q4_0, w, out, r0, r1)
 
 
-gemv_q4_1_simd, gemm_q4_1_simd = _block_kernels(simd.DOT["Q4_1"], *(simd.DOT_ROWS["Q4_1"][k] for k in simd.ROW_GROUPS))
+gemv_q4_1_simd, gemm_q4_1_simd = _block_kernels(simd.DOT["Q4_1"], simd.DOT_ROWS["Q4_1"])
 
 
 # AVX-512: 4 blocks at a time (simd.GROUP4)
-gemv_q4_1_simd4, gemm_q4_1_simd4 = _group4_kernels(simd.DOT4["Q4_1"], *(simd.DOT4_ROWS["Q4_1"][k] for k in simd.ROW_GROUPS),
-                                                 simd.DOT["Q4_1"])
+gemv_q4_1_simd4, gemm_q4_1_simd4 = _group4_kernels(simd.DOT4["Q4_1"], simd.DOT4_ROWS["Q4_1"], simd.DOT["Q4_1"])
 
 
 @jit_exact
@@ -529,7 +525,7 @@ def dequant_q4_1_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q4_1, w, out, r0, r1)
 
 
-gemv_q5_0_simd, gemm_q5_0_simd = _block_kernels(simd.DOT["Q5_0"], *(simd.DOT_ROWS["Q5_0"][k] for k in simd.ROW_GROUPS))
+gemv_q5_0_simd, gemm_q5_0_simd = _block_kernels(simd.DOT["Q5_0"], simd.DOT_ROWS["Q5_0"])
 
 
 @jit_exact
@@ -552,7 +548,7 @@ def dequant_q5_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q5_0, w, out, r0, r1)
 
 
-gemv_q5_1_simd, gemm_q5_1_simd = _block_kernels(simd.DOT["Q5_1"], *(simd.DOT_ROWS["Q5_1"][k] for k in simd.ROW_GROUPS))
+gemv_q5_1_simd, gemm_q5_1_simd = _block_kernels(simd.DOT["Q5_1"], simd.DOT_ROWS["Q5_1"])
 
 
 @jit_exact
@@ -575,7 +571,7 @@ def dequant_q5_1_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q5_1, w, out, r0, r1)
 
 
-gemv_q8_0_simd, gemm_q8_0_simd = _block_kernels(simd.DOT["Q8_0"], *(simd.DOT_ROWS["Q8_0"][k] for k in simd.ROW_GROUPS))
+gemv_q8_0_simd, gemm_q8_0_simd = _block_kernels(simd.DOT["Q8_0"], simd.DOT_ROWS["Q8_0"])
 
 
 @jit_exact
@@ -598,8 +594,7 @@ def dequant_q8_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q8_0, w, out, r0, r1)
 
 
-gemv_f32_simd, gemm_f32_simd = _float_kernels(simd.DOT["F32"], *(simd.DOT_ROWS["F32"][k] for k in simd.ROW_GROUPS),
-                                            _el_f32)
+gemv_f32_simd, gemm_f32_simd = _float_kernels(simd.DOT["F32"], simd.DOT_ROWS["F32"], _el_f32)
 
 
 @jit_exact
@@ -612,8 +607,7 @@ def gemm_f32_plain(w, X, out, r0, r1):
     _gemm_float_plain(_el_f32, w, X, out, r0, r1)
 
 
-gemv_f16_simd, gemm_f16_simd = _float_kernels(simd.DOT["F16"], *(simd.DOT_ROWS["F16"][k] for k in simd.ROW_GROUPS),
-                                            _el_f16)
+gemv_f16_simd, gemm_f16_simd = _float_kernels(simd.DOT["F16"], simd.DOT_ROWS["F16"], _el_f16)
 
 
 @jit_exact
@@ -626,8 +620,7 @@ def gemm_f16_plain(w, X, out, r0, r1):
     _gemm_float_plain(_el_f16, w, X, out, r0, r1)
 
 
-gemv_bf16_simd, gemm_bf16_simd = _float_kernels(simd.DOT["BF16"], *(simd.DOT_ROWS["BF16"][k] for k in simd.ROW_GROUPS),
-                                            _el_bf16)
+gemv_bf16_simd, gemm_bf16_simd = _float_kernels(simd.DOT["BF16"], simd.DOT_ROWS["BF16"], _el_bf16)
 
 
 @jit_exact

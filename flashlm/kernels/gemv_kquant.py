@@ -37,6 +37,8 @@ from flashlm.kernels import simd
 from flashlm.kernels.simd import HAVE_AVX512, HAVE_SIMD, _lookup, _prefetch
 from flashlm.kernels.gemv_basic import _block_sums, _block_sums_rows, _dot_plain
 
+_TILE = simd.TILE
+
 QK = 256  # weights per super-block
 BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
 _BB = (144, 176, 210)  # block bytes by kind: 0 Q4_K, 1 Q5_K, 2 Q6_K
@@ -223,9 +225,8 @@ def _make_row_dot_rows(block_bytes: int, scales, emit, nr: int, lanes: int = 16)
 
 
 def _row_dots(block_bytes: int, scales, emit) -> tuple:
-    """(one-row dot, 4-row dot, 2-row dot) intrinsics of a K-quant layout."""
-    return (_make_row_dot(block_bytes, scales, emit),
-            *(_make_row_dot_rows(block_bytes, scales, emit, k) for k in simd.ROW_GROUPS))
+    """(one-row dot, two-row dot) intrinsics of a K-quant layout."""
+    return _make_row_dot(block_bytes, scales, emit), _make_row_dot_rows(block_bytes, scales, emit, simd.ROWS)
 
 
 def _make_block_deq(block_bytes: int, emit):
@@ -392,11 +393,11 @@ def _emit_q6k_deq(v, blk, dst):
         v.store(val, dst, 4 * (128 * h + 32 * k))
 
 
-# (one-row, 4-row, 2-row) dots of each layout (``_row_dots``)
-_row_q4_k, _rows4_q4_k, _rows2_q4_k = _row_dots(144, _V.kscales, _emit_q45k_dot(False))
-_row_q4_k_permuted, _rows4_q4_k_permuted, _rows2_q4_k_permuted = _row_dots(144, _V.kscales, _emit_q4k_dot_permuted)
-_row_q5_k, _rows4_q5_k, _rows2_q5_k = _row_dots(176, _V.kscales, _emit_q45k_dot(True))
-_row_q6_k, _rows4_q6_k, _rows2_q6_k = _row_dots(210, _V.q6scales, _emit_q6k_dot)
+# (one-row, two-row) dots of each layout (``_row_dots``)
+_row_q4_k, _rows_q4_k = _row_dots(144, _V.kscales, _emit_q45k_dot(False))
+_row_q4_k_permuted, _rows_q4_k_permuted = _row_dots(144, _V.kscales, _emit_q4k_dot_permuted)
+_row_q5_k, _rows_q5_k = _row_dots(176, _V.kscales, _emit_q45k_dot(True))
+_row_q6_k, _rows_q6_k = _row_dots(210, _V.q6scales, _emit_q6k_dot)
 _deq_q4_k_simd = _make_block_deq(144, _emit_q45k_deq(False))
 _deq_q5_k_simd = _make_block_deq(176, _emit_q45k_deq(True))
 _deq_q6_k_simd = _make_block_deq(210, _emit_q6k_deq)
@@ -539,18 +540,18 @@ def _check_gemm(w, X, out, r0, r1, bb):
 
 # ---- public kernels: SIMD ----
 # The GEMV: x's 32-weight sums once per call, then the one-row dot per weight row. The GEMM
-# (small n): each row of X gets the same sums; per weight row the 4-row dot on 4 rows at a time
-# (then 2, then the one-row dot) decodes each super-block once per call and gives every row the
-# one-row operations, so out[i] of the GEMM has the bits of the GEMV on X[i]. No fast-math in
+# (small n): each row of X gets the same sums; the two-row dot on each pair of rows (an odd last
+# row: the one-row dot), over simd.TILE weight rows at a time, decodes each super-block once for
+# both and gives every row the one-row operations, so out[i] of the GEMM has the GEMV's bits. No fast-math in
 # the drivers (``jit_exact``): the vector IR carries its own flags.
 
 
 def _kquant_kernels(dots, bb: int, nsx: bool, permute: bool = False) -> tuple:
-    """(gemv, gemm) of a K-quant layout from its (one-row, 4-row, 2-row) dots; ``nsx``: the dots
-    read x's 32-weight sums (the min term); ``permute``: they read x permuted by ``_Q4K_PERM``
+    """(gemv, gemm) of a K-quant layout from its (one-row, two-row) dots; ``nsx``: the dots read
+    x's 32-weight sums (the min term); ``permute``: they read x permuted by ``_Q4K_PERM``
     (AVX-512 Q4_K). The dots are called inline (a call per row through a jitted wrapper cost
     the GEMV 10 % on 1536-wide rows)."""
-    d1, d4, d2 = dots
+    d1, d2 = dots
 
     @jit_exact
     def prep(x, nb):  # the x the dots read: as it is, or permuted
@@ -574,16 +575,14 @@ def _kquant_kernels(dots, bb: int, nsx: bool, permute: bool = False) -> tuple:
         for i in range(n):
             XP[i] = prep(X[i], nb)
         sbuf = np.empty(nb * 16, np.float32)
-        for r in range(r0, r1):
-            i = 0
-            while i + 4 <= n:
-                d4(w, r, XP, SX, i, nb, sbuf, out)
-                i += 4
-            if i + 2 <= n:
-                d2(w, r, XP, SX, i, nb, sbuf, out)
-                i += 2
-            if i < n:
-                out[i, r] = d1(w, r, XP[i], SX[i], nb, sbuf)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    d2(w, r, XP, SX, i, nb, sbuf, out)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = d1(w, r, XP[n - 1], SX[n - 1], nb, sbuf)
 
     return gemv, gemm
 
@@ -597,11 +596,11 @@ def _permute_q4k(x, nb):  # x (cols,) -> x reordered per super-block as _Q4K_PER
     return xp
 
 
-_gemv_q4_k_simd, _gemm_q4_k_simd = _kquant_kernels((_row_q4_k, _rows4_q4_k, _rows2_q4_k), 144, True)
+_gemv_q4_k_simd, _gemm_q4_k_simd = _kquant_kernels((_row_q4_k, _rows_q4_k), 144, True)
 _gemv_q4_k_permuted, _gemm_q4_k_permuted = _kquant_kernels(
-    (_row_q4_k_permuted, _rows4_q4_k_permuted, _rows2_q4_k_permuted), 144, True, permute=True)  # needs AVX-512F
-_gemv_q5_k_simd, _gemm_q5_k_simd = _kquant_kernels((_row_q5_k, _rows4_q5_k, _rows2_q5_k), 176, True)
-_gemv_q6_k_simd, _gemm_q6_k_simd = _kquant_kernels((_row_q6_k, _rows4_q6_k, _rows2_q6_k), 210, False)  # no min term
+    (_row_q4_k_permuted, _rows_q4_k_permuted), 144, True, permute=True)  # needs AVX-512F
+_gemv_q5_k_simd, _gemm_q5_k_simd = _kquant_kernels((_row_q5_k, _rows_q5_k), 176, True)
+_gemv_q6_k_simd, _gemm_q6_k_simd = _kquant_kernels((_row_q6_k, _rows_q6_k), 210, False)  # no min term
 
 
 @jit

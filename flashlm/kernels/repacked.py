@@ -77,6 +77,7 @@ from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD,
 _G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per tail block
 _GW = 32 * _G  # weights per group
 _n_slabs = jit(n_slabs)  # formats' slab rule, compiled
+_TILE = simd.TILE
 _SLAB_COLS = SLAB_COLS
 
 # ---- packing (import time) and unpacking (reference, export) ----
@@ -279,7 +280,7 @@ def _make_dot_q5_0r_rows(nr: int):
     return dot_rows
 
 
-_q5_0r_rows4, _q5_0r_rows2 = (_make_dot_q5_0r_rows(k) for k in simd.ROW_GROUPS)
+_q5_0r_rows = _make_dot_q5_0r_rows(simd.ROWS)
 
 
 @intrinsic
@@ -333,23 +334,21 @@ def gemv_q5_0r_simd(w, x, out, r0, r1):
 
 @jit_exact
 def gemm_q5_0r_simd(w, X, out, r0, r1):
-    """Per weight row: 4 activation rows at a time share each decoded group (then 2, then the
-    GEMV's dot); every out[i] has the bits of the GEMV on X[i]."""
+    """The two-row dot on each pair of activation rows (an odd last row: the GEMV's dot), over
+    simd.TILE weight rows at a time; every out[i] has the bits of the GEMV on X[i]."""
     n, cols = X.shape
     nb = cols // 32
     ng = nb // _G
     nt = nb - _G * ng
     rb = w.strides[0]
-    for r in range(r0, r1):
-        i = 0
-        while i + 4 <= n:
-            _q5_0r_rows4(w, r * rb, X, 0, i, ng, nt, out, r)
-            i += 4
-        if i + 2 <= n:
-            _q5_0r_rows2(w, r * rb, X, 0, i, ng, nt, out, r)
-            i += 2
-        if i < n:
-            out[i, r] = dot_q5_0r(w, r * rb, X[i], 0, ng, nt)
+    for ra in range(r0, r1, _TILE):
+        rz = min(r1, ra + _TILE)
+        for i in range(0, n - 1, 2):
+            for r in range(ra, rz):
+                _q5_0r_rows(w, r * rb, X, 0, i, ng, nt, out, r)
+        if n % 2:
+            for r in range(ra, rz):
+                out[n - 1, r] = dot_q5_0r(w, r * rb, X[n - 1], 0, ng, nt)
 
 
 @jit_exact
@@ -617,13 +616,13 @@ def _make_lanes_rows(body, nr: int):
 
 
 def _lanes_dots(body) -> tuple:
-    """(one-row dot, 4-row dot, 2-row dot) intrinsics of a ``_lanes_body``."""
-    return (_make_lanes_dot(body), *(_make_lanes_rows(body, k) for k in simd.ROW_GROUPS))
+    """(one-row dot, two-row dot) intrinsics of a ``_lanes_body``."""
+    return _make_lanes_dot(body), _make_lanes_rows(body, simd.ROWS)
 
 
 # float32: the ``nb`` super-blocks of the row at byte ``woff`` of ``w`` dotted with the prepared x
-# (``_prep_x``), and the same on 4 and 2 rows of prepared x
-dot_q6_kr, _q6_kr_rows4, _q6_kr_rows2 = _lanes_dots(_lanes_body(_BB6, _XPK, _q6_block, _q6_field, 16, lead=_QKK))
+# (``_prep_x``), and the same on two rows of prepared x
+dot_q6_kr, _q6_kr_rows = _lanes_dots(_lanes_body(_BB6, _XPK, _q6_block, _q6_field, 16, lead=_QKK))
 
 
 def _transpose16(b: ir.IRBuilder, m: list) -> list:
@@ -701,12 +700,13 @@ _prep_x = _make_prep_x(_XSCALE6, -32.0)
 
 def _superblock_kernels(prep, dots, decode_row) -> tuple:
     """(gemv, gemm, dequant) on row-major rows of a super-block layout from its x preparation
-    (intrinsic ``prep(x, xp, nb)``), its (one-row, 4-row, 2-row) dots (``_lanes_dots``, called
-    inline) and row decoder (``decode_row(w, off, n32, dst, doff)``, counting 32-weight units as
+    (intrinsic ``prep(x, xp, nb)``), its (one-row, two-row) dots (``_lanes_dots``, called inline)
+    and row decoder (``decode_row(w, off, n32, dst, doff)``, counting 32-weight units as
     gemv_basic's dequant driver does). The GEMV prepares x once per call, then one dot per row;
-    the GEMM prepares each row of X the same way, and per weight row 4 rows at a time share each
-    decoded super-block (then 2, then the GEMV's dot): out[i] has the bits of the GEMV on X[i]."""
-    d1, d4, d2 = dots
+    the GEMM prepares each row of X the same way, then runs the two-row dot on each pair of rows
+    (an odd last row: the GEMV's dot) over simd.TILE weight rows at a time, each super-block
+    decoded once for both: out[i] has the bits of the GEMV on X[i]."""
+    d1, d2 = dots
 
     @jit_exact
     def gemv(w, x, out, r0, r1):
@@ -725,16 +725,14 @@ def _superblock_kernels(prep, dots, decode_row) -> tuple:
         for i in range(n):
             prep(X[i], XP[i], nb)
         rb = w.strides[0]
-        for r in range(r0, r1):
-            i = 0
-            while i + 4 <= n:
-                d4(w, r * rb, XP, i, nb, out, r)
-                i += 4
-            if i + 2 <= n:
-                d2(w, r * rb, XP, i, nb, out, r)
-                i += 2
-            if i < n:
-                out[i, r] = d1(w, r * rb, XP[i], nb)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    d2(w, r * rb, XP, i, nb, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = d1(w, r * rb, XP[n - 1], nb)
 
     @jit_exact
     def dequant(w, out, r0, r1):
@@ -749,7 +747,7 @@ def _decode_row_q6_kr_simd(w, off, n32, dst, doff):
 
 
 gemv_q6_kr_simd, gemm_q6_kr_simd, dequant_q6_kr_simd = _superblock_kernels(
-    _prep_x, (dot_q6_kr, _q6_kr_rows4, _q6_kr_rows2), _decode_row_q6_kr_simd)
+    _prep_x, (dot_q6_kr, _q6_kr_rows), _decode_row_q6_kr_simd)
 
 
 @jit_exact
@@ -876,8 +874,8 @@ def _q4_block(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]:
 
 
 # float32: the ``nb`` super-blocks of the row at byte ``woff`` dotted with the prepared x (``_prep_x4``);
-# the min term adds dmin * m * (-sum(x)). And the same on 4 and 2 rows of prepared x.
-dot_q4_kr, _q4_kr_rows4, _q4_kr_rows2 = _lanes_dots(_lanes_body(_BB4, _XPK, _q4_block, _q4_field, 16, min_at=_QKK))
+# the min term adds dmin * m * (-sum(x)). And the same on two rows of prepared x.
+dot_q4_kr, _q4_kr_rows = _lanes_dots(_lanes_body(_BB4, _XPK, _q4_block, _q4_field, 16, min_at=_QKK))
 
 
 @intrinsic
@@ -912,7 +910,7 @@ def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
 
 
 gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd = _superblock_kernels(
-    _prep_x4, (dot_q4_kr, _q4_kr_rows4, _q4_kr_rows2), _decode_row_q4_kr_simd)
+    _prep_x4, (dot_q4_kr, _q4_kr_rows), _decode_row_q4_kr_simd)
 
 
 @jit_exact
@@ -1031,7 +1029,7 @@ def _q4_1_group(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]
 
 
 # float32: the first ``ng`` groups of the row at byte ``woff`` dotted with the prepared x (``_prep_x1``).
-dot_q4_1r, _q4_1r_rows4, _q4_1r_rows2 = _lanes_dots(_lanes_body(_GB1, _XP1, _q4_1_group, _q4_field, 8, min_at=_GW1))
+dot_q4_1r, _q4_1r_rows = _lanes_dots(_lanes_body(_GB1, _XP1, _q4_1_group, _q4_field, 8, min_at=_GW1))
 
 
 @intrinsic
@@ -1107,8 +1105,9 @@ def _decode_row_q4_1r_simd(w, off, nb, dst, doff):
 
 @jit_exact
 def gemm_q4_1r_simd(w, X, out, r0, r1):
-    """Per weight row: 4 activation rows at a time share each decoded group (then 2, then the
-    GEMV's dot), then each row's tail blocks as the GEMV adds them: out[i] has the GEMV's bits."""
+    """The two-row dot on each pair of activation rows (an odd last row: the GEMV's dot) over
+    simd.TILE weight rows at a time, then each row's tail blocks as the GEMV adds them: out[i]
+    has the bits of the GEMV on X[i]."""
     n, cols = X.shape
     nb = cols // 32
     ng = nb // _G1
@@ -1116,19 +1115,18 @@ def gemm_q4_1r_simd(w, X, out, r0, r1):
     XP = _prep_x1_rows(X, ng)
     XS = _block_sums_rows(X, _G1 * ng, nb)
     rb = w.strides[0]
-    for r in range(r0, r1):
-        i = 0
-        while i + 4 <= n:
-            _q4_1r_rows4(w, r * rb, XP, i, ng, out, r)
-            i += 4
-        if i + 2 <= n:
-            _q4_1r_rows2(w, r * rb, XP, i, ng, out, r)
-            i += 2
-        if i < n:
-            out[i, r] = dot_q4_1r(w, r * rb, XP[i], ng)
+    for ra in range(r0, r1, _TILE):
+        rz = min(r1, ra + _TILE)
+        for i in range(0, n - 1, 2):
+            for r in range(ra, rz):
+                _q4_1r_rows(w, r * rb, XP, i, ng, out, r)
+        if n % 2:
+            for r in range(ra, rz):
+                out[n - 1, r] = dot_q4_1r(w, r * rb, XP[n - 1], ng)
         if nt > 0:
-            for k in range(n):
-                out[k, r] = out[k, r] + simd.dot_q4_1(w, r * rb + _GB1 * ng, X[k], _GW1 * ng, XS[k], nt)
+            for r in range(ra, rz):
+                for k in range(n):
+                    out[k, r] = out[k, r] + simd.dot_q4_1(w, r * rb + _GB1 * ng, X[k], _GW1 * ng, XS[k], nt)
 
 
 @jit_exact

@@ -179,12 +179,11 @@ def simd_kernel_variant(fmt: str, flags: dict) -> tuple:
             setattr(simd, k, v)
         compile = functools.partial(numba.njit, nogil=True)  # no cache: these flags are not the module's
         dot = simd._make_dot(fmt)
-        rows = [simd._make_dot_rows(fmt, k) for k in simd.ROW_GROUPS]
         if flags.get("GROUP4") and fmt in simd._GROUP4_FMTS:
-            rows4 = [simd._make_dot4_rows(fmt, k) for k in simd.ROW_GROUPS]
-            gemv, gemm = gb._group4_kernels(simd._make_dot4(fmt), *rows4, dot, compile=compile)
+            gemv, gemm = gb._group4_kernels(simd._make_dot4(fmt), simd._make_dot4_rows(fmt, simd.ROWS), dot,
+                                            compile=compile)
         else:
-            gemv, gemm = gb._block_kernels(dot, *rows, compile=compile)
+            gemv, gemm = gb._block_kernels(dot, simd._make_dot_rows(fmt, simd.ROWS), compile=compile)
         gemv.compile("void(u1[:, ::1], f4[::1], f4[::1], i8, i8)")
         gemm.compile("void(u1[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)")
         return gemv, gemm

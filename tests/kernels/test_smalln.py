@@ -1,8 +1,8 @@
 """Small-n products (2..BLAS_MIN_ROWS-1 activation rows): every format against gguf's
 dequantizers, and every row bit-identical to the one-row GEMV on that row.
 
-The multi-row kernels (simd.DOT_ROWS and the other families' ``*_rows`` dots) decode each
-block once per call and give every activation row the GEMV's operations in the GEMV's order,
+The two-row kernels (simd.DOT_ROWS and the other families' ``*_rows`` dots) decode each block
+once for a pair of activation rows and give every row the GEMV's operations in the GEMV's order,
 so ``matmul(X, w)[j]`` has exactly the bits of ``matmul(X[j], w)``: speculative decoding and
 batched decode rely on it for greedy output identical to one-token decode.
 """
@@ -118,7 +118,7 @@ def test_every_simd_code_path(fmt: str, variant: str) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_row_range_and_rows_in_groups(impl: str) -> None:
-    """A row range writes only its rows; n = 1..9 covers every split into groups of 4, 2 and 1."""
+    """A row range writes only its rows, odd and even n (pairs of rows and a last single row)."""
     fmt, rows, cols = "Q4_KR", 23, 512
     w, X = _case(fmt, rows, cols, seed=3)
     gemv, gemm = TABLES[impl][fmt]
