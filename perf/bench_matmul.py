@@ -235,25 +235,33 @@ def pool_vs_prange(pool) -> None:
               f"   prange {qt.nbytes / t_pr / 1e9:6.2f} GB/s ({t_pr * 1e6:8.1f} us)")
 
 
-def gemm_vs_blas(pool, fmts) -> None:
-    print("\nfused GEMM vs dequantize-tile + BLAS, ms (4864x896 and 1536x8960; * = faster)")
+def gemm_vs_blas(pool, fmts, shapes=((4864, 896), (8960, 1536), (1536, 8960)),
+                 ns=(8, 16, 24, 32, 48, 64, 96, 128), rounds: int = 3) -> None:
+    """The small-n kernels against dequantize-tile + BLAS, ms (weights from memory; * = faster;
+    median of ``rounds`` interleaved rounds): where BLAS_MIN_ROWS[fmt] should be."""
+    print(f"\nsmall-n kernels vs dequantize-tile + BLAS, ms, {pool.n_threads} threads (* = faster)")
     saved = dict(mm.BLAS_MIN_ROWS)
     try:
         for fmt in fmts:
-            for rows, cols in ((4864, 896), (1536, 8960)):
+            for rows, cols in shapes:
                 if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
                     continue
-                qt = make_weight(fmt, rows, cols)
+                copies = dram_copies(make_weight(fmt, rows, cols))
                 cells = []
-                for n in (2, 4, 8, 16, 32, 64):
+                for n in ns:
                     X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
-                    mm.BLAS_MIN_ROWS[fmt] = 10**9
-                    t_g = timeit(lambda: mm.matmul(X, qt, pool=pool), 0.15, 3)
-                    mm.BLAS_MIN_ROWS[fmt] = 1
-                    t_b = timeit(lambda: mm.matmul(X, qt, pool=pool), 0.15, 3)
+                    f = cycling(lambda w: mm.matmul(X, w, pool=pool), copies)
+                    tg, tb = [], []
+                    for _ in range(rounds):
+                        mm.BLAS_MIN_ROWS[fmt] = 10**9
+                        tg.append(timeit(f, 0.05, 2))
+                        mm.BLAS_MIN_ROWS[fmt] = 1
+                        tb.append(timeit(f, 0.05, 2))
+                    t_g, t_b = float(np.median(tg)), float(np.median(tb))
                     cells.append(f"n={n}: {t_g * 1e3:.2f}{'*' if t_g < t_b else ''}/{t_b * 1e3:.2f}"
                                  f"{'*' if t_b <= t_g else ''}")
                 print(f"  {fmt:5s} {rows}x{cols}  " + "  ".join(cells), flush=True)
+                del copies
     finally:
         mm.BLAS_MIN_ROWS.update(saved)
 
@@ -302,6 +310,7 @@ def main() -> None:
     ap.add_argument("--smalln", action="store_true", help="n = 1, 2, 4, 8, 16, 32 per format (implies --no-table)")
     ap.add_argument("--shapes", default="", help="ROWSxCOLS,... for --smalln (default: the 1.5B's shapes)")
     ap.add_argument("--ns", default=",".join(map(str, SMALLN_NS)), help="row counts for --smalln")
+    ap.add_argument("--crossover", action="store_true", help="only the small-n vs tile + BLAS table")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="bandwidth / kernel pairs per row (default %(default)s)")
     args = ap.parse_args()
     fmts = [f for f in args.formats.split(",") if f]
@@ -310,6 +319,9 @@ def main() -> None:
     with ThreadPool(args.threads) as pool, ThreadPool(1) as one:
         bw1, bw = bandwidth(one), bandwidth(pool)
         print(f"memory bandwidth (read 256 MB, best of 6): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
+        if args.crossover:
+            gemm_vs_blas(pool, fmts)
+            return
         if args.smalln:
             shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",") if x] or SMALLN_SHAPES
             smalln_table(pool, fmts, shapes, [int(n) for n in args.ns.split(",")], args.rounds)

@@ -1,15 +1,20 @@
-"""Public matmul over stored weights: GEMV, GEMM, or dequantize-a-tile + BLAS.
+"""Public matmul over stored weights: GEMV, small-n kernels, or dequantize-a-tile + BLAS.
 
 ``matmul(x, w)`` computes ``x @ W.T`` for a weight ``W`` of logical shape
 (rows=out_features, cols=in_features) kept in its GGUF block format:
 
 - one activation row: the fused GEMV kernel of the format;
-- ``n`` rows with ``n < BLAS_MIN_ROWS[fmt]``: the fused GEMM kernel (each row of
-  blocks decoded once into a float32 buffer and dotted with the n rows);
+- ``n`` rows with ``2 <= n < BLAS_MIN_ROWS[fmt]``: the format's small-n kernel (its ``gemm``):
+  the two-row dot on each pair of rows (an odd last row: the GEMV's dot) over 32-row weight
+  tiles, each block decoded once per pair, every row given the GEMV's operations in the
+  GEMV's order (vector IR with FMA contraction only, no reassociation; see simd.py). So row j
+  of the product has exactly the bits of ``matmul(x[j], w)``, on one thread or split on a pool:
+  a batch of sequences, or a verification of draft tokens, decodes the same greedy tokens as
+  one token at a time;
 - ``n >= BLAS_MIN_ROWS[fmt]``: tiles of ``TILE_ROWS`` weight rows are dequantized
   in this thread and multiplied with numpy's BLAS (which runs its own threads:
   the pool is parked first so that no idle worker spins against them); never the
-  whole matrix at once.
+  whole matrix at once. Rows are not bit-identical to the GEMV's here.
 
 The fused kernels of one call, or of several weights sharing the input
 (:func:`matmul_many`: q/k/v, gate/up), run as one table of nogil tasks
@@ -21,11 +26,18 @@ Kernels come from ``gemv_basic.BASIC_KERNELS``, ``gemv_kquant.KQUANT_KERNELS`` a
 ``(gemv, gemm)`` row-range contract; ``dequantize`` uses the matching
 ``*_DEQUANT[fmt](w, out, r0, r1)``.
 
-BLAS_MIN_ROWS and TILE_ROWS were chosen by measurement on a quiet 2-core EPYC,
-prefill of qwen2.5-coder-0.5b (Q5_0/Q8_0/Q4_K/Q6_K), tok/s fused GEMM / tile+BLAS:
-n=8 77/32, n=16 96/30, n=32 94/49, n=64 81/82, n=100 86/108; 512 tokens with
-256-row tiles 186 tok/s, with 1024-row tiles 200 tok/s. (On a machine shared with
-other busy processes OpenBLAS's threads collapse and the fused GEMM wins further up.)
+BLAS_MIN_ROWS: the small-n kernels cost 0.6-0.75 of a GEMV per row (one core, weights in L2,
+1536-wide rows; the f32 FMAs of every row are the floor: ``perf/bench_matmul.py --smalln``),
+dequantize-tile + BLAS the dequantization once (2.6-8 G weights/s on one thread) and then
+0.5-0.7x of that per row at best. Measured on the shared 2-core AVX2 EPYC
+(``perf/bench_matmul.py --crossover``), the small-n kernels were faster at every n up to 128 for
+Q4_KR, Q6_KR, Q5_0R, Q8_0S on 4864x896, 8960x1536 and 1536x8960 (OpenBLAS's threads collapse
+on a busy machine); on a quiet one the old fused GEMM (1.3-1.5x slower than these kernels)
+already tied BLAS at n = 64 (qwen2.5-coder-0.5b prefill, tok/s fused / BLAS: n=8 77/32, n=16
+96/30, n=32 94/49, n=64 81/82, n=100 86/108). So BLAS takes over from 64 rows: a prompt chunk
+or a batch below that (decode of up to 63 sequences, verification of up to 62 draft tokens)
+keeps the GEMV's bits. TILE_ROWS: 512 tokens with 256-row tiles 186 tok/s, with 1024-row
+tiles 200 tok/s.
 """
 
 from __future__ import annotations
@@ -41,7 +53,8 @@ from flashlm.kernels.repacked import REPACKED_DEQUANT, REPACKED_KERNELS
 KERNELS: dict[str, tuple] = dict(BASIC_KERNELS, **KQUANT_KERNELS, **REPACKED_KERNELS)
 DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **KQUANT_DEQUANT, **REPACKED_DEQUANT)
 
-# Batch size from which dequantize-tile + BLAS beats the fused GEMM (measured).
+# Rows from which dequantize-tile + BLAS takes over from the small-n kernels (see the module
+# docstring); below it every row of a product has the bits of the GEMV on that row.
 BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
 TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
 # Below this many weight bytes x activation rows a product runs in the calling thread.
