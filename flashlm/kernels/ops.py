@@ -22,7 +22,8 @@ from numba.core import cgutils
 from flashlm.errors import UnsupportedError
 from flashlm.kernels.config import CACHE, intrinsic, jit
 
-__all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "attention_batch", "kv_write", "rope_inv_freq"]
+__all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "attention_batch", "kv_write", "kv_write_batch",
+           "rope_inv_freq"]
 
 
 # ---- helpers ----
@@ -616,18 +617,10 @@ def attention_batch(q: np.ndarray, k_caches: list, v_caches: list, n_past: list,
         raise ValueError("attention_batch: out must not be q")
     if nb == 0:
         return out
-    caches = np.empty((nb, 4), np.int64)
     hkv = k_caches[0].shape[0]
-    for b, (kc, vc, p) in enumerate(zip(k_caches, v_caches, n_past)):
-        _check("attention_batch k_cache", kc, 3)
-        _check("attention_batch v_cache", vc, 3)
-        if vc.shape != kc.shape or kc.shape[0] != hkv or kc.shape[2] != d or hq % hkv:
-            raise ValueError(f"attention_batch: cache {b} shapes {kc.shape} / {vc.shape} do not fit q {q.shape} "
-                             f"(all caches (Hkv, T, D) with one Hkv dividing Hq)")
-        p = int(p)
-        if p < 0 or p + 1 > kc.shape[1]:
-            raise ValueError(f"attention_batch: position {p} of sequence {b} exceeds its cache ({kc.shape[1]})")
-        caches[b] = (kc.ctypes.data, vc.ctypes.data, p, kc.shape[1])
+    if hq % hkv:
+        raise ValueError(f"attention_batch: {hq} query heads over {hkv} kv heads")
+    caches = _cache_table("attention_batch", k_caches, v_caches, n_past, hkv, d)
     if pool is None:
         _attention_batch(q, caches, hkv, out, 0, nb * hq)
     elif hasattr(pool, "run_table"):  # on the pool without the GIL (kernels.executor)
@@ -661,3 +654,53 @@ def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
         raise ValueError(f"kv_write: positions {pos}..{pos + n - 1} exceed the cache ({k_cache.shape[1]})")
     k_cache[:, pos:pos + n] = k.transpose(1, 0, 2)
     v_cache[:, pos:pos + n] = v.transpose(1, 0, 2)
+
+
+@jit
+def _kv_write_batch(caches, k, v):
+    # caches (B, 4) int64 as attention_batch's; k, v (B, Hkv, D): row b written at position
+    # caches[b, 2] of sequence b's caches
+    nb, hkv, dd = k.shape
+    for b in range(nb):
+        tmax = caches[b, 3]
+        kc = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
+        vc = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
+        p = caches[b, 2]
+        for h in range(hkv):
+            for d in range(dd):
+                kc[h, p, d] = k[b, h, d]
+                vc[h, p, d] = v[b, h, d]
+
+
+def _cache_table(name: str, k_caches: list, v_caches: list, n_past: list, hkv: int, d: int) -> np.ndarray:
+    """(B, 4) int64: k cache address, v cache address, n_past, T_max of each sequence (checked)."""
+    caches = np.empty((len(k_caches), 4), np.int64)
+    for b, (kc, vc, p) in enumerate(zip(k_caches, v_caches, n_past)):
+        _check(f"{name} k_cache", kc, 3)
+        _check(f"{name} v_cache", vc, 3)
+        if vc.shape != kc.shape or kc.shape[0] != hkv or kc.shape[2] != d:
+            raise ValueError(f"{name}: cache {b} shapes {kc.shape} / {vc.shape} do not fit (Hkv, T, D) = "
+                             f"({hkv}, T, {d})")
+        p = int(p)
+        if p < 0 or p + 1 > kc.shape[1]:
+            raise ValueError(f"{name}: position {p} of sequence {b} exceeds its cache ({kc.shape[1]})")
+        caches[b] = (kc.ctypes.data, vc.ctypes.data, p, kc.shape[1])
+    return caches
+
+
+def kv_write_batch(k_caches: list, v_caches: list, k: np.ndarray, v: np.ndarray, n_past: list) -> None:
+    """Write one new position per sequence: k[b], v[b] (Hkv, D) at position n_past[b] of
+    sequence b's caches (Hkv, T_max_b, D), in one call (as ``kv_write`` of each).
+
+    Args:
+        k_caches, v_caches: B float32 arrays, C-contiguous, written in place.
+        k, v: (B, Hkv, D) float32.
+        n_past: B positions.
+    """
+    _check("kv_write_batch k", k, 3)
+    _check("kv_write_batch v", v, 3)
+    if v.shape != k.shape or not (len(k_caches) == len(v_caches) == len(n_past) == k.shape[0]):
+        raise ValueError(f"kv_write_batch: k {k.shape} / v {v.shape} for {len(k_caches)} k caches, "
+                         f"{len(v_caches)} v caches, {len(n_past)} positions")
+    if k.shape[0]:
+        _kv_write_batch(_cache_table("kv_write_batch", k_caches, v_caches, n_past, k.shape[1], k.shape[2]), k, v)

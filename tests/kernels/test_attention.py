@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from flashlm.kernels.ops import attention, attention_batch, kv_write
+from flashlm.kernels.ops import attention, attention_batch, kv_write, kv_write_batch
 
 
 def nerr(a: np.ndarray, ref: np.ndarray) -> float:
@@ -220,3 +220,22 @@ def test_attention_batch_rejects_bad_input() -> None:
         attention_batch(q, [k, k], [v, v], [3, k.shape[1]])  # past the end of a cache
     with pytest.raises(ValueError):
         attention_batch(q, [k, k[:, :, :32].copy()], [v, v[:, :, :32].copy()], [3, 3])  # head_dim
+
+
+def test_kv_write_batch_equals_kv_write_of_each() -> None:
+    rng = np.random.default_rng(9)
+    hkv, d = 2, 64
+    caches = [(rng.standard_normal((hkv, t, d)).astype(np.float32), rng.standard_normal((hkv, t, d)).astype(np.float32))
+              for t in (5, 40, 17)]
+    expect = [(k.copy(), v.copy()) for k, v in caches]
+    pos = [4, 0, 9]
+    k = rng.standard_normal((3, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((3, hkv, d)).astype(np.float32)
+    for b, (kc, vc) in enumerate(expect):
+        kv_write(kc, vc, k[b:b + 1], v[b:b + 1], pos[b])
+    kv_write_batch([c[0] for c in caches], [c[1] for c in caches], k, v, pos)
+    for (kc, vc), (ke, ve) in zip(caches, expect):
+        np.testing.assert_array_equal(kc, ke)
+        np.testing.assert_array_equal(vc, ve)
+    with pytest.raises(ValueError):
+        kv_write_batch([c[0] for c in caches], [c[1] for c in caches], k, v, [5, 0, 9])  # past a cache
