@@ -100,6 +100,8 @@ class LlamaBatch:
         import llama_cpp as lc
 
         self.lc = lc
+        self._quiet = lc.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp calls it
+        lc.llama_log_set(self._quiet, None)
         lc.llama_backend_init()
         mp = lc.llama_model_default_params()
         load = getattr(lc, "llama_model_load_from_file", None) or lc.llama_load_model_from_file

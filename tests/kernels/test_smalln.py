@@ -130,3 +130,39 @@ def test_row_range_and_rows_in_groups(impl: str) -> None:
         gemm(w, X[:n], out, 5, 17)
         assert np.all(out[:, :5] == -7.0) and np.all(out[:, 17:] == -7.0)
         np.testing.assert_array_equal(out[:, 5:17], alone[:n, 5:17])
+
+
+_AVX512_BUILD = """
+import sys
+from flashlm.kernels import simd
+simd.HAVE_SIMD = simd.HAVE_AVX512 = True  # read by the code generators as they run
+from _blocks import simd_kernel_variant
+for fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"):
+    simd_kernel_variant(fmt, {"HAVE_AVX512": True})
+for fmt in ("Q4_0", "Q4_1"):
+    simd_kernel_variant(fmt, {"HAVE_AVX512": True, "GROUP4": True})
+from flashlm.kernels import gemv_kquant as K, repacked as rp
+one, two = "void(u1[:, ::1], f4[::1], f4[::1], i8, i8)", "void(u1[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)"
+for k, sig in ((K._gemv_q4_k_permuted, one), (K._gemm_q4_k_permuted, two), (rp.gemv_q5_0r_simd, one),
+               (rp.gemm_q5_0r_simd, two)):
+    k.compile(sig)
+asm = rp.gemm_q5_0r_simd.inspect_asm(rp.gemm_q5_0r_simd.signatures[0])
+print("ok", "zmm" in asm)
+"""
+
+
+def test_avx512_code_paths_compile(tmp_path) -> None:
+    """The AVX-512 GEMV and small-n code paths (table lookups, 4 blocks at a time, permuted Q4_K,
+    Q5_0R's 32-entry table) compiled to machine code for an AVX-512 CPU in a subprocess: this
+    CPU may not run them, but every code generator must still produce valid code."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CPU_NAME="icelake-server", NUMBA_CACHE_DIR=str(tmp_path),
+               NUMBA_CPU_FEATURES="+avx512f,+avx512bw,+avx512vl,+avx512dq,+avx512vbmi,+avx2,+avx,+fma,+f16c,"
+                                  "+sse4.2,+popcnt,+bmi,+bmi2",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(
+                   os.path.dirname(os.path.abspath(__file__))))]))
+    r = subprocess.run([sys.executable, "-c", _AVX512_BUILD], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and r.stdout.split() == ["ok", "True"], r.stderr[-2000:]
