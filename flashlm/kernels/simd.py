@@ -12,6 +12,11 @@ generic code generators build, inside one ``@intrinsic``:
   scale, and a single horizontal sum at the end. For Q4_1/Q5_1 the min term is
   ``m * xs[b]`` with ``xs`` the per-block sums of ``x`` (float32, computed once per
   GEMV by the caller; ignored by the other formats);
+- ``dot_<fmt>_rows2(w, woff, X, xoff, XS, i0, n_units, out, col)`` (``DOT_ROWS``): the same
+  dot for activation rows i0 and i0 + 1 of ``X`` (block sums ``XS``), each block decoded once
+  for both, every row given exactly the one-row dot's operations in its order, written to
+  ``out[i0 + t, col]``: the small-n GEMM's rows have the GEMV's bits (the code generator is
+  one, ``_dot_body``, for any number of rows; only FMA contraction is allowed, ``_FLAGS``);
 - ``decode_<fmt>(w, woff, n_units, dst, doff)``: the row dequantized to float32,
   computed exactly as ``gguf.quants.dequantize`` does (no FMA contraction), so the
   result is bit-identical.
