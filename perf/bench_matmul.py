@@ -270,14 +270,27 @@ SMALLN_SHAPES = ((8960, 1536), (1536, 8960), (151936, 1536))  # the 1.5B's ffn_g
 SMALLN_NS = (1, 2, 4, 8, 16, 32)
 
 
+def sgemm_peak(reps: int = 5) -> float:
+    """GFLOP/s of numpy's f32 GEMM (OpenBLAS, its own threads) on 2048 x 2048 x 2048, best of ``reps``:
+    the rate of f32 multiply-adds this machine sustains, to bound any f32 product by."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    a @ a
+    return 2 * 2048**3 / min(_t(lambda: a @ a) for _ in range(reps)) / 1e9
+
+
 def smalln_table(pool, fmts, shapes, ns, rounds: int) -> None:
     """matmul of n activation rows (the small-n kernels for 2 <= n < BLAS_MIN_ROWS) per format and
     shape, weights from memory: ms per call, ms per row, and the ratios t(n) / t(1) and
     t(n) / (n t(1)) (the cost against n separate GEMVs). The n of one format and shape are timed
-    in interleaved rounds (median), so the ratios compare moments alike on a shared machine."""
+    in interleaved rounds (median), so the ratios compare moments alike on a shared machine.
+    ``floor``: 2 n rows cols / the f32 GEMM peak of this machine (:func:`sgemm_peak`), the least
+    time any f32 product of n rows takes here, as a multiple of t(1)."""
+    if hasattr(pool, "park"):
+        pool.park()
+    peak = sgemm_peak()
     print(f"\nsmall n: matmul(X (n, cols), W), {pool.n_threads} threads, weights from memory, median of {rounds} "
-          f"rounds; BLAS from n >= BLAS_MIN_ROWS")
-    print(f"{'fmt':6s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'ms/row':>7s} {'x n=1':>6s} {'/ n*GEMV':>8s}")
+          f"rounds; BLAS from n >= BLAS_MIN_ROWS; f32 GEMM peak (numpy, 2048^3) {peak:.0f} GFLOP/s")
+    print(f"{'fmt':6s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'ms/row':>7s} {'x n=1':>6s} {'/ n*GEMV':>8s} {'floor':>6s}")
     for rows, cols in shapes:
         for fmt in fmts:
             if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
@@ -295,8 +308,9 @@ def smalln_table(pool, fmts, shapes, ns, rounds: int) -> None:
             med = {n: float(np.median(v)) for n, v in ts.items()}
             for n in ns:
                 t = med[n]
+                floor = 2 * n * rows * cols / (peak * 1e9) / med[ns[0]]
                 print(f"{fmt:6s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {t / n * 1e3:7.3f} {t / med[ns[0]]:6.2f} "
-                      f"{t / (n * med[ns[0]]):8.2f}", flush=True)
+                      f"{t / (n * med[ns[0]]):8.2f} {floor:6.2f}", flush=True)
             del copies
 
 
