@@ -676,8 +676,10 @@ def _cache_table(name: str, k_caches: list, v_caches: list, n_past: list, hkv: i
     """(B, 4) int64: k cache address, v cache address, n_past, T_max of each sequence (checked)."""
     caches = np.empty((len(k_caches), 4), np.int64)
     for b, (kc, vc, p) in enumerate(zip(k_caches, v_caches, n_past)):
-        _check(f"{name} k_cache", kc, 3)
-        _check(f"{name} v_cache", vc, 3)
+        if not (isinstance(kc, np.ndarray) and isinstance(vc, np.ndarray) and kc.dtype == vc.dtype == np.float32
+                and kc.flags.c_contiguous and vc.flags.c_contiguous and kc.ndim == 3):
+            _check(f"{name} k_cache", kc, 3)
+            _check(f"{name} v_cache", vc, 3)
         if vc.shape != kc.shape or kc.shape[0] != hkv or kc.shape[2] != d:
             raise ValueError(f"{name}: cache {b} shapes {kc.shape} / {vc.shape} do not fit (Hkv, T, D) = "
                              f"({hkv}, T, {d})")
