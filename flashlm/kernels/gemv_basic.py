@@ -11,12 +11,14 @@ with ``w`` the weight array of ``formats.view_as`` (uint8 (rows, row_bytes) for 
 block formats, float32 for F32, uint16 for BF16) except **F16, which is passed as
 its uint16 view** (``w.view(np.uint16)``: Numba has no float16 arrays). ``x`` is
 float32 (cols,), ``X`` float32 (n, cols) C-contiguous, ``out`` float32 (rows,) /
-(n, rows). GEMM decodes each row of blocks once into a float32 row buffer and
-reuses it for the n activation rows.
+(n, rows). The GEMM is the small-n kernel: each block decoded once for a pair of rows of X,
+every row given exactly the GEMV's operations, so ``out[i]`` of the GEMM has the bits of the
+GEMV on ``X[i]`` (both implementations).
 
 Two implementations per format, both tested against ``gguf.quants.dequantize``:
 - ``*_simd``: the explicit vector IR of ``simd.py`` (chosen when ``HAVE_SIMD``);
-- ``*_plain``: plain Numba loops with 32 lane accumulators (fallback, reference).
+- ``*_plain``: plain Numba loops (fallback, reference): each weight row decoded exactly,
+  then dotted with 16 lane accumulators and no fast-math; the GEMV is the GEMM on one row.
 ``BASIC_KERNELS[fmt] = (gemv, gemm)`` holds the chosen pair; ``PLAIN_KERNELS`` and
 ``SIMD_KERNELS`` both pairs. ``DEQUANT_KERNELS[fmt](w, out, r0, r1)`` decodes rows
 [r0, r1) of ``w`` into ``out`` (rows, cols) float32, bit-identical to gguf's

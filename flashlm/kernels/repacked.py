@@ -54,7 +54,9 @@ run slab by slab too; a row of one slab is the row-major layout. Rows must be se
 
 Kernels follow ``gemv_basic``'s row-range contract (``gemv(w, x, out, r0, r1)``,
 ``gemm(w, X, out, r0, r1)``, ``dequant(w, out, r0, r1)``); ``w`` is the uint8
-(rows, row_bytes) array of ``formats.view_as``.
+(rows, row_bytes) array of ``formats.view_as``. Every dot has a two-row form (``*_rows``: each
+unit decoded once for two activation rows, each row the one-row dot's operations); the GEMMs
+run it on pairs of rows, so a GEMM row has the bits of the GEMV on that row, slab by slab.
 """
 from __future__ import annotations
 
