@@ -298,10 +298,11 @@ def _dec_bf16(w, o, n, dst, do):
 
 
 # ---- SIMD drivers ----
-# The GEMV runs the one-row dot per weight row; the GEMM (small n) runs the two-row dot on each
-# pair of activation rows (an odd last row: the one-row dot) over simd.TILE weight rows at a
-# time. The two-row dot decodes each block once for both rows and gives every row the one-row
-# dot's operations in the same order: out[i] of the GEMM has the bits of the GEMV on X[i]. The drivers are compiled without fast-math (``jit_exact``: their
+# The GEMV runs the one-row dot per weight row; the GEMM (small n) runs the four-row dot (the
+# quantized formats) on groups of 4 activation rows, the two-row dot on a pair, and the one-row
+# dot on a last single row, over simd.TILE weight rows at a time. A multi-row dot decodes each
+# block once for its rows and gives every row the one-row dot's operations in the same order:
+# out[i] of the GEMM has the bits of the GEMV on X[i]. The drivers are compiled without fast-math (``jit_exact``: their
 # few float operations, the float formats' tails, round the same way in both); the vector IR
 # carries its own flags.
 
@@ -348,10 +349,13 @@ def _group4_prep_rows(X, ng):
     return XP, XSL
 
 
-def _block_kernels(dot, rows, compile=jit_exact) -> tuple:
-    """(gemv, gemm) of a 32-weight block format from its one-row dot and its two-row dot
-    (intrinsics, called inline: a call per row through a jitted wrapper costs 5-10 %). ``compile``
-    the decorator (the tests pass an uncached one for code paths built with other simd flags)."""
+def _block_kernels(dot, rows, rows4=None, compile=jit_exact) -> tuple:
+    """(gemv, gemm) of a 32-weight block format from its one-row dot, its two-row dot and, if
+    given, its four-row dot (intrinsics, called inline: a call per row through a jitted wrapper
+    costs 5-10 %). ``compile`` the decorator (the tests pass an uncached one for code paths built
+    with other simd flags)."""
+    quads = rows4 is not None
+    rows4 = rows if rows4 is None else rows4
 
     @compile
     def gemv(w, x, out, r0, r1):
@@ -369,10 +373,17 @@ def _block_kernels(dot, rows, compile=jit_exact) -> tuple:
         XS = _block_sums_rows(X, 0, nb)
         for ra in range(r0, r1, _TILE):
             rz = min(r1, ra + _TILE)
-            for i in range(0, n - 1, 2):
+            i = 0
+            if quads:
+                while i + 4 <= n:
+                    for r in range(ra, rz):
+                        rows4(w, r * rb, X, 0, XS, i, nb, out, r)
+                    i += 4
+            while i + 2 <= n:
                 for r in range(ra, rz):
                     rows(w, r * rb, X, 0, XS, i, nb, out, r)
-            if n % 2:
+                i += 2
+            if i < n:
                 for r in range(ra, rz):
                     out[n - 1, r] = dot(w, r * rb, X[n - 1], 0, XS[n - 1], nb)
 
@@ -473,7 +484,7 @@ def _dequant_blocks_simd(dec, w, out, r0, r1):  # out (rows, cols) float32 C-con
 # gemv_*(w, x, out, r0, r1): w per module docstring; x (cols,) f32; out (rows,) f32
 # gemm_*(w, X, out, r0, r1): X (n, cols) f32 C-contiguous; out (n, rows) f32
 
-gemv_q4_0_simd, gemm_q4_0_simd = _block_kernels(simd.DOT["Q4_0"], simd.DOT_ROWS["Q4_0"])
+gemv_q4_0_simd, gemm_q4_0_simd = _block_kernels(simd.DOT["Q4_0"], simd.DOT_ROWS["Q4_0"], simd.DOT_ROWS4["Q4_0"])
 
 
 # AVX-512: 4 blocks at a time (simd.GROUP4)
@@ -500,7 +511,7 @@ def dequant_q4_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q4_0, w, out, r0, r1)
 
 
-gemv_q4_1_simd, gemm_q4_1_simd = _block_kernels(simd.DOT["Q4_1"], simd.DOT_ROWS["Q4_1"])
+gemv_q4_1_simd, gemm_q4_1_simd = _block_kernels(simd.DOT["Q4_1"], simd.DOT_ROWS["Q4_1"], simd.DOT_ROWS4["Q4_1"])
 
 
 # AVX-512: 4 blocks at a time (simd.GROUP4)
@@ -527,7 +538,7 @@ def dequant_q4_1_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q4_1, w, out, r0, r1)
 
 
-gemv_q5_0_simd, gemm_q5_0_simd = _block_kernels(simd.DOT["Q5_0"], simd.DOT_ROWS["Q5_0"])
+gemv_q5_0_simd, gemm_q5_0_simd = _block_kernels(simd.DOT["Q5_0"], simd.DOT_ROWS["Q5_0"], simd.DOT_ROWS4["Q5_0"])
 
 
 @jit_exact
@@ -550,7 +561,7 @@ def dequant_q5_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q5_0, w, out, r0, r1)
 
 
-gemv_q5_1_simd, gemm_q5_1_simd = _block_kernels(simd.DOT["Q5_1"], simd.DOT_ROWS["Q5_1"])
+gemv_q5_1_simd, gemm_q5_1_simd = _block_kernels(simd.DOT["Q5_1"], simd.DOT_ROWS["Q5_1"], simd.DOT_ROWS4["Q5_1"])
 
 
 @jit_exact
@@ -573,7 +584,7 @@ def dequant_q5_1_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q5_1, w, out, r0, r1)
 
 
-gemv_q8_0_simd, gemm_q8_0_simd = _block_kernels(simd.DOT["Q8_0"], simd.DOT_ROWS["Q8_0"])
+gemv_q8_0_simd, gemm_q8_0_simd = _block_kernels(simd.DOT["Q8_0"], simd.DOT_ROWS["Q8_0"], simd.DOT_ROWS4["Q8_0"])
 
 
 @jit_exact

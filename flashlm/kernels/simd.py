@@ -594,15 +594,18 @@ DOT4 = {fmt: _make_dot4(fmt) for fmt in _GROUP4_FMTS}
 dot4_q4_0, dot4_q4_1 = DOT4["Q4_0"], DOT4["Q4_1"]
 # Multi-row kernels: ROWS activation rows per call share each decoded block (an odd last row takes
 # the one-row dot), and the GEMM drivers run them over TILE weight rows at a time for each pair
-# of activation rows, so the pair's prepared x stays in L1 while the tile's weights (read from
-# memory once) stay in L2. Measured on the AVX2 EPYC, one core, 256 x 1536 in L2, time per row
-# against the GEMV (n = 4..32), pairs / groups of 4 rows: Q8_0 0.61-0.69 / 0.56-0.70, Q5_0R
-# 0.64-0.71 / 0.60-0.72, Q4_1 0.9-1.0 / 0.8-0.9, F16 0.33-0.40 / 0.49-0.51 (4 rows spill the 16 ymm
+# of activation rows, so the pair's x stays in L1 while the tile's weights (read from memory
+# once) stay in L2. The quantized formats, whose decode costs more than their FMAs, also have a
+# four-row dot (``DOT_ROWS4``; the drivers take 4 rows at a time, then a pair, then one).
+# Measured on the AVX2 EPYC, one core, 256 x 1536 in L2, time per row against the GEMV (n = 4..32):
+# pairs / groups of 4 rows: Q5_1 0.76 / 0.49, Q4_0 0.57 / 0.47, Q4_1 0.72 / 0.60, Q8_0 0.62-0.79 /
+# 0.57-0.82, Q5_0R 0.64-0.71 / 0.60-0.72, F16 0.33-0.40 / 0.49-0.51 (4 rows spill the 16 ymm
 # registers), Q4_KR 0.73-0.80 / 0.90-0.96; a 32-row tile against none: 0.7-1.0x of the time.
 ROWS = 2
 TILE = 32
 DOT_ROWS = {fmt: _make_dot_rows(fmt, ROWS) for fmt in SPECS}
+DOT_ROWS4 = {fmt: _make_dot_rows(fmt, 4) for fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}
 DOT4_ROWS = {fmt: _make_dot4_rows(fmt, ROWS) for fmt in _GROUP4_FMTS}
 
-__all__ = ["DECODE", "DOT", "DOT4", "DOT4_ROWS", "DOT_ROWS", "GROUP4", "GROUP4_PERM", "HAVE_AVX512", "HAVE_SIMD",
+__all__ = ["DECODE", "DOT", "DOT4", "DOT4_ROWS", "DOT_ROWS", "DOT_ROWS4", "GROUP4", "GROUP4_PERM", "HAVE_AVX512", "HAVE_SIMD",
            "ROWS", "SPECS", "TILE", "bits_to_f32"]

@@ -183,7 +183,9 @@ def simd_kernel_variant(fmt: str, flags: dict) -> tuple:
             gemv, gemm = gb._group4_kernels(simd._make_dot4(fmt), simd._make_dot4_rows(fmt, simd.ROWS), dot,
                                             compile=compile)
         else:
-            gemv, gemm = gb._block_kernels(dot, simd._make_dot_rows(fmt, simd.ROWS), compile=compile)
+            gemv, gemm = gb._block_kernels(dot, simd._make_dot_rows(fmt, simd.ROWS),
+                                           simd._make_dot_rows(fmt, 4) if fmt in simd.DOT_ROWS4 else None,
+                                           compile=compile)
         gemv.compile("void(u1[:, ::1], f4[::1], f4[::1], i8, i8)")
         gemm.compile("void(u1[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)")
         return gemv, gemm

@@ -116,16 +116,18 @@ def test_every_simd_code_path(fmt: str, variant: str) -> None:
             np.testing.assert_array_equal(out, alone[:n])
 
 
+@pytest.mark.parametrize("fmt", ["Q4_KR", "Q8_0", "Q6_K"])  # pairs; groups of 4 (32-weight blocks, K-quants)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_row_range_and_rows_in_groups(impl: str) -> None:
-    """A row range writes only its rows, odd and even n (pairs of rows and a last single row)."""
-    fmt, rows, cols = "Q4_KR", 23, 512
+def test_row_range_and_rows_in_groups(fmt: str, impl: str) -> None:
+    """A row range writes only its rows; n = 1..11 covers every split of the rows into groups
+    of 4, a pair and a last single row."""
+    rows, cols = 23, 512
     w, X = _case(fmt, rows, cols, seed=3)
     gemv, gemm = TABLES[impl][fmt]
     alone = np.empty((X.shape[0], rows), np.float32)
     for j in range(X.shape[0]):
         gemv(w, X[j], alone[j], 0, rows)
-    for n in range(1, 10):
+    for n in range(1, 12):
         out = np.full((n, rows), -7.0, np.float32)
         gemm(w, X[:n], out, 5, 17)
         assert np.all(out[:, :5] == -7.0) and np.all(out[:, 17:] == -7.0)
