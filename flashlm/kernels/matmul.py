@@ -26,18 +26,23 @@ Kernels come from ``gemv_basic.BASIC_KERNELS``, ``gemv_kquant.KQUANT_KERNELS`` a
 ``(gemv, gemm)`` row-range contract; ``dequantize`` uses the matching
 ``*_DEQUANT[fmt](w, out, r0, r1)``.
 
-BLAS_MIN_ROWS: the small-n kernels cost 0.6-0.75 of a GEMV per row (one core, weights in L2,
-1536-wide rows; the f32 FMAs of every row are the floor: ``perf/bench_matmul.py --smalln``),
-dequantize-tile + BLAS the dequantization once (2.6-8 G weights/s on one thread) and then
-0.5-0.7x of that per row at best. Measured on the shared 2-core AVX2 EPYC
-(``perf/bench_matmul.py --crossover``), the small-n kernels were faster at every n up to 128 for
-Q4_KR, Q6_KR, Q5_0R, Q8_0S on 4864x896, 8960x1536 and 1536x8960 (OpenBLAS's threads collapse
-on a busy machine); on a quiet one the old fused GEMM (1.3-1.5x slower than these kernels)
-already tied BLAS at n = 64 (qwen2.5-coder-0.5b prefill, tok/s fused / BLAS: n=8 77/32, n=16
-96/30, n=32 94/49, n=64 81/82, n=100 86/108). So BLAS takes over from 64 rows: a prompt chunk
-or a batch below that (decode of up to 63 sequences, verification of up to 62 draft tokens)
-keeps the GEMV's bits. TILE_ROWS: 512 tokens with 256-row tiles 186 tok/s, with 1024-row
-tiles 200 tok/s.
+BLAS_MIN_ROWS (where dequantize-tile + BLAS takes over): the small-n kernels cost 0.4-0.75 of a
+GEMV per row (the f32 FMAs of every row, as the GEMV does them, are the floor), tile + BLAS the
+dequantization of the whole matrix in this thread (2.6-8 G weights/s) and then the f32 GEMM.
+Measured on the 2-core AVX2 EPYC while it was shared (two-thread timings were scheduler noise:
+OpenBLAS's threads collapsed to 300-700 ms per product), both on one thread
+(``OPENBLAS_NUM_THREADS=1 python perf/bench_matmul.py --crossover --threads 1``), the first n at
+which BLAS won: Q4_KR 16 / 64 (8960x1536 / 1536x8960), Q6_KR 24 / 48, Q5_0R 16 / 16 / 48 (4864x896
+too), Q8_0S 16-48 / 16-48 / 64, Q4_1R 16 / 24 / 48, Q4_0S 16 / 16 / 48, Q5_KS 16 / 48, Q5_1S 8 / 8
+/ 24, F16 128 / 96, BF16 96 / 64 / 64. With two threads the dequantization stays on one and
+OpenBLAS's GEMM of 16-32 rows gains only 1.2-1.4x from the second (50 -> 68 GFLOP/s at n = 32),
+while the small-n kernels split rows: on a quiet machine the old fused GEMM (1.3-1.5x slower per
+row than these kernels) still tied BLAS at n = 64 (qwen2.5-coder-0.5b prefill, 2 threads, tok/s
+fused / BLAS: n=32 94/49, n=64 81/82, n=100 86/108). So 64 for the quantized formats, 32 for Q5_1
+(a decode-bound GEMV: its one-thread crossover is 2-3x lower than the others'), 128 F16, 96 BF16,
+64 F32. Below BLAS_MIN_ROWS a batch (decode of up to 63 sequences, verification of up to 62 draft
+tokens; 31 / 30 for Q5_1) keeps the GEMV's bits. TILE_ROWS: 512 tokens with 256-row tiles 186
+tok/s, with 1024-row tiles 200 tok/s (qwen2.5-coder-0.5b prefill).
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **KQUANT_DEQUANT, **REPACKED_
 # Rows from which dequantize-tile + BLAS takes over from the small-n kernels (see the module
 # docstring); below it every row of a product has the bits of the GEMV on that row.
 BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
+BLAS_MIN_ROWS.update({"Q5_1": 32, "Q5_1S": 32, "F16": 128, "BF16": 96})
 TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
 # Below this many weight bytes x activation rows a product runs in the calling thread.
 PARALLEL_MIN_BYTES = 256 * 1024
