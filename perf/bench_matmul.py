@@ -4,6 +4,8 @@ and numpy f32 ``X @ W.T`` on the dequantized matrix, measured in the same run.
     python perf/bench_matmul.py                    # full table (a few minutes)
     python perf/bench_matmul.py --quick            # big shapes, GEMV only
     python perf/bench_matmul.py --extra            # + pool overhead, pool vs prange, GEMM vs BLAS
+    python perf/bench_matmul.py --smalln           # n = 1, 2, 4, 8, 16, 32 rows on the 1.5B's shapes
+    python perf/bench_matmul.py --smalln --formats Q4_KR,Q6_KR --shapes 8960x1536,1536x8960
     pytest perf/bench_matmul.py --benchmark-only   # pytest-benchmark, a subset
 
 Q5_0R is Q5_0 as a store keeps it (kernels/repacked.py: imported GGUF Q5_0 tensors are
@@ -233,27 +235,83 @@ def pool_vs_prange(pool) -> None:
               f"   prange {qt.nbytes / t_pr / 1e9:6.2f} GB/s ({t_pr * 1e6:8.1f} us)")
 
 
-def gemm_vs_blas(pool, fmts) -> None:
-    print("\nfused GEMM vs dequantize-tile + BLAS, ms (4864x896 and 1536x8960; * = faster)")
+def gemm_vs_blas(pool, fmts, shapes=((4864, 896), (8960, 1536), (1536, 8960)),
+                 ns=(8, 16, 24, 32, 48, 64, 96, 128), rounds: int = 3) -> None:
+    """The small-n kernels against dequantize-tile + BLAS, ms (weights from memory; * = faster;
+    median of ``rounds`` interleaved rounds): where BLAS_MIN_ROWS[fmt] should be."""
+    print(f"\nsmall-n kernels vs dequantize-tile + BLAS, ms, {pool.n_threads} threads (* = faster)")
     saved = dict(mm.BLAS_MIN_ROWS)
     try:
         for fmt in fmts:
-            for rows, cols in ((4864, 896), (1536, 8960)):
+            for rows, cols in shapes:
                 if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
                     continue
-                qt = make_weight(fmt, rows, cols)
+                copies = dram_copies(make_weight(fmt, rows, cols))
                 cells = []
-                for n in (2, 4, 8, 16, 32, 64):
+                for n in ns:
                     X = np.random.default_rng(1).standard_normal((n, cols)).astype(np.float32)
-                    mm.BLAS_MIN_ROWS[fmt] = 10**9
-                    t_g = timeit(lambda: mm.matmul(X, qt, pool=pool), 0.15, 3)
-                    mm.BLAS_MIN_ROWS[fmt] = 1
-                    t_b = timeit(lambda: mm.matmul(X, qt, pool=pool), 0.15, 3)
+                    f = cycling(lambda w: mm.matmul(X, w, pool=pool), copies)
+                    tg, tb = [], []
+                    for _ in range(rounds):
+                        mm.BLAS_MIN_ROWS[fmt] = 10**9
+                        tg.append(timeit(f, 0.05, 2))
+                        mm.BLAS_MIN_ROWS[fmt] = 1
+                        tb.append(timeit(f, 0.05, 2))
+                    t_g, t_b = float(np.median(tg)), float(np.median(tb))
                     cells.append(f"n={n}: {t_g * 1e3:.2f}{'*' if t_g < t_b else ''}/{t_b * 1e3:.2f}"
                                  f"{'*' if t_b <= t_g else ''}")
                 print(f"  {fmt:5s} {rows}x{cols}  " + "  ".join(cells), flush=True)
+                del copies
     finally:
         mm.BLAS_MIN_ROWS.update(saved)
+
+
+SMALLN_SHAPES = ((8960, 1536), (1536, 8960), (151936, 1536))  # the 1.5B's ffn_gate/up, ffn_down, head
+SMALLN_NS = (1, 2, 4, 8, 16, 32)
+
+
+def sgemm_peak(reps: int = 5) -> float:
+    """GFLOP/s of numpy's f32 GEMM (OpenBLAS, its own threads) on 2048 x 2048 x 2048, best of ``reps``:
+    the rate of f32 multiply-adds this machine sustains, to bound any f32 product by."""
+    a = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)
+    a @ a
+    return 2 * 2048**3 / min(_t(lambda: a @ a) for _ in range(reps)) / 1e9
+
+
+def smalln_table(pool, fmts, shapes, ns, rounds: int) -> None:
+    """matmul of n activation rows (the small-n kernels for 2 <= n < BLAS_MIN_ROWS) per format and
+    shape, weights from memory: ms per call, ms per row, and the ratios t(n) / t(1) and
+    t(n) / (n t(1)) (the cost against n separate GEMVs). The n of one format and shape are timed
+    in interleaved rounds (median), so the ratios compare moments alike on a shared machine.
+    ``floor``: 2 n rows cols / the f32 GEMM peak of this machine (:func:`sgemm_peak`), the least
+    time any f32 product of n rows takes here, as a multiple of t(1)."""
+    if hasattr(pool, "park"):
+        pool.park()
+    peak = sgemm_peak()
+    print(f"\nsmall n: matmul(X (n, cols), W), {pool.n_threads} threads, weights from memory, median of {rounds} "
+          f"rounds; BLAS from n >= BLAS_MIN_ROWS; f32 GEMM peak (numpy, 2048^3) {peak:.0f} GFLOP/s")
+    print(f"{'fmt':6s} {'shape':>12s} {'n':>3s} {'ms':>8s} {'ms/row':>7s} {'x n=1':>6s} {'/ n*GEMV':>8s} {'floor':>6s}")
+    for rows, cols in shapes:
+        for fmt in fmts:
+            if fmt not in mm.KERNELS or not valid_cols(fmt, cols):
+                continue
+            copies = dram_copies(make_weight(fmt, rows, cols))
+            X = np.random.default_rng(1).standard_normal((max(ns), cols)).astype(np.float32)
+            calls = {n: cycling(lambda w, x=(X[0] if n == 1 else X[:n]): mm.matmul(x, w, pool=pool), copies)
+                     for n in ns}
+            ts: dict[int, list[float]] = {n: [] for n in ns}
+            for f in calls.values():
+                f()
+            for _ in range(rounds):
+                for n, f in calls.items():
+                    ts[n].append(timeit(f, 0.03, 2))
+            med = {n: float(np.median(v)) for n, v in ts.items()}
+            for n in ns:
+                t = med[n]
+                floor = 2 * n * rows * cols / (peak * 1e9) / med[ns[0]]
+                print(f"{fmt:6s} {rows:>6d}x{cols:<5d} {n:>3d} {t * 1e3:8.3f} {t / n * 1e3:7.3f} {t / med[ns[0]]:6.2f} "
+                      f"{t / (n * med[ns[0]]):8.2f} {floor:6.2f}", flush=True)
+            del copies
 
 
 def main() -> None:
@@ -263,6 +321,10 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="big shapes, GEMV only")
     ap.add_argument("--extra", action="store_true", help="pool overhead, pool vs prange, GEMM vs BLAS")
     ap.add_argument("--no-table", action="store_true")
+    ap.add_argument("--smalln", action="store_true", help="n = 1, 2, 4, 8, 16, 32 per format (implies --no-table)")
+    ap.add_argument("--shapes", default="", help="ROWSxCOLS,... for --smalln (default: the 1.5B's shapes)")
+    ap.add_argument("--ns", default=",".join(map(str, SMALLN_NS)), help="row counts for --smalln")
+    ap.add_argument("--crossover", action="store_true", help="only the small-n vs tile + BLAS table")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="bandwidth / kernel pairs per row (default %(default)s)")
     args = ap.parse_args()
     fmts = [f for f in args.formats.split(",") if f]
@@ -271,7 +333,13 @@ def main() -> None:
     with ThreadPool(args.threads) as pool, ThreadPool(1) as one:
         bw1, bw = bandwidth(one), bandwidth(pool)
         print(f"memory bandwidth (read 256 MB, best of 6): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
-        if not args.no_table:
+        if args.crossover:
+            gemm_vs_blas(pool, fmts)
+            return
+        if args.smalln:
+            shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",") if x] or SMALLN_SHAPES
+            smalln_table(pool, fmts, shapes, [int(n) for n in args.ns.split(",")], args.rounds)
+        elif not args.no_table:
             main_table(pool, fmts, BIG if args.quick else SHAPES, (1,) if args.quick else BATCHES, args.rounds)
         if args.extra:
             pool_overhead(pool)

@@ -39,9 +39,31 @@ def _stable_uuid(obj, f):
     return obj
 
 
+class _Intrinsic(numba.core.extending._Intrinsic):
+    """An intrinsic that pickles as its stable uuid and name only. Numba's pickles its code
+    generator by value, llvmlite types and all, and an llvmlite type caches its string the
+    first time it is printed: a closure over an intrinsic (the kernel factories call their
+    dots inline) got a new cache key once anything had compiled, and missed the cache in
+    every process. Every intrinsic is made at import with its stable uuid, so the uuid finds
+    it again (after importing its module)."""
+
+    def _reduce_states(self):
+        return dict(uuid=self._uuid, name=self._name, defn=self.__module__)
+
+    @classmethod
+    def _rebuild(cls, uuid, name, defn):
+        import importlib
+
+        importlib.import_module(defn)  # makes every intrinsic of the module, under its uuid
+        return cls._memo[uuid]
+
+
 def intrinsic(fn):
-    """``numba.extending.intrinsic`` with a stable uuid (intrinsics pickle with one too)."""
-    return _stable_uuid(numba.extending.intrinsic(fn), fn)
+    """``numba.extending.intrinsic`` with a stable uuid, pickled by that uuid (``_Intrinsic``)."""
+    obj = numba.extending.intrinsic(fn)
+    obj.__class__ = _Intrinsic
+    obj.__module__ = fn.__module__
+    return _stable_uuid(obj, fn)
 
 
 def _njit(fn=None, **options):

@@ -12,7 +12,9 @@ that is not in a table, or to sleep.
 Table row layout (int64): FMT, W_ADDR, W_ROWS, W_ROWLEN (array elements per
 weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR. An attention
 task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, HKV,
-T_MAX, N_PAST and is split over query heads.
+T_MAX, N_PAST and is split over query heads. A batched one-token attention task (FMT =
+ATTENTION_BATCH) holds Q_ADDR, B * HQ, CACHES_ADDR (kernels.ops.attention_batch's (B, 4) int64
+table), B, HQ, D, OUT_ADDR, HKV and is split over (sequence, head) pairs.
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
 
@@ -28,15 +30,15 @@ from numba import carray, njit, types
 from flashlm.kernels import gemv_kquant as _kq
 from flashlm.kernels import repacked as _rp
 from flashlm.kernels import sync
-from flashlm.kernels.config import intrinsic
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
-from flashlm.kernels.ops import _attention
+from flashlm.kernels.ops import _attention, _attention_batch, _ptr
 
 FMT_IDS = {f: i for i, f in enumerate(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
                                         "Q4_K", "Q5_K", "Q6_K", "Q5_0R", "Q6_KR", "Q4_KR",
                                         "Q8_0S", "Q4_0S", "Q4_1R", "Q5_1S", "Q5_KS"])}
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR = range(8)
 ATTENTION = 20
+ATTENTION_BATCH = 21
 ROW = 12
 MAX_TASKS = 16
 
@@ -62,18 +64,6 @@ _gv_q4_0s, _gm_q4_0s = _rp.REPACKED_KERNELS["Q4_0S"]
 _gv_q4_1r, _gm_q4_1r = _rp.REPACKED_KERNELS["Q4_1R"]
 _gv_q5_1s, _gm_q5_1s = _rp.REPACKED_KERNELS["Q5_1S"]
 _gv_q5_ks, _gm_q5_ks = _rp.REPACKED_KERNELS["Q5_KS"]
-
-
-@intrinsic
-def _ptr(typingctx, addr, ty):
-    """An integer address as a typed pointer (``ty`` is a Numba number type)."""
-    dt = ty.instance_type
-    sig = types.CPointer(dt)(addr, ty)
-
-    def codegen(context, builder, signature, args):
-        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
-
-    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
@@ -168,6 +158,13 @@ def run_chunks(tab, ntasks, part, parts):
         r0, r1 = _chunk(rows, parts, part)
         if r1 <= r0:
             continue
+        if fmt == ATTENTION_BATCH:
+            nb, hq, d, hkv = tab[t, 4], tab[t, 5], tab[t, 6], tab[t, 8]
+            q = carray(_ptr(tab[t, 1], types.float32), (nb, hq, d))
+            caches = carray(_ptr(tab[t, 3], types.int64), (nb, 4))
+            o = carray(_ptr(tab[t, 7], types.float32), (nb, hq, d))
+            _attention_batch(q, caches, hkv, o, r0, r1)
+            continue
         if fmt == ATTENTION:
             n, d, hkv, tmax = tab[t, 5], tab[t, 6], tab[t, 8], tab[t, 9]
             q = carray(_ptr(tab[t, 1], types.float32), (n, rows, d))
@@ -253,6 +250,15 @@ def fill_attention(tab: np.ndarray, t: int, q: np.ndarray, k: np.ndarray, v: np.
     hkv, tmax, _ = k.shape
     tab[t, :11] = (ATTENTION, q.ctypes.data, hq, k.ctypes.data, v.ctypes.data, n, d, out.ctypes.data, hkv, tmax,
                    n_past)
+    return t + 1
+
+
+def fill_attention_batch(tab: np.ndarray, t: int, q: np.ndarray, caches: np.ndarray, hkv: int,
+                         out: np.ndarray) -> int:
+    """Describe kernels.ops.attention_batch's arrays (q, out C-contiguous; ``caches`` its int64 table)
+    in row ``t``."""
+    nb, hq, d = q.shape
+    tab[t, :9] = (ATTENTION_BATCH, q.ctypes.data, nb * hq, caches.ctypes.data, nb, hq, d, out.ctypes.data, hkv)
     return t + 1
 
 

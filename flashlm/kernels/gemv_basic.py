@@ -11,12 +11,14 @@ with ``w`` the weight array of ``formats.view_as`` (uint8 (rows, row_bytes) for 
 block formats, float32 for F32, uint16 for BF16) except **F16, which is passed as
 its uint16 view** (``w.view(np.uint16)``: Numba has no float16 arrays). ``x`` is
 float32 (cols,), ``X`` float32 (n, cols) C-contiguous, ``out`` float32 (rows,) /
-(n, rows). GEMM decodes each row of blocks once into a float32 row buffer and
-reuses it for the n activation rows.
+(n, rows). The GEMM is the small-n kernel: each block decoded once for a pair of rows of X,
+every row given exactly the GEMV's operations, so ``out[i]`` of the GEMM has the bits of the
+GEMV on ``X[i]`` (both implementations).
 
 Two implementations per format, both tested against ``gguf.quants.dequantize``:
 - ``*_simd``: the explicit vector IR of ``simd.py`` (chosen when ``HAVE_SIMD``);
-- ``*_plain``: plain Numba loops with 32 lane accumulators (fallback, reference).
+- ``*_plain``: plain Numba loops (fallback, reference): each weight row decoded exactly,
+  then dotted with 16 lane accumulators and no fast-math; the GEMV is the GEMM on one row.
 ``BASIC_KERNELS[fmt] = (gemv, gemm)`` holds the chosen pair; ``PLAIN_KERNELS`` and
 ``SIMD_KERNELS`` both pairs. ``DEQUANT_KERNELS[fmt](w, out, r0, r1)`` decodes rows
 [r0, r1) of ``w`` into ``out`` (rows, cols) float32, bit-identical to gguf's
@@ -30,6 +32,8 @@ import numpy as np
 from flashlm.kernels.config import jit, jit_exact
 from flashlm.kernels import simd
 from flashlm.kernels.simd import HAVE_SIMD, bits_to_f32
+
+_TILE = simd.TILE
 
 # ---- scalar helpers ----
 
@@ -139,38 +143,29 @@ def _el_bf16(w, r, j):  # w (rows, cols) uint16 (upper half of an f32)
 
 
 # ---- plain drivers (block decoder / converter passed as a first-class function) ----
+# Each weight row is decoded once into a float32 row, exactly as gguf dequantizes it, then dotted
+# with every activation row by ``_dot_plain``; the GEMV is the same code on one row. All of it is
+# compiled without fast-math (``jit_exact``), so a row's result is the same operations in the
+# same order whatever the number of rows: every row of a GEMM has the bits of the GEMV.
 
 
-@jit(inline="always")
-def _gemv_blocks_plain(blk, w, x, out, r0, r1):
-    nb = x.shape[0] // 32
-    tmp = np.empty(32, np.float32)
-    acc = np.empty(32, np.float32)
-    for r in range(r0, r1):
-        acc[:] = 0.0
-        for b in range(nb):
-            blk(w, r, b, tmp, 0)
-            xb = b * 32
-            for j in range(32):
-                acc[j] += tmp[j] * x[xb + j]
-        out[r] = np.sum(acc)
-
-
-@jit
-def _dot_plain(a, X, i):  # a (cols,) f32, X (n, cols) f32 -> a . X[i]
+@jit_exact
+def _dot_plain(a, X, i):  # a (cols,) f32, X (n, cols) f32 -> a . X[i]: 16 lane sums, added in order
     acc = np.zeros(16, np.float32)
     cols = a.shape[0]
     n16 = cols // 16 * 16
     for j0 in range(0, n16, 16):
         for k in range(16):
             acc[k] += a[j0 + k] * X[i, j0 + k]
-    s = np.sum(acc)
+    s = np.float32(0.0)
+    for k in range(16):
+        s += acc[k]
     for j in range(n16, cols):
         s += a[j] * X[i, j]
     return s
 
 
-@jit(inline="always")
+@jit_exact(inline="always")
 def _gemm_blocks_plain(blk, w, X, out, r0, r1):
     n, cols = X.shape
     row = np.empty(cols, np.float32)
@@ -181,18 +176,12 @@ def _gemm_blocks_plain(blk, w, X, out, r0, r1):
             out[i, r] = _dot_plain(row, X, i)
 
 
-@jit(inline="always")
-def _gemv_float_plain(el, w, x, out, r0, r1):
-    cols = x.shape[0]
-    row = np.empty(cols, np.float32)
-    x2 = x.reshape((1, cols))
-    for r in range(r0, r1):
-        for j in range(cols):
-            row[j] = el(w, r, j)
-        out[r] = _dot_plain(row, x2, 0)
+@jit_exact(inline="always")
+def _gemv_blocks_plain(blk, w, x, out, r0, r1):
+    _gemm_blocks_plain(blk, w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), r0, r1)
 
 
-@jit(inline="always")
+@jit_exact(inline="always")
 def _gemm_float_plain(el, w, X, out, r0, r1):
     n, cols = X.shape
     row = np.empty(cols, np.float32)
@@ -201,6 +190,11 @@ def _gemm_float_plain(el, w, X, out, r0, r1):
             row[j] = el(w, r, j)
         for i in range(n):
             out[i, r] = _dot_plain(row, X, i)
+
+
+@jit_exact(inline="always")
+def _gemv_float_plain(el, w, x, out, r0, r1):
+    _gemm_float_plain(el, w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), r0, r1)
 
 
 @jit_exact(inline="always")
@@ -304,93 +298,178 @@ def _dec_bf16(w, o, n, dst, do):
 
 
 # ---- SIMD drivers ----
+# The GEMV runs the one-row dot per weight row; the GEMM (small n) runs the four-row dot (the
+# quantized formats) on groups of 4 activation rows, the two-row dot on a pair, and the one-row
+# dot on a last single row, over simd.TILE weight rows at a time. A multi-row dot decodes each
+# block once for its rows and gives every row the one-row dot's operations in the same order:
+# out[i] of the GEMM has the bits of the GEMV on X[i]. The drivers are compiled without fast-math (``jit_exact``: their
+# few float operations, the float formats' tails, round the same way in both); the vector IR
+# carries its own flags.
 
 
-@jit
-def _dot_row_simd(a, X, i):  # a (cols,) f32, X (n, cols) f32 C-contiguous -> a . X[i]
-    cols = a.shape[0]
-    n16 = cols // 16
-    s = simd.dot_f32(a, 0, X, i * cols, a, n16)
-    for j in range(n16 * 16, cols):
-        s += a[j] * X[i, j]
-    return s
-
-
-@jit(inline="always")
+@jit_exact
 def _block_sums(x, b0, b1):  # sums of x over 32-weight blocks b0..b1-1 (min term of Q4_1/Q5_1)
     xs = np.empty(b1 - b0, np.float32)
+    t = np.empty(8, np.float32)
     for b in range(b0, b1):
-        xs[b - b0] = np.sum(x[b * 32:(b + 1) * 32])
+        o = 32 * b
+        for k in range(8):  # a fixed tree: vectorizes without reassociation
+            t[k] = ((x[o + k] + x[o + 8 + k]) + x[o + 16 + k]) + x[o + 24 + k]
+        xs[b - b0] = ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]))
     return xs
 
 
-@jit(inline="always")
-def _gemv_blocks_simd(dot, w, x, out, r0, r1):
-    nb = x.shape[0] // 32
-    rb = w.strides[0]
-    xs = _block_sums(x, 0, nb)
-    for r in range(r0, r1):
-        out[r] = dot(w, r * rb, x, 0, xs, nb)
+@jit_exact
+def _block_sums_rows(X, b0, b1):  # (n, b1 - b0): _block_sums of each row of X (n, cols)
+    XS = np.empty((X.shape[0], b1 - b0), np.float32)
+    for i in range(X.shape[0]):
+        XS[i] = _block_sums(X[i], b0, b1)
+    return XS
 
 
-@jit(inline="always")
-def _gemv_blocks_simd4(dot4, dot, w, x, out, r0, r1):
-    """Q4_0/Q4_1: groups of 4 blocks by ``dot4`` on x permuted per simd.GROUP4_PERM, the
-    last nb % 4 blocks of each row by the one-block ``dot``."""
-    nb = x.shape[0] // 32
-    ng = nb // 4
-    rb = w.strides[0]
-    ub = w.shape[1] // nb if nb else 0
-    xs_tail = _block_sums(x, 4 * ng, nb)
+@jit_exact
+def _group4_prep(x, ng):
+    """x permuted per 128 weights by simd.GROUP4_PERM, and its per-lane sums (Q4_1's min term)."""
     xp = np.empty(ng * 128, np.float32)
-    xsl = np.zeros(ng * 16, np.float32)  # per-lane sums of xp (min term)
+    xsl = np.zeros(ng * 16, np.float32)
     for g in range(ng):
         for i in range(128):
             v = x[128 * g + simd.GROUP4_PERM[i]]
             xp[128 * g + i] = v
             xsl[16 * g + i % 16] += v
-    for r in range(r0, r1):
-        s = dot4(w, r * rb, xp, xsl, ng)
-        if 4 * ng < nb:
-            s += dot(w, r * rb + 4 * ng * ub, x, 128 * ng, xs_tail, nb - 4 * ng)
-        out[r] = s
+    return xp, xsl
 
 
-@jit(inline="always")
-def _gemm_blocks_simd(dec, w, X, out, r0, r1):
-    n, cols = X.shape
-    rb = w.strides[0]
-    row = np.empty(cols, np.float32)
-    for r in range(r0, r1):
-        dec(w, r * rb, cols // 32, row, 0)
-        for i in range(n):
-            out[i, r] = _dot_row_simd(row, X, i)
+@jit_exact
+def _group4_prep_rows(X, ng):
+    XP = np.empty((X.shape[0], ng * 128), np.float32)
+    XSL = np.empty((X.shape[0], ng * 16), np.float32)
+    for i in range(X.shape[0]):
+        XP[i], XSL[i] = _group4_prep(X[i], ng)
+    return XP, XSL
 
 
-@jit(inline="always")
-def _gemv_float_simd(dot, el, w, x, out, r0, r1):
-    cols = x.shape[0]
-    n16 = cols // 16
-    rb = w.strides[0]
-    for r in range(r0, r1):
-        s = dot(w, r * rb, x, 0, x, n16)
-        for j in range(n16 * 16, cols):
-            s += el(w, r, j) * x[j]
-        out[r] = s
+def _block_kernels(dot, rows, rows4=None, compile=jit_exact) -> tuple:
+    """(gemv, gemm) of a 32-weight block format from its one-row dot, its two-row dot and, if
+    given, its four-row dot (intrinsics, called inline: a call per row through a jitted wrapper
+    costs 5-10 %). ``compile`` the decorator (the tests pass an uncached one for code paths built
+    with other simd flags)."""
+    quads = rows4 is not None
+    rows4 = rows if rows4 is None else rows4
+
+    @compile
+    def gemv(w, x, out, r0, r1):
+        nb = x.shape[0] // 32
+        rb = w.strides[0]
+        xs = _block_sums(x, 0, nb)
+        for r in range(r0, r1):
+            out[r] = dot(w, r * rb, x, 0, xs, nb)
+
+    @compile
+    def gemm(w, X, out, r0, r1):
+        n, cols = X.shape
+        nb = cols // 32
+        rb = w.strides[0]
+        XS = _block_sums_rows(X, 0, nb)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            i = 0
+            if quads:
+                while i + 4 <= n:
+                    for r in range(ra, rz):
+                        rows4(w, r * rb, X, 0, XS, i, nb, out, r)
+                    i += 4
+            while i + 2 <= n:
+                for r in range(ra, rz):
+                    rows(w, r * rb, X, 0, XS, i, nb, out, r)
+                i += 2
+            if i < n:
+                for r in range(ra, rz):
+                    out[n - 1, r] = dot(w, r * rb, X[n - 1], 0, XS[n - 1], nb)
+
+    return gemv, gemm
 
 
-@jit(inline="always")
-def _gemm_float_simd(dec, el, w, X, out, r0, r1):
-    n, cols = X.shape
-    n16 = cols // 16
-    rb = w.strides[0]
-    row = np.empty(cols, np.float32)
-    for r in range(r0, r1):
-        dec(w, r * rb, n16, row, 0)
-        for j in range(n16 * 16, cols):
-            row[j] = el(w, r, j)
-        for i in range(n):
-            out[i, r] = _dot_row_simd(row, X, i)
+def _group4_kernels(dot4, rows, dot, compile=jit_exact) -> tuple:
+    """Q4_0/Q4_1 (AVX-512): groups of 4 blocks by ``dot4`` on x permuted per simd.GROUP4_PERM (and
+    its two-row version), the last nb % 4 blocks of each row by the one-block ``dot``."""
+
+    @compile
+    def gemv(w, x, out, r0, r1):
+        nb = x.shape[0] // 32
+        ng = nb // 4
+        rb = w.strides[0]
+        ub = w.shape[1] // nb if nb else 0
+        xs_tail = _block_sums(x, 4 * ng, nb)
+        xp, xsl = _group4_prep(x, ng)
+        for r in range(r0, r1):
+            s = dot4(w, r * rb, xp, xsl, ng)
+            if 4 * ng < nb:
+                s += dot(w, r * rb + 4 * ng * ub, x, 128 * ng, xs_tail, nb - 4 * ng)
+            out[r] = s
+
+    @compile
+    def gemm(w, X, out, r0, r1):
+        n, cols = X.shape
+        nb = cols // 32
+        ng = nb // 4
+        rb = w.strides[0]
+        ub = w.shape[1] // nb if nb else 0
+        XS = _block_sums_rows(X, 4 * ng, nb)
+        XP, XSL = _group4_prep_rows(X, ng)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    rows(w, r * rb, XP, XSL, i, ng, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = dot4(w, r * rb, XP[n - 1], XSL[n - 1], ng)
+            if 4 * ng < nb:
+                for r in range(ra, rz):
+                    for k in range(n):
+                        out[k, r] = out[k, r] + dot(w, r * rb + 4 * ng * ub, X[k], 128 * ng, XS[k], nb - 4 * ng)
+
+    return gemv, gemm
+
+
+def _float_kernels(dot, rows, el, compile=jit_exact) -> tuple:
+    """(gemv, gemm) of F32/F16/BF16: 16-weight units by the dots, a row's last cols % 16 weights
+    by ``el`` (a jitted element converter) in this order, the same in both."""
+
+    @compile
+    def gemv(w, x, out, r0, r1):
+        cols = x.shape[0]
+        n16 = cols // 16
+        rb = w.strides[0]
+        for r in range(r0, r1):
+            s = dot(w, r * rb, x, 0, x, n16)
+            for j in range(n16 * 16, cols):
+                s += el(w, r, j) * x[j]
+            out[r] = s
+
+    @compile
+    def gemm(w, X, out, r0, r1):
+        n, cols = X.shape
+        n16 = cols // 16
+        rb = w.strides[0]
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    rows(w, r * rb, X, 0, X, i, n16, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = dot(w, r * rb, X[n - 1], 0, X[n - 1], n16)
+            if n16 * 16 < cols:
+                for r in range(ra, rz):
+                    for k in range(n):
+                        s = out[k, r]
+                        for j in range(n16 * 16, cols):
+                            s += el(w, r, j) * X[k, j]
+                        out[k, r] = s
+
+    return gemv, gemm
 
 
 @jit_exact(inline="always")
@@ -405,27 +484,19 @@ def _dequant_blocks_simd(dec, w, out, r0, r1):  # out (rows, cols) float32 C-con
 # gemv_*(w, x, out, r0, r1): w per module docstring; x (cols,) f32; out (rows,) f32
 # gemm_*(w, X, out, r0, r1): X (n, cols) f32 C-contiguous; out (n, rows) f32
 
-@jit
-def gemv_q4_0_simd(w, x, out, r0, r1):
-    _gemv_blocks_simd(_dot_q4_0, w, x, out, r0, r1)
+gemv_q4_0_simd, gemm_q4_0_simd = _block_kernels(simd.DOT["Q4_0"], simd.DOT_ROWS["Q4_0"], simd.DOT_ROWS4["Q4_0"])
 
 
-@jit
-def gemv_q4_0_simd4(w, x, out, r0, r1):  # AVX-512: 4 blocks at a time (simd.GROUP4)
-    _gemv_blocks_simd4(_dot4_q4_0, _dot_q4_0, w, x, out, r0, r1)
+# AVX-512: 4 blocks at a time (simd.GROUP4)
+gemv_q4_0_simd4, gemm_q4_0_simd4 = _group4_kernels(simd.DOT4["Q4_0"], simd.DOT4_ROWS["Q4_0"], simd.DOT["Q4_0"])
 
 
-@jit
-def gemm_q4_0_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_dec_q4_0, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_q4_0_plain(w, x, out, r0, r1):
     _gemv_blocks_plain(_blk_q4_0, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q4_0_plain(w, X, out, r0, r1):
     _gemm_blocks_plain(_blk_q4_0, w, X, out, r0, r1)
 
@@ -440,27 +511,19 @@ def dequant_q4_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q4_0, w, out, r0, r1)
 
 
-@jit
-def gemv_q4_1_simd(w, x, out, r0, r1):
-    _gemv_blocks_simd(_dot_q4_1, w, x, out, r0, r1)
+gemv_q4_1_simd, gemm_q4_1_simd = _block_kernels(simd.DOT["Q4_1"], simd.DOT_ROWS["Q4_1"], simd.DOT_ROWS4["Q4_1"])
 
 
-@jit
-def gemv_q4_1_simd4(w, x, out, r0, r1):  # AVX-512: 4 blocks at a time (simd.GROUP4)
-    _gemv_blocks_simd4(_dot4_q4_1, _dot_q4_1, w, x, out, r0, r1)
+# AVX-512: 4 blocks at a time (simd.GROUP4)
+gemv_q4_1_simd4, gemm_q4_1_simd4 = _group4_kernels(simd.DOT4["Q4_1"], simd.DOT4_ROWS["Q4_1"], simd.DOT["Q4_1"])
 
 
-@jit
-def gemm_q4_1_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_dec_q4_1, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_q4_1_plain(w, x, out, r0, r1):
     _gemv_blocks_plain(_blk_q4_1, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q4_1_plain(w, X, out, r0, r1):
     _gemm_blocks_plain(_blk_q4_1, w, X, out, r0, r1)
 
@@ -475,22 +538,15 @@ def dequant_q4_1_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q4_1, w, out, r0, r1)
 
 
-@jit
-def gemv_q5_0_simd(w, x, out, r0, r1):
-    _gemv_blocks_simd(_dot_q5_0, w, x, out, r0, r1)
+gemv_q5_0_simd, gemm_q5_0_simd = _block_kernels(simd.DOT["Q5_0"], simd.DOT_ROWS["Q5_0"], simd.DOT_ROWS4["Q5_0"])
 
 
-@jit
-def gemm_q5_0_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_dec_q5_0, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_q5_0_plain(w, x, out, r0, r1):
     _gemv_blocks_plain(_blk_q5_0, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q5_0_plain(w, X, out, r0, r1):
     _gemm_blocks_plain(_blk_q5_0, w, X, out, r0, r1)
 
@@ -505,22 +561,15 @@ def dequant_q5_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q5_0, w, out, r0, r1)
 
 
-@jit
-def gemv_q5_1_simd(w, x, out, r0, r1):
-    _gemv_blocks_simd(_dot_q5_1, w, x, out, r0, r1)
+gemv_q5_1_simd, gemm_q5_1_simd = _block_kernels(simd.DOT["Q5_1"], simd.DOT_ROWS["Q5_1"], simd.DOT_ROWS4["Q5_1"])
 
 
-@jit
-def gemm_q5_1_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_dec_q5_1, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_q5_1_plain(w, x, out, r0, r1):
     _gemv_blocks_plain(_blk_q5_1, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q5_1_plain(w, X, out, r0, r1):
     _gemm_blocks_plain(_blk_q5_1, w, X, out, r0, r1)
 
@@ -535,22 +584,15 @@ def dequant_q5_1_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q5_1, w, out, r0, r1)
 
 
-@jit
-def gemv_q8_0_simd(w, x, out, r0, r1):
-    _gemv_blocks_simd(_dot_q8_0, w, x, out, r0, r1)
+gemv_q8_0_simd, gemm_q8_0_simd = _block_kernels(simd.DOT["Q8_0"], simd.DOT_ROWS["Q8_0"], simd.DOT_ROWS4["Q8_0"])
 
 
-@jit
-def gemm_q8_0_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_dec_q8_0, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_q8_0_plain(w, x, out, r0, r1):
     _gemv_blocks_plain(_blk_q8_0, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q8_0_plain(w, X, out, r0, r1):
     _gemm_blocks_plain(_blk_q8_0, w, X, out, r0, r1)
 
@@ -565,62 +607,41 @@ def dequant_q8_0_plain(w, out, r0, r1):
     _dequant_blocks_plain(_blk_q8_0, w, out, r0, r1)
 
 
-@jit
-def gemv_f32_simd(w, x, out, r0, r1):
-    _gemv_float_simd(_dot_f32, _el_f32, w, x, out, r0, r1)
+gemv_f32_simd, gemm_f32_simd = _float_kernels(simd.DOT["F32"], simd.DOT_ROWS["F32"], _el_f32)
 
 
-@jit
-def gemm_f32_simd(w, X, out, r0, r1):
-    _gemm_float_simd(_dec_f32, _el_f32, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_f32_plain(w, x, out, r0, r1):
     _gemv_float_plain(_el_f32, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_f32_plain(w, X, out, r0, r1):
     _gemm_float_plain(_el_f32, w, X, out, r0, r1)
 
 
-@jit
-def gemv_f16_simd(w, x, out, r0, r1):
-    _gemv_float_simd(_dot_f16, _el_f16, w, x, out, r0, r1)
+gemv_f16_simd, gemm_f16_simd = _float_kernels(simd.DOT["F16"], simd.DOT_ROWS["F16"], _el_f16)
 
 
-@jit
-def gemm_f16_simd(w, X, out, r0, r1):
-    _gemm_float_simd(_dec_f16, _el_f16, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_f16_plain(w, x, out, r0, r1):
     _gemv_float_plain(_el_f16, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_f16_plain(w, X, out, r0, r1):
     _gemm_float_plain(_el_f16, w, X, out, r0, r1)
 
 
-@jit
-def gemv_bf16_simd(w, x, out, r0, r1):
-    _gemv_float_simd(_dot_bf16, _el_bf16, w, x, out, r0, r1)
+gemv_bf16_simd, gemm_bf16_simd = _float_kernels(simd.DOT["BF16"], simd.DOT_ROWS["BF16"], _el_bf16)
 
 
-@jit
-def gemm_bf16_simd(w, X, out, r0, r1):
-    _gemm_float_simd(_dec_bf16, _el_bf16, w, X, out, r0, r1)
-
-
-@jit
+@jit_exact
 def gemv_bf16_plain(w, x, out, r0, r1):
     _gemv_float_plain(_el_bf16, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_bf16_plain(w, X, out, r0, r1):
     _gemm_float_plain(_el_bf16, w, X, out, r0, r1)
 
@@ -630,8 +651,8 @@ def gemm_bf16_plain(w, X, out, r0, r1):
 _FMTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 SIMD_KERNELS = {f: (globals()[f"gemv_{f.lower()}_simd"], globals()[f"gemm_{f.lower()}_simd"]) for f in _FMTS}
 if simd.GROUP4:
-    SIMD_KERNELS["Q4_0"] = (gemv_q4_0_simd4, gemm_q4_0_simd)
-    SIMD_KERNELS["Q4_1"] = (gemv_q4_1_simd4, gemm_q4_1_simd)
+    SIMD_KERNELS["Q4_0"] = (gemv_q4_0_simd4, gemm_q4_0_simd4)
+    SIMD_KERNELS["Q4_1"] = (gemv_q4_1_simd4, gemm_q4_1_simd4)
 PLAIN_KERNELS = {f: (globals()[f"gemv_{f.lower()}_plain"], globals()[f"gemm_{f.lower()}_plain"]) for f in _FMTS}
 BASIC_KERNELS = SIMD_KERNELS if HAVE_SIMD else PLAIN_KERNELS
 

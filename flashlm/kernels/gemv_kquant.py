@@ -32,8 +32,12 @@ from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 
-from flashlm.kernels.config import intrinsic, jit
+from flashlm.kernels.config import intrinsic, jit, jit_exact
+from flashlm.kernels import simd
 from flashlm.kernels.simd import HAVE_AVX512, HAVE_SIMD, _lookup, _prefetch
+from flashlm.kernels.gemv_basic import _block_sums, _block_sums_rows, _dot_plain
+
+_TILE = simd.TILE
 
 QK = 256  # weights per super-block
 BLOCK_BYTES = {"Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
@@ -43,7 +47,9 @@ _BB = (144, 176, 210)  # block bytes by kind: 0 Q4_K, 1 Q5_K, 2 Q6_K
 
 _I8, _I32, _F32, _F16 = ir.IntType(8), ir.IntType(32), ir.FloatType(), ir.HalfType()
 _I8P = _I8.as_pointer()
-_FM = ("contract", "reassoc", "nsz", "arcp")  # no nnan/ninf: inf/nan propagate
+# FMA contraction only: no reassociation, so a row's operations are the same whatever is compiled
+# around them (the multi-row kernels give every row the GEMV's bits); no nnan/ninf: inf/nan propagate.
+_FM = ("contract",)
 
 
 def _vt(t: ir.Type, n: int) -> ir.VectorType:
@@ -134,15 +140,50 @@ def _arr_ptr(context, builder, aty, val):
 PREFETCH = 2048  # bytes ahead; with the next-block scale decode 1.5-2.5x on 8960-wide rows from DRAM
 
 
-def _make_row_dot(block_bytes: int, scales, emit, lanes: int = 16):
-    """Intrinsic ``row_dot(w, r, x, sx, nb, sbuf) -> float32``: row r of w dotted with x.
+def _row_dot_body(block_bytes: int, scales, emit, lanes: int = 16):
+    """``body(context, builder, wrow, xps, sxps, sp, nblk) -> [float32 per row]``: the weight row
+    at i8* ``wrow`` dotted with each activation row (i8* ``xps[t]``, its 32-weight sums at
+    ``sxps[t]``); ``sp`` the scale buffer. Iteration b stores ``scales(v, blk)`` of block b+1 (16
+    floats) into sbuf (nb*16,) f32 (block 0 before the loop), so the scale decode is off the
+    critical path and the main work broadcast-loads them; it prefetches PREFETCH bytes ahead and
+    calls ``emit(v, blk, sb, rows) -> accs per row`` for block b (``rows``: (xb, sxb, accs) per
+    activation row; the block decoded once, every row the one-row operations). A row's result
+    is hsum(acc0 + acc1 - acc2) of three <lanes x float> accumulators."""
 
-    Iteration b stores ``scales(v, blk)`` of block b+1 (16 floats) into sbuf (nb*16,) f32
-    (block 0 before the loop), so the scale decode is off the critical path and the main
-    work broadcast-loads them; it prefetches PREFETCH bytes ahead and calls
-    ``emit(v, blk, xb, sxb, sb, accs) -> accs`` for block b. The row result is
-    hsum(acc0 + acc1 - acc2) of three <lanes x float> accumulators.
-    """
+    def body(context, builder, wrow, xps, sxps, sp, nblk):
+        v = _V(builder)
+        nr = len(xps)
+
+        def at(base, i, step):
+            return builder.gep(base, [builder.mul(i, _c(i.type, step))])
+
+        with cgutils.if_likely(builder, builder.icmp_signed(">", nblk, _c(nblk.type, 0))):
+            v.store(scales(v, wrow), sp, 0)
+        slots = [[cgutils.alloca_once_value(builder, _c(_vt(_F32, lanes), 0.0)) for _ in range(3)] for _ in range(nr)]
+        with cgutils.for_range(builder, nblk) as loop:
+            i = loop.index
+            blk, sb = at(wrow, i, block_bytes), at(sp, i, 64)
+            nxt = builder.add(i, _c(i.type, 1))
+            nxt = builder.select(builder.icmp_signed("<", nxt, nblk), nxt, i)  # last: redo own
+            v.store(scales(v, at(wrow, nxt, block_bytes)), at(sp, nxt, 64), 0)
+            _prefetch(builder, blk, PREFETCH, block_bytes)
+            rows = [(at(xps[t], i, QK * 4), at(sxps[t], i, 32), [builder.load(s) for s in slots[t]]) for t in range(nr)]
+            for sl, accs in zip(slots, emit(v, blk, sb, rows)):
+                for s, a in zip(sl, accs):
+                    builder.store(a, s)
+        out = []
+        for sl in slots:
+            a0, a1, a2 = [builder.load(s) for s in sl]
+            out.append(v.hsum(builder.fsub(builder.fadd(a0, a1, flags=_FM), a2, flags=_FM)))
+        return out
+
+    return body
+
+
+def _make_row_dot(block_bytes: int, scales, emit, lanes: int = 16):
+    """Intrinsic ``row_dot(w, r, x, sx, nb, sbuf) -> float32``: row r of w dotted with x
+    (``_row_dot_body``)."""
+    body = _row_dot_body(block_bytes, scales, emit, lanes)
 
     @intrinsic
     def row_dot(typingctx, w, r, x, sx, nb, sbuf):
@@ -152,31 +193,43 @@ def _make_row_dot(block_bytes: int, scales, emit, lanes: int = 16):
             wp, ws = _arr_ptr(context, builder, sig.args[0], args[0])
             xp, sxp, sp = [_arr_ptr(context, builder, sig.args[k], args[k])[0] for k in (2, 3, 5)]
             row, nblk = [context.cast(builder, args[k], sig.args[k], types.intp) for k in (1, 4)]
-            wrow = builder.gep(wp, [builder.mul(row, ws[0])])
-            v = _V(builder)
-
-            def at(base, i, step):
-                return builder.gep(base, [builder.mul(i, _c(i.type, step))])
-
-            with cgutils.if_likely(builder, builder.icmp_signed(">", nblk, _c(nblk.type, 0))):
-                v.store(scales(v, wrow), sp, 0)
-            slots = [cgutils.alloca_once_value(builder, _c(_vt(_F32, lanes), 0.0)) for _ in range(3)]
-            with cgutils.for_range(builder, nblk) as loop:
-                i = loop.index
-                ptrs = at(wrow, i, block_bytes), at(xp, i, QK * 4), at(sxp, i, 32), at(sp, i, 64)
-                nxt = builder.add(i, _c(i.type, 1))
-                nxt = builder.select(builder.icmp_signed("<", nxt, nblk), nxt, i)  # last: redo own
-                v.store(scales(v, at(wrow, nxt, block_bytes)), at(sp, nxt, 64), 0)
-                _prefetch(builder, ptrs[0], PREFETCH, block_bytes)
-                accs = emit(v, *ptrs, [builder.load(s) for s in slots])
-                for s, a in zip(slots, accs):
-                    builder.store(a, s)
-            a0, a1, a2 = [builder.load(s) for s in slots]
-            return v.hsum(builder.fsub(builder.fadd(a0, a1, flags=_FM), a2, flags=_FM))
+            return body(context, builder, builder.gep(wp, [builder.mul(row, ws[0])]), [xp], [sxp], sp, nblk)[0]
 
         return sig, codegen
 
     return row_dot
+
+
+def _make_row_dot_rows(block_bytes: int, scales, emit, nr: int, lanes: int = 16):
+    """Intrinsic ``row_dot_rows(w, r, X, SX, i0, nb, sbuf, out)``: out[i0 + t, r] = ``row_dot`` of
+    row r with X[i0 + t] and SX[i0 + t] (2-D float32, contiguous rows), t < nr."""
+    body = _row_dot_body(block_bytes, scales, emit, lanes)
+
+    @intrinsic
+    def row_dot_rows(typingctx, w, r, X, SX, i0, nb, sbuf, out):
+        sig = types.void(w, r, X, SX, i0, nb, sbuf, out)
+
+        def codegen(context, builder, sig, args):
+            wp, ws = _arr_ptr(context, builder, sig.args[0], args[0])
+            sp = _arr_ptr(context, builder, sig.args[6], args[6])[0]
+            row, i0, nblk = [context.cast(builder, args[k], sig.args[k], types.intp) for k in (1, 4, 5)]
+            xps = simd._row_ptrs(context, builder, sig.args[2], args[2], i0, nr)
+            sxps = simd._row_ptrs(context, builder, sig.args[3], args[3], i0, nr)
+            res = body(context, builder, builder.gep(wp, [builder.mul(row, ws[0])]), xps, sxps, sp, nblk)
+            simd._store_rows(context, builder, sig.args[7], args[7], i0, row, res)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return row_dot_rows
+
+
+def _row_dots(block_bytes: int, scales, emit) -> tuple:
+    """(one-row dot, two-row dot, four-row dot) intrinsics of a K-quant layout. Time per row against
+    the GEMV, one core, 256 x 1536 in L2, pairs / groups of 4: Q4_K 0.71 / 0.63, Q5_K 0.55 / 0.38
+    (1.14 / 1.08 with the 5th bits held in registers through the block: spills), Q6_K 0.67 / 0.54."""
+    return (_make_row_dot(block_bytes, scales, emit), _make_row_dot_rows(block_bytes, scales, emit, simd.ROWS),
+            _make_row_dot_rows(block_bytes, scales, emit, 4))
 
 
 def _make_block_deq(block_bytes: int, emit):
@@ -203,33 +256,45 @@ def _make_block_deq(block_bytes: int, emit):
 # ---- per-format block emitters (vector IR) ----
 
 
+def _min_terms(v, sb, rows) -> list:
+    """Each row's accumulators with the block's min term added: macc += dmin*m[j] * sum(x_j)."""
+    b, dm = v.b, v.load(sb, 32, _F32x8)
+    out = []
+    for _, sxb, (acc0, acc1, macc) in rows:
+        m = v.fmul(dm, v.load(sxb, 0, _F32x8))
+        macc = b.fadd(macc, b.shuffle_vector(m, _c(_F32x8, 0.0), _c(_vt(_I32, 16), list(range(16)))), flags=_FM)
+        out.append([acc0, acc1, macc])
+    return out
+
+
 def _emit_q45k_dot(five: bool):
     """Q4_K / Q5_K block, 16 lanes: 16 quant bytes zero-extended to dwords give 16 low + 16 high nibbles."""
     qoff, u8, i32, f32 = 48 if five else 16, _vt(_I8, 16), _vt(_I32, 16), _F32x16
 
-    def emit(v, blk, xb, sxb, sb, accs):
+    def emit(v, blk, sb, rows):
         b = v.b
-        acc0, acc1, macc = accs
-        m = v.fmul(v.load(sb, 32, _F32x8), v.load(sxb, 0, _F32x8))  # dmin*m[j] * sum(x_j)
-        macc = b.fadd(macc, b.shuffle_vector(m, _c(_F32x8, 0.0), _c(_vt(_I32, 16), list(range(16)))), flags=_FM)
-        qh = [b.zext(v.load(blk, 16 + 16 * k, u8), i32) for k in range(2)] if five else None
+        accs = _min_terms(v, sb, rows)
         for c in range(4):  # sub-blocks 2c (low nibbles) and 2c+1 (high nibbles)
-            tl = th = None
+            tl, th = [None] * len(rows), [None] * len(rows)
             for k in range(2):
                 q = b.zext(v.load(blk, qoff + 32 * c + 16 * k, u8), i32)
                 lo, hi = b.and_(q, _c(i32, 15)), b.lshr(q, _c(i32, 4))
-                if five:  # bit j of qh[l] is the 5th bit of weight l of sub-block j
+                if five:  # bit j of qh[l] is the 5th bit of weight l of sub-block j (reloaded: registers)
+                    qh = b.zext(v.load(blk, 16 + 16 * k, u8), i32)
                     for s, sh in ((0, 2 * c), (1, 2 * c + 1)):
-                        h5 = b.shl(qh[k], _c(i32, 4 - sh)) if sh <= 4 else b.lshr(qh[k], _c(i32, sh - 4))
+                        h5 = b.shl(qh, _c(i32, 4 - sh)) if sh <= 4 else b.lshr(qh, _c(i32, sh - 4))
                         h5 = b.and_(h5, _c(i32, 16))
                         lo, hi = (b.or_(lo, h5), hi) if s == 0 else (lo, b.or_(hi, h5))
-                xl, xh = v.load(xb, 256 * c + 64 * k, f32), v.load(xb, 256 * c + 128 + 64 * k, f32)
                 lo, hi = b.uitofp(lo, f32), b.uitofp(hi, f32)
-                tl = v.fmul(lo, xl) if tl is None else v.fma(lo, xl, tl)
-                th = v.fmul(hi, xh) if th is None else v.fma(hi, xh, th)
-            acc0 = v.fma(tl, v.splat_load(sb, 8 * c, 16), acc0)
-            acc1 = v.fma(th, v.splat_load(sb, 8 * c + 4, 16), acc1)
-        return [acc0, acc1, macc]
+                for r, (xb, _, _) in enumerate(rows):
+                    xl, xh = v.load(xb, 256 * c + 64 * k, f32), v.load(xb, 256 * c + 128 + 64 * k, f32)
+                    tl[r] = v.fmul(lo, xl) if tl[r] is None else v.fma(lo, xl, tl[r])
+                    th[r] = v.fmul(hi, xh) if th[r] is None else v.fma(hi, xh, th[r])
+            sl, sh_ = v.splat_load(sb, 8 * c, 16), v.splat_load(sb, 8 * c + 4, 16)
+            for r, acc in enumerate(accs):
+                acc[0] = v.fma(tl[r], sl, acc[0])
+                acc[1] = v.fma(th[r], sh_, acc[1])
+        return accs
 
     return emit
 
@@ -253,24 +318,24 @@ _Q4K_PERM = np.array([64 * (2 * p + j // 8) + 32 * (k % 2) + 4 * (j % 8) + k // 
                       for p in range(2) for k in range(8) for j in range(16)], np.int64)
 
 
-def _emit_q4k_dot_permuted(v, blk, xb, sxb, sb, accs):
+def _emit_q4k_dot_permuted(v, blk, sb, rows):
     """Q4_K block on x permuted by ``_Q4K_PERM`` (AVX-512F only: vpermps zmm)."""
     b, i32, f32 = v.b, _vt(_I32, 16), _F32x16
-    acc0, acc1, macc = accs
-    m = v.fmul(v.load(sb, 32, _F32x8), v.load(sxb, 0, _F32x8))  # dmin*m[j] * sum(x_j)
-    macc = b.fadd(macc, b.shuffle_vector(m, _c(_F32x8, 0.0), _c(_vt(_I32, 16), list(range(16)))), flags=_FM)
+    accs = _min_terms(v, sb, rows)
     scales, table = v.load(sb, 0, f32), list(range(16))
-    acc = [acc0, acc1]
     for p in range(2):
         q = v.load(blk, 16 + 64 * p, i32)
-        t = [None, None]  # even k: sub-blocks 4p, 4p+2 (low nibbles); odd k: 4p+1, 4p+3
+        t = [[None, None] for _ in rows]  # even k: sub-blocks 4p, 4p+2 (low nibbles); odd k: 4p+1, 4p+3
         for k in range(8):
             f = _lookup(b, table, q if k == 0 else b.lshr(q, _c(i32, 4 * k)))
-            xv = v.load(xb, 64 * (8 * p + k), f32)
-            t[k % 2] = v.fmul(f, xv) if t[k % 2] is None else v.fma(f, xv, t[k % 2])
+            for r, (xb, _, _) in enumerate(rows):
+                xv = v.load(xb, 64 * (8 * p + k), f32)
+                t[r][k % 2] = v.fmul(f, xv) if t[r][k % 2] is None else v.fma(f, xv, t[r][k % 2])
         for par in range(2):
-            acc[par] = v.fma(t[par], v.shuf(scales, [4 * p + par] * 8 + [4 * p + 2 + par] * 8), acc[par])
-    return [acc[0], acc[1], macc]
+            sc = v.shuf(scales, [4 * p + par] * 8 + [4 * p + 2 + par] * 8)
+            for r, acc in enumerate(accs):
+                acc[par] = v.fma(t[r][par], sc, acc[par])
+    return accs
 
 
 def _emit_q45k_deq(five: bool):
@@ -306,18 +371,21 @@ def _q6k_groups(v, blk):
             yield h, k, b.sub(qs[k], _c(t, 32))
 
 
-def _emit_q6k_dot(v, blk, xb, sxb, sb, accs):
+def _emit_q6k_dot(v, blk, sb, rows):
     """Q6_K block with 16-lane accumulators: one 16-weight sub-block per vector."""
-    acc0, acc1, acc2 = accs
+    accs = [list(a) for _, _, a in rows]
     for h, k, q in _q6k_groups(v, blk):
         qf = v.b.sitofp(q, _F32x32)
         off = 4 * (128 * h + 32 * k)
         j = 8 * h + 2 * k
-        t = v.fmul(v.part(qf, 0, 16), v.load(xb, off, _F32x16))  # sub-block j
-        u = v.fmul(v.part(qf, 1, 16), v.load(xb, off + 64, _F32x16))  # sub-block j + 1
-        acc0 = v.fma(t, v.splat_load(sb, 4 * j, 16), acc0)
-        acc1 = v.fma(u, v.splat_load(sb, 4 * j + 4, 16), acc1)
-    return [acc0, acc1, acc2]
+        q0, q1 = v.part(qf, 0, 16), v.part(qf, 1, 16)
+        s0, s1 = v.splat_load(sb, 4 * j, 16), v.splat_load(sb, 4 * j + 4, 16)
+        for (xb, _, _), acc in zip(rows, accs):
+            t = v.fmul(q0, v.load(xb, off, _F32x16))  # sub-block j
+            u = v.fmul(q1, v.load(xb, off + 64, _F32x16))  # sub-block j + 1
+            acc[0] = v.fma(t, s0, acc[0])
+            acc[1] = v.fma(u, s1, acc[1])
+    return accs
 
 
 def _emit_q6k_deq(v, blk, dst):
@@ -328,54 +396,22 @@ def _emit_q6k_deq(v, blk, dst):
         v.store(val, dst, 4 * (128 * h + 32 * k))
 
 
-def _make_dot256(nrows: int):
-    """Intrinsic ``dot(wbuf, X, i, base, accv)``: accv[i + t] += lanes of wbuf[0:256] *
-    X[i + t, base:base+256] for t < nrows; accv (n, 16) f32 holds per-row lane sums, so
-    no horizontal sum per block. X rows contiguous; each wbuf vector loaded once."""
-
-    @intrinsic
-    def dot(typingctx, wbuf, X, i, base, accv):
-        sig = types.void(wbuf, X, i, base, accv)
-
-        def codegen(context, builder, sig, args):
-            wp, _ = _arr_ptr(context, builder, sig.args[0], args[0])
-            xp, xs = _arr_ptr(context, builder, sig.args[1], args[1])
-            ap, _ = _arr_ptr(context, builder, sig.args[4], args[4])
-            i, base = [context.cast(builder, args[k], sig.args[k], types.intp) for k in (2, 3)]
-            v, it = _V(builder), i.type
-            rows = [builder.add(i, _c(it, t)) for t in range(nrows)]
-            xrows = [builder.gep(xp, [builder.add(builder.mul(r, xs[0]), builder.mul(base, _c(it, 4)))]) for r in rows]
-            arows = [builder.gep(ap, [builder.mul(r, _c(it, 64))]) for r in rows]
-            accs = [[v.load(a, 0, _F32x16), None] for a in arows]
-            for k in range(16):
-                wv = v.load(wp, 64 * k, _F32x16)
-                for t in range(nrows):
-                    xv, a = v.load(xrows[t], 64 * k, _F32x16), accs[t][k % 2]
-                    accs[t][k % 2] = v.fmul(wv, xv) if a is None else v.fma(wv, xv, a)
-            for a, (a0, a1) in zip(arows, accs):
-                v.store(builder.fadd(a0, a1, flags=_FM), a, 0)
-            return context.get_dummy_value()
-
-        return sig, codegen
-
-    return dot
-
-
-_dot256, _dot256x4 = _make_dot256(1), _make_dot256(4)
-
-_row_q4_k = _make_row_dot(144, _V.kscales, _emit_q45k_dot(False))
-_row_q4_k_permuted = _make_row_dot(144, _V.kscales, _emit_q4k_dot_permuted)
-_row_q5_k = _make_row_dot(176, _V.kscales, _emit_q45k_dot(True))
-_row_q6_k = _make_row_dot(210, _V.q6scales, _emit_q6k_dot)
+# (one-row, two-row, four-row) dots of each layout (``_row_dots``)
+_row_q4_k, _rows_q4_k, _rows4_q4_k = _row_dots(144, _V.kscales, _emit_q45k_dot(False))
+_row_q4_k_permuted, _rows_q4_k_permuted, _rows4_q4_k_permuted = _row_dots(144, _V.kscales, _emit_q4k_dot_permuted)
+_row_q5_k, _rows_q5_k, _rows4_q5_k = _row_dots(176, _V.kscales, _emit_q45k_dot(True))
+_row_q6_k, _rows_q6_k, _rows4_q6_k = _row_dots(210, _V.q6scales, _emit_q6k_dot)
 _deq_q4_k_simd = _make_block_deq(144, _emit_q45k_deq(False))
 _deq_q5_k_simd = _make_block_deq(176, _emit_q45k_deq(True))
 _deq_q6_k_simd = _make_block_deq(210, _emit_q6k_deq)
 
 
 # ---- plain Numba helpers (fallback and second reference) ----
+# Compiled without fast-math (``jit_exact``): a block decodes exactly as gguf computes it, and a
+# GEMM row has the bits of the GEMV (the same decode and ``_dot_plain``, in the same order).
 
 
-@jit
+@jit_exact
 def _f16(lo, hi):
     """IEEE half from two little-endian bytes -> float32."""
     h = np.int32(lo) | (np.int32(hi) << 8)
@@ -389,7 +425,7 @@ def _f16(lo, hi):
     return np.float32(-v if h & 0x8000 else v)
 
 
-@jit
+@jit_exact
 def _scale_min(w, r, o, j):
     """6-bit (scale, min) of sub-block j of the Q4_K/Q5_K block at byte o of row r."""
     s = o + 4
@@ -399,7 +435,7 @@ def _scale_min(w, r, o, j):
     return sc, (w[r, s + j + 4] >> 4) | ((w[r, s + j] >> 6) << 4)
 
 
-@jit
+@jit_exact
 def _q45k_q(w, r, o, j, l, five):
     """Quant of weight l of sub-block j (Q4_K: 4 bits; Q5_K: 5 bits)."""
     c, sh = j // 2, 4 * (j % 2)
@@ -408,7 +444,7 @@ def _q45k_q(w, r, o, j, l, five):
     return (w[r, o + 16 + 32 * c + l] >> sh) & 15
 
 
-@jit
+@jit_exact
 def _q6k_q(w, r, o, j, l):
     """Quant (minus 32) of weight l of 16-weight sub-block j of a Q6_K block; and its int8 scale."""
     h, k, i = j // 8, (j % 8) // 2, 16 * (j % 2) + l
@@ -417,48 +453,12 @@ def _q6k_q(w, r, o, j, l):
     return np.int32(ql | (qh << 4)) - 32
 
 
-@jit
+@jit_exact
 def _i8(v):
     return np.int32(v) - 256 if v >= 128 else np.int32(v)
 
 
-@jit
-def _gemv_q45k_plain(w, x, out, r0, r1, bb, five):  # w (rows, nb*bb) u8, x (cols,), out (rows,)
-    nb = x.shape[0] // QK
-    for r in range(r0, r1):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            o = b * bb
-            d, dmin = _f16(w[r, o], w[r, o + 1]), _f16(w[r, o + 2], w[r, o + 3])
-            for j in range(8):
-                sc, m = _scale_min(w, r, o, j)
-                s, sx = np.float32(0.0), np.float32(0.0)
-                for l in range(32):
-                    xv = x[b * QK + 32 * j + l]
-                    s += np.float32(_q45k_q(w, r, o, j, l, five)) * xv
-                    sx += xv
-                acc += d * np.float32(sc) * s - dmin * np.float32(m) * sx
-        out[r] = acc
-
-
-@jit
-def _gemv_q6k_plain_rows(w, x, out, r0, r1):
-    nb = x.shape[0] // QK
-    for r in range(r0, r1):
-        acc = np.float32(0.0)
-        for b in range(nb):
-            o = b * 210
-            d = _f16(w[r, o + 208], w[r, o + 209])
-            for j in range(16):
-                s = np.float32(0.0)
-                base = b * QK + 16 * j
-                for l in range(16):
-                    s += np.float32(_q6k_q(w, r, o, j, l)) * x[base + l]
-                acc += d * np.float32(_i8(w[r, o + 192 + j])) * s
-        out[r] = acc
-
-
-@jit
+@jit_exact
 def _deq_q45k_plain(w, r, b, dst, o, bb, five):  # dst (>= o+256,) float32
     ob = b * bb
     d, dmin = _f16(w[r, ob], w[r, ob + 1]), _f16(w[r, ob + 2], w[r, ob + 3])
@@ -469,7 +469,7 @@ def _deq_q45k_plain(w, r, b, dst, o, bb, five):  # dst (>= o+256,) float32
             dst[o + 32 * j + l] = dsc * np.float32(_q45k_q(w, r, ob, j, l, five)) - dm
 
 
-@jit
+@jit_exact
 def _deq_q6k_plain(w, r, b, dst, o):  # dst (>= o+256,) float32
     ob = b * 210
     d = _f16(w[r, ob + 208], w[r, ob + 209])
@@ -479,7 +479,7 @@ def _deq_q6k_plain(w, r, b, dst, o):  # dst (>= o+256,) float32
             dst[o + 16 * j + l] = dsc * np.float32(_q6k_q(w, r, ob, j, l))
 
 
-@jit
+@jit_exact
 def _deq_plain(w, r, b, dst, o, kind):  # kind 0 Q4_K, 1 Q5_K, 2 Q6_K
     if kind == 2:
         _deq_q6k_plain(w, r, b, dst, o)
@@ -487,19 +487,24 @@ def _deq_plain(w, r, b, dst, o, kind):  # kind 0 Q4_K, 1 Q5_K, 2 Q6_K
         _deq_q45k_plain(w, r, b, dst, o, 176 if kind == 1 else 144, kind == 1)
 
 
-@jit
+@jit_exact
 def _gemm_plain(w, X, out, r0, r1, kind):  # X (n, cols) f32, out (n, rows) f32
     nb = _check_gemm(w, X, out, r0, r1, _BB[kind])
-    wbuf, acc = np.empty(QK, np.float32), np.empty(X.shape[0], np.float32)
+    row = np.empty(nb * QK, np.float32)
     for r in range(r0, r1):
-        acc[:] = 0.0
         for b in range(nb):
-            _deq_plain(w, r, b, wbuf, 0, kind)
-            _dot_rows(wbuf, X, b * QK, acc)
-        out[:, r] = acc
+            _deq_plain(w, r, b, row, b * QK, kind)
+        for i in range(X.shape[0]):
+            out[i, r] = _dot_plain(row, X, i)
 
 
-@jit
+@jit_exact
+def _gemv_plain(w, x, out, r0, r1, kind):  # the GEMM on one row
+    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, _BB[kind])
+    _gemm_plain(w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), r0, r1, kind)
+
+
+@jit_exact
 def _dequant_plain(w, out, r0, r1, kind):  # out (rows, cols) f32
     nb = _check(w, out.shape[1], out.strides[1], out.shape[0], r0, r1, _BB[kind])
     for r in range(r0, r1):
@@ -536,48 +541,63 @@ def _check_gemm(w, X, out, r0, r1, bb):
     return _check(w, X.shape[1], X.strides[1], out.shape[1], r0, r1, bb)
 
 
-@jit
-def _sums32(x):  # x (cols,) -> (cols // 32,) sums of x per 32-weight sub-block
-    sx = np.empty(x.shape[0] // 32, np.float32)
-    for g in range(sx.shape[0]):
-        s = np.float32(0.0)
-        for l in range(32):
-            s += x[32 * g + l]
-        sx[g] = s
-    return sx
-
-
-@jit
-def _dot_rows(wbuf, X, base, acc):  # wbuf (256,), X (n, cols), acc (n,) += wbuf . X[:, base:base+256]
-    for i in range(X.shape[0]):
-        xr = X[i, base:base + QK]
-        s = np.float32(0.0)
-        for k in range(QK):
-            s += wbuf[k] * xr[k]
-        acc[i] += s
-
-
-@jit
-def _dot_rows_simd(wbuf, X, base, accv):  # accv (n, 16) lane sums += wbuf . X[:, base:base+256]
-    n4 = X.shape[0] // 4 * 4
-    for i in range(0, n4, 4):
-        _dot256x4(wbuf, X, i, base, accv)
-    for i in range(n4, X.shape[0]):
-        _dot256(wbuf, X, i, base, accv)
-
-
 # ---- public kernels: SIMD ----
+# The GEMV: x's 32-weight sums once per call, then the one-row dot per weight row. The GEMM
+# (small n): each row of X gets the same sums; the four-row dot on groups of 4 rows, the two-row
+# dot on a pair, the one-row dot on a last row, over simd.TILE weight rows at a time, decode each
+# super-block once for their rows and give every row the one-row operations, so out[i] of the
+# GEMM has the GEMV's bits. No fast-math in
+# the drivers (``jit_exact``): the vector IR carries its own flags.
 
 
-@jit
-def _gemv_q4_k_simd(w, x, out, r0, r1):  # w (rows, nb*144) u8, x (cols,) f32, out (rows,) f32
-    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 144)
-    sx, sbuf = _sums32(x), np.empty(nb * 16, np.float32)
-    for r in range(r0, r1):
-        out[r] = _row_q4_k(w, r, x, sx, nb, sbuf)
+def _kquant_kernels(dots, bb: int, nsx: bool, permute: bool = False) -> tuple:
+    """(gemv, gemm) of a K-quant layout from its (one-row, two-row, four-row) dots; ``nsx``: the dots read
+    x's 32-weight sums (the min term); ``permute``: they read x permuted by ``_Q4K_PERM``
+    (AVX-512 Q4_K). The dots are called inline (a call per row through a jitted wrapper cost
+    the GEMV 10 % on 1536-wide rows)."""
+    d1, d2, d4 = dots
+
+    @jit_exact
+    def prep(x, nb):  # the x the dots read: as it is, or permuted
+        return _permute_q4k(x, nb) if permute else x
+
+    @jit_exact
+    def gemv(w, x, out, r0, r1):
+        nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, bb)
+        sx = _block_sums(x, 0, x.shape[0] // 32) if nsx else x
+        sbuf = np.empty(nb * 16, np.float32)
+        xp = prep(x, nb)
+        for r in range(r0, r1):
+            out[r] = d1(w, r, xp, sx, nb, sbuf)
+
+    @jit_exact
+    def gemm(w, X, out, r0, r1):
+        nb = _check_gemm(w, X, out, r0, r1, bb)
+        n = X.shape[0]
+        SX = _block_sums_rows(X, 0, X.shape[1] // 32) if nsx else X
+        XP = np.empty_like(X)
+        for i in range(n):
+            XP[i] = prep(X[i], nb)
+        sbuf = np.empty(nb * 16, np.float32)
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            i = 0
+            while i + 4 <= n:
+                for r in range(ra, rz):
+                    d4(w, r, XP, SX, i, nb, sbuf, out)
+                i += 4
+            while i + 2 <= n:
+                for r in range(ra, rz):
+                    d2(w, r, XP, SX, i, nb, sbuf, out)
+                i += 2
+            if i < n:
+                for r in range(ra, rz):
+                    out[n - 1, r] = d1(w, r, XP[n - 1], SX[n - 1], nb, sbuf)
+
+    return gemv, gemm
 
 
-@jit
+@jit_exact
 def _permute_q4k(x, nb):  # x (cols,) -> x reordered per super-block as _Q4K_PERM
     xp = np.empty(nb * QK, np.float32)
     for s in range(nb):
@@ -586,67 +606,11 @@ def _permute_q4k(x, nb):  # x (cols,) -> x reordered per super-block as _Q4K_PER
     return xp
 
 
-@jit
-def _gemv_q4_k_permuted(w, x, out, r0, r1):  # as _gemv_q4_k_simd; needs AVX-512F
-    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 144)
-    sx, sbuf, xp = _sums32(x), np.empty(nb * 16, np.float32), _permute_q4k(x, nb)
-    for r in range(r0, r1):
-        out[r] = _row_q4_k_permuted(w, r, xp, sx, nb, sbuf)
-
-
-@jit
-def _gemv_q5_k_simd(w, x, out, r0, r1):  # w (rows, nb*176) u8, x (cols,) f32, out (rows,) f32
-    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 176)
-    sx, sbuf = _sums32(x), np.empty(nb * 16, np.float32)
-    for r in range(r0, r1):
-        out[r] = _row_q5_k(w, r, x, sx, nb, sbuf)
-
-
-@jit
-def _gemv_q6_k_simd(w, x, out, r0, r1):  # w (rows, nb*210) u8, x (cols,) f32, out (rows,) f32
-    nb = _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 210)
-    sbuf = np.empty(nb * 16, np.float32)
-    for r in range(r0, r1):
-        out[r] = _row_q6_k(w, r, x, x, nb, sbuf)  # no min term: sx unused
-
-
-@jit
-def _gemm_q4_k_simd(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
-    nb = _check_gemm(w, X, out, r0, r1, 144)
-    wbuf, accv = np.empty(QK, np.float32), np.empty((X.shape[0], 16), np.float32)
-    for r in range(r0, r1):
-        accv[:] = 0.0
-        for b in range(nb):
-            _deq_q4_k_simd(w, r, b, wbuf, 0)
-            _dot_rows_simd(wbuf, X, b * QK, accv)
-        for i in range(X.shape[0]):
-            out[i, r] = accv[i].sum()
-
-
-@jit
-def _gemm_q5_k_simd(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
-    nb = _check_gemm(w, X, out, r0, r1, 176)
-    wbuf, accv = np.empty(QK, np.float32), np.empty((X.shape[0], 16), np.float32)
-    for r in range(r0, r1):
-        accv[:] = 0.0
-        for b in range(nb):
-            _deq_q5_k_simd(w, r, b, wbuf, 0)
-            _dot_rows_simd(wbuf, X, b * QK, accv)
-        for i in range(X.shape[0]):
-            out[i, r] = accv[i].sum()
-
-
-@jit
-def _gemm_q6_k_simd(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
-    nb = _check_gemm(w, X, out, r0, r1, 210)
-    wbuf, accv = np.empty(QK, np.float32), np.empty((X.shape[0], 16), np.float32)
-    for r in range(r0, r1):
-        accv[:] = 0.0
-        for b in range(nb):
-            _deq_q6_k_simd(w, r, b, wbuf, 0)
-            _dot_rows_simd(wbuf, X, b * QK, accv)
-        for i in range(X.shape[0]):
-            out[i, r] = accv[i].sum()
+_gemv_q4_k_simd, _gemm_q4_k_simd = _kquant_kernels((_row_q4_k, _rows_q4_k, _rows4_q4_k), 144, True)
+_gemv_q4_k_permuted, _gemm_q4_k_permuted = _kquant_kernels(
+    (_row_q4_k_permuted, _rows_q4_k_permuted, _rows4_q4_k_permuted), 144, True, permute=True)  # needs AVX-512F
+_gemv_q5_k_simd, _gemm_q5_k_simd = _kquant_kernels((_row_q5_k, _rows_q5_k, _rows4_q5_k), 176, True)
+_gemv_q6_k_simd, _gemm_q6_k_simd = _kquant_kernels((_row_q6_k, _rows_q6_k, _rows4_q6_k), 210, False)  # no min term
 
 
 @jit
@@ -676,50 +640,47 @@ def _dequant_q6_k_simd(w, out, r0, r1):  # out (rows, cols) f32
 # ---- public kernels: plain Numba ----
 
 
-@jit
+@jit_exact
 def _gemv_q4_k_plain(w, x, out, r0, r1):  # w (rows, nb*144) u8, x (cols,) f32, out (rows,) f32
-    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 144)
-    _gemv_q45k_plain(w, x, out, r0, r1, 144, False)
+    _gemv_plain(w, x, out, r0, r1, 0)
 
 
-@jit
+@jit_exact
 def _gemv_q5_k_plain(w, x, out, r0, r1):  # w (rows, nb*176) u8, x (cols,) f32, out (rows,) f32
-    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 176)
-    _gemv_q45k_plain(w, x, out, r0, r1, 176, True)
+    _gemv_plain(w, x, out, r0, r1, 1)
 
 
-@jit
+@jit_exact
 def _gemv_q6_k_plain(w, x, out, r0, r1):  # w (rows, nb*210) u8, x (cols,) f32, out (rows,) f32
-    _check(w, x.shape[0], x.strides[0], out.shape[0], r0, r1, 210)
-    _gemv_q6k_plain_rows(w, x, out, r0, r1)
+    _gemv_plain(w, x, out, r0, r1, 2)
 
 
-@jit
+@jit_exact
 def _gemm_q4_k_plain(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
     _gemm_plain(w, X, out, r0, r1, 0)
 
 
-@jit
+@jit_exact
 def _gemm_q5_k_plain(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
     _gemm_plain(w, X, out, r0, r1, 1)
 
 
-@jit
+@jit_exact
 def _gemm_q6_k_plain(w, X, out, r0, r1):  # X (n, cols) f32, out (n, rows) f32
     _gemm_plain(w, X, out, r0, r1, 2)
 
 
-@jit
+@jit_exact
 def _dequant_q4_k_plain(w, out, r0, r1):  # out (rows, cols) f32
     _dequant_plain(w, out, r0, r1, 0)
 
 
-@jit
+@jit_exact
 def _dequant_q5_k_plain(w, out, r0, r1):  # out (rows, cols) f32
     _dequant_plain(w, out, r0, r1, 1)
 
 
-@jit
+@jit_exact
 def _dequant_q6_k_plain(w, out, r0, r1):  # out (rows, cols) f32
     _dequant_plain(w, out, r0, r1, 2)
 
@@ -734,7 +695,8 @@ SIMD: bool = HAVE_SIMD
 # impl name -> format -> (gemv, gemm, dequant); both are tested, the public names pick one.
 IMPLS = {
     "simd": {
-        "Q4_K": (_gemv_q4_k_permuted if HAVE_AVX512 else _gemv_q4_k_simd, _gemm_q4_k_simd, _dequant_q4_k_simd),
+        "Q4_K": ((_gemv_q4_k_permuted, _gemm_q4_k_permuted, _dequant_q4_k_simd) if HAVE_AVX512
+                 else (_gemv_q4_k_simd, _gemm_q4_k_simd, _dequant_q4_k_simd)),
         "Q5_K": (_gemv_q5_k_simd, _gemm_q5_k_simd, _dequant_q5_k_simd),
         "Q6_K": (_gemv_q6_k_simd, _gemm_q6_k_simd, _dequant_q6_k_simd),
     },

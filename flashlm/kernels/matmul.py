@@ -1,15 +1,20 @@
-"""Public matmul over stored weights: GEMV, GEMM, or dequantize-a-tile + BLAS.
+"""Public matmul over stored weights: GEMV, small-n kernels, or dequantize-a-tile + BLAS.
 
 ``matmul(x, w)`` computes ``x @ W.T`` for a weight ``W`` of logical shape
 (rows=out_features, cols=in_features) kept in its GGUF block format:
 
 - one activation row: the fused GEMV kernel of the format;
-- ``n`` rows with ``n < BLAS_MIN_ROWS[fmt]``: the fused GEMM kernel (each row of
-  blocks decoded once into a float32 buffer and dotted with the n rows);
+- ``n`` rows with ``2 <= n < BLAS_MIN_ROWS[fmt]``: the format's small-n kernel (its ``gemm``):
+  the two-row dot on each pair of rows (an odd last row: the GEMV's dot) over 32-row weight
+  tiles, each block decoded once per pair, every row given the GEMV's operations in the
+  GEMV's order (vector IR with FMA contraction only, no reassociation; see simd.py). So row j
+  of the product has exactly the bits of ``matmul(x[j], w)``, on one thread or split on a pool:
+  a batch of sequences, or a verification of draft tokens, decodes the same greedy tokens as
+  one token at a time;
 - ``n >= BLAS_MIN_ROWS[fmt]``: tiles of ``TILE_ROWS`` weight rows are dequantized
   in this thread and multiplied with numpy's BLAS (which runs its own threads:
   the pool is parked first so that no idle worker spins against them); never the
-  whole matrix at once.
+  whole matrix at once. Rows are not bit-identical to the GEMV's here.
 
 The fused kernels of one call, or of several weights sharing the input
 (:func:`matmul_many`: q/k/v, gate/up), run as one table of nogil tasks
@@ -21,11 +26,23 @@ Kernels come from ``gemv_basic.BASIC_KERNELS``, ``gemv_kquant.KQUANT_KERNELS`` a
 ``(gemv, gemm)`` row-range contract; ``dequantize`` uses the matching
 ``*_DEQUANT[fmt](w, out, r0, r1)``.
 
-BLAS_MIN_ROWS and TILE_ROWS were chosen by measurement on a quiet 2-core EPYC,
-prefill of qwen2.5-coder-0.5b (Q5_0/Q8_0/Q4_K/Q6_K), tok/s fused GEMM / tile+BLAS:
-n=8 77/32, n=16 96/30, n=32 94/49, n=64 81/82, n=100 86/108; 512 tokens with
-256-row tiles 186 tok/s, with 1024-row tiles 200 tok/s. (On a machine shared with
-other busy processes OpenBLAS's threads collapse and the fused GEMM wins further up.)
+BLAS_MIN_ROWS (where dequantize-tile + BLAS takes over): the small-n kernels cost 0.4-0.75 of a
+GEMV per row (the f32 FMAs of every row, as the GEMV does them, are the floor), tile + BLAS the
+dequantization of the whole matrix in this thread (2.6-8 G weights/s) and then the f32 GEMM.
+Measured on the 2-core AVX2 EPYC while it was shared (two-thread timings were scheduler noise:
+OpenBLAS's threads collapsed to 300-700 ms per product), both on one thread
+(``OPENBLAS_NUM_THREADS=1 python perf/bench_matmul.py --crossover --threads 1``), the first n at
+which BLAS won: Q4_KR 16 / 64 (8960x1536 / 1536x8960), Q6_KR 24 / 48, Q5_0R 16 / 16 / 48 (4864x896
+too), Q8_0S 16-48 / 16-48 / 64, Q4_1R 16 / 24 / 48, Q4_0S 16 / 16 / 48, Q5_KS 16 / 48, Q5_1S 8 / 8
+/ 24, F16 128 / 96, BF16 96 / 64 / 64. With two threads the dequantization stays on one and
+OpenBLAS's GEMM of 16-32 rows gains only 1.2-1.4x from the second (50 -> 68 GFLOP/s at n = 32),
+while the small-n kernels split rows: on a quiet machine the old fused GEMM (1.3-1.5x slower per
+row than these kernels) still tied BLAS at n = 64 (qwen2.5-coder-0.5b prefill, 2 threads, tok/s
+fused / BLAS: n=32 94/49, n=64 81/82, n=100 86/108). So 64 for the quantized formats, 32 for Q5_1
+(a decode-bound GEMV: its one-thread crossover is 2-3x lower than the others'), 128 F16, 96 BF16,
+64 F32. Below BLAS_MIN_ROWS a batch (decode of up to 63 sequences, verification of up to 62 draft
+tokens; 31 / 30 for Q5_1) keeps the GEMV's bits. TILE_ROWS: 512 tokens with 256-row tiles 186
+tok/s, with 1024-row tiles 200 tok/s (qwen2.5-coder-0.5b prefill).
 """
 
 from __future__ import annotations
@@ -41,8 +58,10 @@ from flashlm.kernels.repacked import REPACKED_DEQUANT, REPACKED_KERNELS
 KERNELS: dict[str, tuple] = dict(BASIC_KERNELS, **KQUANT_KERNELS, **REPACKED_KERNELS)
 DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **KQUANT_DEQUANT, **REPACKED_DEQUANT)
 
-# Batch size from which dequantize-tile + BLAS beats the fused GEMM (measured).
+# Rows from which dequantize-tile + BLAS takes over from the small-n kernels (see the module
+# docstring); below it every row of a product has the bits of the GEMV on that row.
 BLAS_MIN_ROWS: dict[str, int] = {fmt: 64 for fmt in FORMATS}
+BLAS_MIN_ROWS.update({"Q5_1": 32, "Q5_1S": 32, "F16": 128, "BF16": 96})
 TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin tiles)
 # Below this many weight bytes x activation rows a product runs in the calling thread.
 PARALLEL_MIN_BYTES = 256 * 1024

@@ -17,11 +17,13 @@ import numba
 import numpy as np
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 
 from flashlm.errors import UnsupportedError
 from flashlm.kernels.config import CACHE, intrinsic, jit
 
-__all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "kv_write", "rope_inv_freq"]
+__all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "attention_batch", "kv_write", "kv_write_batch",
+           "rope_inv_freq"]
 
 
 # ---- helpers ----
@@ -126,12 +128,16 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float,
 
 # ---- activations ----
 
-@jit(error_model="numpy")  # no ZeroDivisionError branch: it blocks vectorizing
+# FMA contraction only (no reciprocal or reassociation shortcuts), row by row: an element's bits
+# depend on its value alone, not on where it falls in the vectorized loop, so a row of a batch
+# equals the same row alone.
+@jit(error_model="numpy", fastmath={"contract": True})  # numpy: no ZeroDivisionError branch (it blocks vectorizing)
 def _silu_mul(g, u, out):
-    # g, u, out (m,) f32
-    for i in range(g.shape[0]):
-        x = g[i]
-        out[i] = x / (np.float32(1.0) + _expf(-x)) * u[i]
+    # g, u, out (n, m) f32
+    for r in range(g.shape[0]):
+        for i in range(g.shape[1]):
+            x = g[r, i]
+            out[r, i] = x / (np.float32(1.0) + _expf(-x)) * u[r, i]
 
 
 def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -149,7 +155,9 @@ def silu_mul(gate: np.ndarray, up: np.ndarray, out: np.ndarray | None = None) ->
     if gate.shape != up.shape:
         raise ValueError(f"silu_mul: gate shape {gate.shape} != up shape {up.shape}")
     out = _out("silu_mul out", out, gate.shape)
-    _silu_mul(gate.reshape(-1), up.reshape(-1), out.reshape(-1))
+    if gate.size:
+        m = gate.shape[-1] if gate.ndim else 1
+        _silu_mul(gate.reshape(-1, m), up.reshape(-1, m), out.reshape(-1, m))
     return out
 
 
@@ -315,44 +323,115 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, layout: str = "neox
 
 
 # ---- attention ----
+# Every float operation of attention is FMA contraction at most, never reassociation, so a row's
+# result is the same operations in the same order whatever the context: the number of query
+# tokens in the call (a draft verification equals one-token steps), the heads a thread takes
+# (pool or not), the caller the kernel is compiled into (the executor's table tasks or a direct
+# call). The q.k dot products are explicit vector IR (``_qk4x2``); everything else is elementwise
+# or spelled out in a fixed order.
 
-@jit
+_CONTRACT = {"contract": True}
+_V8F = ir.VectorType(ir.FloatType(), 8)
+
+
+def _hsum8(b, v):
+    """Sum of the 8 lanes of ``v`` in a fixed tree ((0+4)+(2+6)) + ((1+5)+(3+7))."""
+    for n in (4, 2, 1):
+        lo = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n))))
+        hi = b.shuffle_vector(v, v, ir.Constant(ir.VectorType(ir.IntType(32), n), list(range(n, 2 * n))))
+        v = b.fadd(lo, hi, flags=("contract",))
+    return b.extract_element(v, ir.Constant(ir.IntType(32), 0))
+
+
+@intrinsic
+def _qk4x2(typingctx, qs, r0, k, kvh, t, t2, s):
+    """s[r0 + i, t] = qs[r0 + i] . k[kvh, t] and s[r0 + i, t2] = qs[r0 + i] . k[kvh, t2], i < 4:
+    8 lanes of products summed over d in order (FMA), then ``_hsum8``, then the last D % 8
+    products in order. qs (R, D), k (Hkv, T, D), s (R, T') float32 with contiguous rows."""
+    def gen(context, b, sig, args):
+        qs, r0, k, kvh, t, t2, s = args
+        i8p = ir.IntType(8).as_pointer()
+        f32 = ir.FloatType()
+        fl = ("contract",)
+
+        def arr(i):
+            a = context.make_array(sig.args[i])(context, b, value=args[i])
+            return b.bitcast(a.data, i8p), cgutils.unpack_tuple(b, a.strides, sig.args[i].ndim), \
+                cgutils.unpack_tuple(b, a.shape, sig.args[i].ndim)
+
+        qp, qst, qsh = arr(0)
+        kp, kst, _ = arr(2)
+        sp, sst, _ = arr(6)
+        dd = qsh[1]
+        rows = [b.gep(qp, [b.mul(b.add(r0, r0.type(i)), qst[0])]) for i in range(4)]
+        keys = [b.gep(kp, [b.add(b.mul(kvh, kst[0]), b.mul(tt, kst[1]))]) for tt in (t, t2)]
+        zero = ir.Constant(_V8F, [0.0] * 8)
+        acc = [[cgutils.alloca_once_value(b, zero) for _ in range(2)] for _ in range(4)]
+        n8 = b.sdiv(dd, dd.type(8))
+        with cgutils.for_range(b, n8) as loop:
+            off = b.mul(loop.index, loop.index.type(32))
+            kv = [b.load(b.bitcast(b.gep(kk, [off]), _V8F.as_pointer()), align=4) for kk in keys]
+            for i in range(4):
+                qv = b.load(b.bitcast(b.gep(rows[i], [off]), _V8F.as_pointer()), align=4)
+                for c in range(2):
+                    b.store(b.fadd(b.load(acc[i][c]), b.fmul(qv, kv[c], flags=fl), flags=fl), acc[i][c])
+        res = [[cgutils.alloca_once_value(b, _hsum8(b, b.load(acc[i][c]))) for c in range(2)] for i in range(4)]
+        with cgutils.for_range(b, dd, start=b.mul(n8, dd.type(8))) as loop:
+            off = b.mul(loop.index, loop.index.type(4))
+            kv = [b.load(b.bitcast(b.gep(kk, [off]), f32.as_pointer())) for kk in keys]
+            for i in range(4):
+                qv = b.load(b.bitcast(b.gep(rows[i], [off]), f32.as_pointer()))
+                for c in range(2):
+                    b.store(b.fadd(b.load(res[i][c]), b.fmul(qv, kv[c], flags=fl), flags=fl), res[i][c])
+        for c, tt in enumerate((t, t2)):
+            for i in range(4):
+                at = b.add(b.mul(b.add(r0, r0.type(i)), sst[0]), b.mul(tt, tt.type(4)))
+                b.store(b.load(res[i][c]), b.bitcast(b.gep(sp, [at]), f32.as_pointer()))
+        return context.get_dummy_value()
+
+    return types.void(qs, types.intp, k, types.intp, types.intp, types.intp, s), gen
+
+
+@jit(fastmath=_CONTRACT)
+def _sum8(s, r, n):
+    # s[r, :n] summed in 8 interleaved partial sums (t % 8), in order, then a fixed tree
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    n8 = n // 8 * 8
+    for t in range(0, n8, 8):
+        a0 += s[r, t]
+        a1 += s[r, t + 1]
+        a2 += s[r, t + 2]
+        a3 += s[r, t + 3]
+        a4 += s[r, t + 4]
+        a5 += s[r, t + 5]
+        a6 += s[r, t + 6]
+        a7 += s[r, t + 7]
+    acc = ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7))
+    for t in range(n8, n):
+        acc += s[r, t]
+    return acc
+
+
+@jit(fastmath=_CONTRACT)
 def _scores4(qs, k, kvh, r0, t0, t1, s):
     # s[r0:r0+4, t0:t1] = qs[r0:r0+4] . k[kvh, t0:t1]; qs (R, D), k (Hkv, T, D), s (R, T)
     # Two keys per step: 8 dot products share each load of q and k.
-    dd = qs.shape[1]
     t = t0
     while t < t1:
-        t2 = min(t + 1, t1 - 1)  # second key (a repeat of the first at an odd end)
-        a0 = a1 = a2 = a3 = np.float32(0.0)
-        b0 = b1 = b2 = b3 = np.float32(0.0)
-        for d in range(dd):
-            k0 = k[kvh, t, d]
-            k1 = k[kvh, t2, d]
-            q0 = qs[r0, d]
-            q1 = qs[r0 + 1, d]
-            q2 = qs[r0 + 2, d]
-            q3 = qs[r0 + 3, d]
-            a0 += q0 * k0
-            a1 += q1 * k0
-            a2 += q2 * k0
-            a3 += q3 * k0
-            b0 += q0 * k1
-            b1 += q1 * k1
-            b2 += q2 * k1
-            b3 += q3 * k1
-        s[r0, t], s[r0 + 1, t], s[r0 + 2, t], s[r0 + 3, t] = a0, a1, a2, a3
-        s[r0, t2], s[r0 + 1, t2], s[r0 + 2, t2], s[r0 + 3, t2] = b0, b1, b2, b3
+        _qk4x2(qs, r0, k, kvh, t, min(t + 1, t1 - 1), s)  # (a repeat of the key at an odd end)
         t += 2
 
 
-@jit
-def _pv4(s, v, kvh, r0, t0, t1, o):
-    # o[r0:r0+4] += s[r0:r0+4, t0:t1] @ v[kvh, t0:t1]; s (R, T), v (Hkv, T, D), o (R, D)
-    # Four keys per step, so each o row is loaded and stored once per four keys.
+@jit(fastmath=_CONTRACT)
+def _pv4(s, v, kvh, r0, t0, t1, o, lims):
+    # o[r] += s[r, t] * v[kvh, t] for rows r0..r0+3 and keys t0 <= t < min(t1, lims[r]), in key
+    # order (one FMA per key and element); s (R, T), v (Hkv, T, D), o (R, D), lims (R,).
+    # Four keys per step while every row of the tile may use them, so each o row is loaded and
+    # stored once per four keys; then key by key, each row up to its own limit.
     dd = o.shape[1]
+    tq = min(t1, min(min(lims[r0], lims[r0 + 1]), min(lims[r0 + 2], lims[r0 + 3])))
     t = t0
-    while t + 4 <= t1:
+    while t + 4 <= tq:
         a0, a1, a2, a3 = s[r0, t], s[r0, t + 1], s[r0, t + 2], s[r0, t + 3]
         b0, b1, b2, b3 = s[r0 + 1, t], s[r0 + 1, t + 1], s[r0 + 1, t + 2], s[r0 + 1, t + 3]
         c0, c1, c2, c3 = s[r0 + 2, t], s[r0 + 2, t + 1], s[r0 + 2, t + 2], s[r0 + 2, t + 3]
@@ -362,23 +441,21 @@ def _pv4(s, v, kvh, r0, t0, t1, o):
             v1 = v[kvh, t + 1, d]
             v2 = v[kvh, t + 2, d]
             v3 = v[kvh, t + 3, d]
-            o[r0, d] += a0 * v0 + a1 * v1 + a2 * v2 + a3 * v3
-            o[r0 + 1, d] += b0 * v0 + b1 * v1 + b2 * v2 + b3 * v3
-            o[r0 + 2, d] += c0 * v0 + c1 * v1 + c2 * v2 + c3 * v3
-            o[r0 + 3, d] += e0 * v0 + e1 * v1 + e2 * v2 + e3 * v3
+            o[r0, d] = (((o[r0, d] + a0 * v0) + a1 * v1) + a2 * v2) + a3 * v3
+            o[r0 + 1, d] = (((o[r0 + 1, d] + b0 * v0) + b1 * v1) + b2 * v2) + b3 * v3
+            o[r0 + 2, d] = (((o[r0 + 2, d] + c0 * v0) + c1 * v1) + c2 * v2) + c3 * v3
+            o[r0 + 3, d] = (((o[r0 + 3, d] + e0 * v0) + e1 * v1) + e2 * v2) + e3 * v3
         t += 4
     while t < t1:
-        p0, p1, p2, p3 = s[r0, t], s[r0 + 1, t], s[r0 + 2, t], s[r0 + 3, t]
-        for d in range(dd):
-            vv = v[kvh, t, d]
-            o[r0, d] += p0 * vv
-            o[r0 + 1, d] += p1 * vv
-            o[r0 + 2, d] += p2 * vv
-            o[r0 + 3, d] += p3 * vv
+        for r in range(r0, r0 + 4):
+            if t < lims[r]:
+                p = s[r, t]
+                for d in range(dd):
+                    o[r, d] = o[r, d] + p * v[kvh, t, d]
         t += 1
 
 
-@jit
+@jit(fastmath=_CONTRACT)
 def _attention(q, k, v, n_past, out, h0, h1):
     # q (n, Hq, D), k/v (Hkv, T_max, D), out (n, Hq, D); query heads h0..h1-1.
     # Per kv head, rows = (query token, query head of the group), 4 rows per tile;
@@ -400,6 +477,7 @@ def _attention(q, k, v, n_past, out, h0, h1):
         s = np.empty((rmax, n_past + n), np.float32)
         o = np.empty((rmax, dd), np.float32)
         lsum = np.empty(rmax, np.float32)
+        lims = np.empty(rmax, np.int64)
         for i0 in range(0, n, bq):
             i1 = min(n, i0 + bq)
             rows = (i1 - i0) * ng
@@ -415,27 +493,55 @@ def _attention(q, k, v, n_past, out, h0, h1):
                     _scores4(qs, k, kvh, r, t0, t1, s)
             for r in range(rpad):  # causal mask + softmax numerator, per row
                 lim = n_past + i0 + min(r, rows - 1) // ng + 1
+                lims[r] = lim
                 mx = s[r, 0]
                 for t in range(1, lim):
                     mx = max(mx, s[r, t])
-                acc = np.float32(0.0)
                 for t in range(lim):
-                    e = _expf(s[r, t] - mx)
-                    s[r, t] = e
-                    acc += e
+                    s[r, t] = _expf(s[r, t] - mx)
                 for t in range(lim, tend):
                     s[r, t] = 0.0
-                lsum[r] = acc
+                lsum[r] = _sum8(s, r, lim)
                 for d in range(dd):
                     o[r, d] = 0.0
             for t0 in range(0, tend, bk):
                 t1 = min(tend, t0 + bk)
                 for r in range(0, rpad, 4):
-                    _pv4(s, v, kvh, r, t0, t1, o)
+                    _pv4(s, v, kvh, r, t0, t1, o, lims)
             for r in range(rows):
                 inv = np.float32(1.0) / lsum[r]
                 for d in range(dd):
                     out[i0 + r // ng, g0 + r % ng, d] = o[r, d] * inv
+
+
+@intrinsic
+def _ptr(typingctx, addr, ty):
+    """An integer address as a typed pointer (``ty`` is a Numba number type), for ``numba.carray``."""
+    dt = ty.instance_type
+    sig = types.CPointer(dt)(addr, ty)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+
+    return sig, codegen
+
+
+@jit(fastmath=_CONTRACT)
+def _attention_batch(q, caches, hkv, out, w0, w1):
+    # q (B, Hq, D): one query token per sequence; caches (B, 4) int64: address of the sequence's
+    # k and v caches (Hkv, T_max, D) float32, its n_past, T_max; out (B, Hq, D). Work items
+    # w = b * Hq + h for w0 <= w < w1: each sequence's heads run through _attention with n = 1,
+    # the very code of a one-sequence call, so every row has the bits it has alone.
+    nb, hq, dd = q.shape
+    if w1 <= w0:
+        return
+    for b in range(w0 // hq, (w1 - 1) // hq + 1):
+        h0 = max(w0 - b * hq, 0)
+        h1 = min(w1 - b * hq, hq)
+        tmax = caches[b, 3]
+        k = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
+        v = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
+        _attention(q[b:b + 1], k, v, caches[b, 2], out[b:b + 1], h0, h1)
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
@@ -486,6 +592,46 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
     return out
 
 
+def attention_batch(q: np.ndarray, k_caches: list, v_caches: list, n_past: list,
+                    out: np.ndarray | None = None, *, pool: Any = None) -> np.ndarray:
+    """Attention of one new token in each of B sequences, each over its own KV cache, in one
+    dispatch: row b equals ``attention(q[b:b+1], k_caches[b], v_caches[b], n_past[b])`` bit for bit.
+
+    Args:
+        q: (B, Hq, D) float32 queries (rope applied), row b for sequence b.
+        k_caches, v_caches: B float32 arrays (Hkv, T_max_b, D), C-contiguous, positions
+            0 .. n_past[b] filled (the new token's k/v written).
+        n_past: B cached positions before each new token.
+        out: optional (B, Hq, D) float32 result buffer (not q).
+        pool: as for :func:`attention`; the B * Hq (sequence, head) pairs are split across it.
+    Returns:
+        out, (B, Hq, D).
+    """
+    _check("attention_batch q", q, 3)
+    nb, hq, d = q.shape
+    if not (len(k_caches) == len(v_caches) == len(n_past) == nb):
+        raise ValueError(f"attention_batch: {nb} queries but {len(k_caches)} k caches, {len(v_caches)} v caches, "
+                         f"{len(n_past)} n_past")
+    out = _out("attention_batch out", out, (nb, hq, d))
+    if out is q:
+        raise ValueError("attention_batch: out must not be q")
+    if nb == 0:
+        return out
+    hkv = k_caches[0].shape[0]
+    if hq % hkv:
+        raise ValueError(f"attention_batch: {hq} query heads over {hkv} kv heads")
+    caches = _cache_table("attention_batch", k_caches, v_caches, n_past, hkv, d)
+    if pool is None:
+        _attention_batch(q, caches, hkv, out, 0, nb * hq)
+    elif hasattr(pool, "run_table"):  # on the pool without the GIL (kernels.executor)
+        from flashlm.kernels import executor
+
+        pool.run_table(lambda tab: executor.fill_attention_batch(tab, 0, q, caches, hkv, out))
+    else:
+        pool.run(_attention_batch, nb * hq, q, caches, hkv, out)
+    return out  # (the caches stay alive: the caller holds them)
+
+
 def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndarray,
              pos: int) -> None:
     """Write k, v for n new tokens into the caches at positions pos .. pos + n - 1.
@@ -508,3 +654,55 @@ def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
         raise ValueError(f"kv_write: positions {pos}..{pos + n - 1} exceed the cache ({k_cache.shape[1]})")
     k_cache[:, pos:pos + n] = k.transpose(1, 0, 2)
     v_cache[:, pos:pos + n] = v.transpose(1, 0, 2)
+
+
+@jit
+def _kv_write_batch(caches, k, v):
+    # caches (B, 4) int64 as attention_batch's; k, v (B, Hkv, D): row b written at position
+    # caches[b, 2] of sequence b's caches
+    nb, hkv, dd = k.shape
+    for b in range(nb):
+        tmax = caches[b, 3]
+        kc = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
+        vc = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
+        p = caches[b, 2]
+        for h in range(hkv):
+            for d in range(dd):
+                kc[h, p, d] = k[b, h, d]
+                vc[h, p, d] = v[b, h, d]
+
+
+def _cache_table(name: str, k_caches: list, v_caches: list, n_past: list, hkv: int, d: int) -> np.ndarray:
+    """(B, 4) int64: k cache address, v cache address, n_past, T_max of each sequence (checked)."""
+    caches = np.empty((len(k_caches), 4), np.int64)
+    for b, (kc, vc, p) in enumerate(zip(k_caches, v_caches, n_past)):
+        if not (isinstance(kc, np.ndarray) and isinstance(vc, np.ndarray) and kc.dtype == vc.dtype == np.float32
+                and kc.flags.c_contiguous and vc.flags.c_contiguous and kc.ndim == 3):
+            _check(f"{name} k_cache", kc, 3)
+            _check(f"{name} v_cache", vc, 3)
+        if vc.shape != kc.shape or kc.shape[0] != hkv or kc.shape[2] != d:
+            raise ValueError(f"{name}: cache {b} shapes {kc.shape} / {vc.shape} do not fit (Hkv, T, D) = "
+                             f"({hkv}, T, {d})")
+        p = int(p)
+        if p < 0 or p + 1 > kc.shape[1]:
+            raise ValueError(f"{name}: position {p} of sequence {b} exceeds its cache ({kc.shape[1]})")
+        caches[b] = (kc.ctypes.data, vc.ctypes.data, p, kc.shape[1])
+    return caches
+
+
+def kv_write_batch(k_caches: list, v_caches: list, k: np.ndarray, v: np.ndarray, n_past: list) -> None:
+    """Write one new position per sequence: k[b], v[b] (Hkv, D) at position n_past[b] of
+    sequence b's caches (Hkv, T_max_b, D), in one call (as ``kv_write`` of each).
+
+    Args:
+        k_caches, v_caches: B float32 arrays, C-contiguous, written in place.
+        k, v: (B, Hkv, D) float32.
+        n_past: B positions.
+    """
+    _check("kv_write_batch k", k, 3)
+    _check("kv_write_batch v", v, 3)
+    if v.shape != k.shape or not (len(k_caches) == len(v_caches) == len(n_past) == k.shape[0]):
+        raise ValueError(f"kv_write_batch: k {k.shape} / v {v.shape} for {len(k_caches)} k caches, "
+                         f"{len(v_caches)} v caches, {len(n_past)} positions")
+    if k.shape[0]:
+        _kv_write_batch(_cache_table("kv_write_batch", k_caches, v_caches, n_past, k.shape[1], k.shape[2]), k, v)

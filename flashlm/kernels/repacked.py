@@ -54,7 +54,9 @@ run slab by slab too; a row of one slab is the row-major layout. Rows must be se
 
 Kernels follow ``gemv_basic``'s row-range contract (``gemv(w, x, out, r0, r1)``,
 ``gemm(w, X, out, r0, r1)``, ``dequant(w, out, r0, r1)``); ``w`` is the uint8
-(rows, row_bytes) array of ``formats.view_as``.
+(rows, row_bytes) array of ``formats.view_as``. Every dot has a two-row form (``*_rows``: each
+unit decoded once for two activation rows, each row the one-row dot's operations); the GEMMs
+run it on pairs of rows, so a GEMM row has the bits of the GEMV on that row, slab by slab.
 """
 from __future__ import annotations
 
@@ -67,8 +69,8 @@ from flashlm.kernels import simd
 from flashlm.kernels.config import intrinsic, jit, jit_exact
 from flashlm.kernels.formats import (GGUF_OF, GROUPED, SLAB_COLS, STORE_LAYOUT, from_slabs, n_slabs, row_nbytes,
                                      slab_unit, to_slabs)
-from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _block_sums, _dequant_blocks_simd, _dot_plain,
-                                        _f16_at, _gemm_blocks_simd, f16_to_f32)
+from flashlm.kernels.gemv_basic import (BASIC_KERNELS, DEQUANT_KERNELS, _block_sums, _block_sums_rows,
+                                        _dequant_blocks_simd, _dot_plain, _f16_at, f16_to_f32)
 from flashlm.kernels.gemv_kquant import _V as _KV
 from flashlm.kernels.gemv_kquant import KQUANT_DEQUANT, KQUANT_KERNELS, _q6k_q, _q45k_q, _scale_min
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD, _const_vec, _splat_f16,
@@ -77,6 +79,7 @@ from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, HAVE_SIMD,
 _G, _GB, _TB = GROUPED["Q5_0R"]  # blocks per group, bytes per group, bytes per tail block
 _GW = 32 * _G  # weights per group
 _n_slabs = jit(n_slabs)  # formats' slab rule, compiled
+_TILE = simd.TILE
 _SLAB_COLS = SLAB_COLS
 
 # ---- packing (import time) and unpacking (reference, export) ----
@@ -204,48 +207,82 @@ def _scales(b: ir.IRBuilder, p: ir.Value) -> ir.Value:
     return b.fpext(_load(b, p, 62, ir.VectorType(ir.HalfType(), 4)), ir.VectorType(_F32, 4))
 
 
+def _q5_0r_body(b, wp, xps, ng, nt):
+    """[float32 per row]: the ``ng`` groups and then the ``nt`` GGUF Q5_0 blocks of the row at i8*
+    ``wp`` dotted with each activation row (i8* ``xps[t]``); one 16-lane accumulator for both (the
+    tail in it rather than in a second dot with its own reduction: 1.03x on 896-wide rows, one
+    core and 2 threads from memory), the block scale as one FMA per 32 weights. Each group is
+    decoded once; every row gets the one-row dot's operations in the same order."""
+    nr = len(xps)
+    acc = [cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16)) for _ in range(nr)]
+    with cgutils.for_range(b, ng) as loop:
+        g = loop.index
+        p = b.gep(wp, [b.mul(g, g.type(_GB))])
+        _prefetch(b, p, simd.PREFETCH, _GB)
+        q = _load(b, p, 0, _V16I32)
+        xbs = [b.gep(xp, [b.mul(g, g.type(4 * _GW))]) for xp in xps]
+        d = _scales(b, p)
+        a = [b.load(c) for c in acc]
+        for bi in range(_G):
+            fs = [_quants(b, q, k) for k in (2 * bi, 2 * bi + 1)]
+            ds = b.shuffle_vector(d, d, ir.Constant(ir.VectorType(_I32, 16), [bi + 1] * 16))
+            for r in range(nr):
+                t = None
+                for f, k in zip(fs, (2 * bi, 2 * bi + 1)):
+                    pr = b.fmul(f, _load(b, xbs[r], 64 * k, _V16F), flags=_FLAGS)
+                    t = pr if t is None else b.fadd(t, pr, flags=_FLAGS)
+                a[r] = b.fadd(a[r], b.fmul(t, ds, flags=_FLAGS), flags=_FLAGS)
+        for c, v in zip(acc, a):
+            b.store(v, c)
+    tps = b.gep(wp, [b.mul(ng, ng.type(_GB))])
+    txs = [b.gep(xp, [b.mul(ng, ng.type(4 * _GW))]) for xp in xps]
+    with cgutils.for_range(b, nt) as loop:
+        i = loop.index
+        p = b.gep(tps, [b.mul(i, i.type(_TB))])
+        dh, _, qs, kind = simd._parts_q5_0(b, p)
+        f = simd._to_floats(b, qs, kind, 16)
+        ds = _splat_f16(b, dh, _V16F)
+        for r in range(nr):
+            xb = b.gep(txs[r], [b.mul(i, i.type(4 * 32))])
+            t = b.fmul(f[0], _load(b, xb, 0, _V16F), flags=_FLAGS)
+            t = b.fadd(t, b.fmul(f[1], _load(b, xb, 64, _V16F), flags=_FLAGS), flags=_FLAGS)
+            b.store(b.fadd(b.load(acc[r]), b.fmul(t, ds, flags=_FLAGS), flags=_FLAGS), acc[r])
+    return [_hsum(b, b.load(c)) for c in acc]
+
+
 @intrinsic
 def dot_q5_0r(typingctx, w, woff, x, xoff, ngroups, ntail):
     """float32: the ``ngroups`` groups and then the ``ntail`` GGUF Q5_0 blocks of the row at
-    byte ``woff`` of ``w`` dotted with x[xoff:]; one 16-lane accumulator for both (the tail
-    in it rather than in a second dot with its own reduction: 1.03x on 896-wide rows, one
-    core and 2 threads from memory), the block scale as one FMA per 32 weights."""
+    byte ``woff`` of ``w`` dotted with x[xoff:] (``_q5_0r_body``)."""
 
     def gen(context, b, sig, args):
         w, woff, x, xoff, ng, nt = args
         wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
         xp = b.gep(_data_ptr(context, b, sig.args[2], x), [b.mul(xoff, xoff.type(4))])
-        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
-        with cgutils.for_range(b, ng) as loop:
-            g = loop.index
-            p = b.gep(wp, [b.mul(g, g.type(_GB))])
-            _prefetch(b, p, simd.PREFETCH, _GB)
-            q = _load(b, p, 0, _V16I32)
-            xb = b.gep(xp, [b.mul(g, g.type(4 * _GW))])
-            d = _scales(b, p)
-            a = b.load(acc)
-            for bi in range(_G):
-                t = None
-                for k in (2 * bi, 2 * bi + 1):
-                    pr = b.fmul(_quants(b, q, k), _load(b, xb, 64 * k, _V16F), flags=_FLAGS)
-                    t = pr if t is None else b.fadd(t, pr, flags=_FLAGS)
-                ds = b.shuffle_vector(d, d, ir.Constant(ir.VectorType(_I32, 16), [bi + 1] * 16))
-                a = b.fadd(a, b.fmul(t, ds, flags=_FLAGS), flags=_FLAGS)
-            b.store(a, acc)
-        tp = b.gep(wp, [b.mul(ng, ng.type(_GB))])
-        tx = b.gep(xp, [b.mul(ng, ng.type(4 * _GW))])
-        with cgutils.for_range(b, nt) as loop:
-            i = loop.index
-            p = b.gep(tp, [b.mul(i, i.type(_TB))])
-            xb = b.gep(tx, [b.mul(i, i.type(4 * 32))])
-            dh, _, qs, kind = simd._parts_q5_0(b, p)
-            f = simd._to_floats(b, qs, kind, 16)
-            t = b.fmul(f[0], _load(b, xb, 0, _V16F), flags=_FLAGS)
-            t = b.fadd(t, b.fmul(f[1], _load(b, xb, 64, _V16F), flags=_FLAGS), flags=_FLAGS)
-            b.store(b.fadd(b.load(acc), b.fmul(t, _splat_f16(b, dh, _V16F), flags=_FLAGS), flags=_FLAGS), acc)
-        return _hsum(b, b.load(acc))
+        return _q5_0r_body(b, wp, [xp], ng, nt)[0]
 
     return types.float32(w, types.intp, x, types.intp, types.intp, types.intp), gen
+
+
+def _make_dot_q5_0r_rows(nr: int):
+    """Intrinsic ``(w, woff, X, xoff, i0, ngroups, ntail, out, col)``: out[i0 + t, col] = ``dot_q5_0r``
+    with X[i0 + t, xoff:], t < nr, each group decoded once."""
+
+    @intrinsic
+    def dot_rows(typingctx, w, woff, X, xoff, i0, ngroups, ntail, out, col):
+        def gen(context, b, sig, args):
+            w, woff, X, xoff, i0, ng, nt, out, col = args
+            wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+            res = _q5_0r_body(b, wp, simd._row_ptrs(context, b, sig.args[2], X, i0, nr, xoff), ng, nt)
+            simd._store_rows(context, b, sig.args[7], out, i0, col, res)
+            return context.get_dummy_value()
+
+        return types.void(w, types.intp, X, types.intp, types.intp, types.intp, types.intp, out, types.intp), gen
+
+    return dot_rows
+
+
+_q5_0r_rows = _make_dot_q5_0r_rows(simd.ROWS)
 
 
 @intrinsic
@@ -273,7 +310,7 @@ def decode_q5_0r(typingctx, w, woff, ngroups, dst, doff):
     return types.void(w, types.intp, types.intp, dst, types.intp), gen
 
 
-@jit(inline="always")
+@jit_exact(inline="always")
 def _gemv_simd(dot, w, x, out, r0, r1):
     """One ``dot`` (a jitted ``dot_q5_0r``) per row: its groups and its 0-2 tail blocks."""
     nb = x.shape[0] // 32
@@ -283,14 +320,37 @@ def _gemv_simd(dot, w, x, out, r0, r1):
         out[r] = dot(w, r * rb, x, 0, ng, nb - _G * ng)
 
 
-@jit
+@jit_exact
 def _dot(w, o, x, xo, ng, nt):
     return dot_q5_0r(w, o, x, xo, ng, nt)
 
 
-@jit
+@jit_exact
 def gemv_q5_0r_simd(w, x, out, r0, r1):
-    _gemv_simd(_dot, w, x, out, r0, r1)
+    nb = x.shape[0] // 32
+    ng = nb // _G
+    rb = w.strides[0]
+    for r in range(r0, r1):
+        out[r] = dot_q5_0r(w, r * rb, x, 0, ng, nb - _G * ng)
+
+
+@jit_exact
+def gemm_q5_0r_simd(w, X, out, r0, r1):
+    """The two-row dot on each pair of activation rows (an odd last row: the GEMV's dot), over
+    simd.TILE weight rows at a time; every out[i] has the bits of the GEMV on X[i]."""
+    n, cols = X.shape
+    nb = cols // 32
+    ng = nb // _G
+    nt = nb - _G * ng
+    rb = w.strides[0]
+    for ra in range(r0, r1, _TILE):
+        rz = min(r1, ra + _TILE)
+        for i in range(0, n - 1, 2):
+            for r in range(ra, rz):
+                _q5_0r_rows(w, r * rb, X, 0, i, ng, nt, out, r)
+        if n % 2:
+            for r in range(ra, rz):
+                out[n - 1, r] = dot_q5_0r(w, r * rb, X[n - 1], 0, ng, nt)
 
 
 @jit_exact
@@ -299,11 +359,6 @@ def _decode_row_simd(w, off, nb, dst, doff):
     decode_q5_0r(w, off, ng, dst, doff)
     if _G * ng < nb:
         simd.decode_q5_0(w, off + _GB * ng, nb - _G * ng, dst, doff + _GW * ng)
-
-
-@jit
-def gemm_q5_0r_simd(w, X, out, r0, r1):  # gemv_basic's GEMM driver: each row decoded once
-    _gemm_blocks_simd(_decode_row_simd, w, X, out, r0, r1)
 
 
 @jit_exact
@@ -340,18 +395,10 @@ def _decode_row_plain(w, r, dst):
             dst[base + 16 + j] = d * np.float32(np.int64(hi) - 16)
 
 
-@jit(inline="always")
-def _gemv_plain(dec, w, x, out, r0, r1):
-    cols = x.shape[0]
-    row = np.empty(cols, np.float32)
-    x2 = x.reshape((1, cols))
-    for r in range(r0, r1):
-        dec(w, r, row)
-        out[r] = _dot_plain(row, x2, 0)
-
-
-@jit(inline="always")
+@jit_exact(inline="always")
 def _gemm_plain(dec, w, X, out, r0, r1):
+    """Each weight row decoded once, exactly, then dotted with every row of X (gemv_basic's
+    ``_dot_plain``, no fast-math): row i of the result has the bits of the GEMV on X[i]."""
     n, cols = X.shape
     row = np.empty(cols, np.float32)
     for r in range(r0, r1):
@@ -361,17 +408,22 @@ def _gemm_plain(dec, w, X, out, r0, r1):
 
 
 @jit_exact(inline="always")
+def _gemv_plain(dec, w, x, out, r0, r1):
+    _gemm_plain(dec, w, x.reshape((1, x.shape[0])), out.reshape((1, out.shape[0])), r0, r1)
+
+
+@jit_exact(inline="always")
 def _dequant_plain(dec, w, out, r0, r1):
     for r in range(r0, r1):
         dec(w, r, out[r])
 
 
-@jit
+@jit_exact
 def gemv_q5_0r_plain(w, x, out, r0, r1):
     _gemv_plain(_decode_row_plain, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q5_0r_plain(w, X, out, r0, r1):
     _gemm_plain(_decode_row_plain, w, X, out, r0, r1)
 
@@ -489,34 +541,90 @@ def _q6_block(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value]:
     return dw, b.fmul(_splat(b, d, _V16F), sc)
 
 
-@intrinsic
-def dot_q6_kr(typingctx, w, woff, xp, nb):
-    """float32: the ``nb`` super-blocks of the row at byte ``woff`` of ``w`` dotted with
-    the prepared x (``_prep_x``)."""
+def _lanes_body(unit_bytes: int, xp_floats: int, unit, field, fields: int, lead: int | None = None,
+                min_at: int | None = None):
+    """``body(b, wp, xps, n) -> [float32 per row]``: the first n units of the row at i8* ``wp``
+    (``unit(b, p)`` -> dword vectors, per-lane scale [and min] vectors; ``field(b, dw, k, True)``
+    the quants of field k with their place value) dotted with each row's prepared x (i8*
+    ``xps[t]``, ``xp_floats`` per unit: the fields' x, then at ``lead`` a vector that starts the
+    first partial sum (Q6_KR's -32 * sub-block sums) or at ``min_at`` the lane sums of the min
+    term). Mask + convert + FMA per field, ``_CHAINS`` partial sums kept apart (no reassociation:
+    LLVM would fold them into one chain). Each unit is decoded once; every row then gets the
+    one-row dot's operations in the same order, so each result has the GEMV's bits."""
 
-    def gen(context, b, sig, args):
-        w, woff, xp, nb = args
-        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
-        xq = _data_ptr(context, b, sig.args[2], xp)
-        acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
-        contract = ("contract",)  # no reassociation: it would fold the partial sums into one chain
-        with cgutils.for_range(b, nb) as loop:
+    def body(b, wp, xps, n):
+        nr = len(xps)
+        acc = [cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16)) for _ in range(nr)]
+        contract = ("contract",)
+        with cgutils.for_range(b, n) as loop:
             g = loop.index
-            p = b.gep(wp, [b.mul(g, g.type(_BB6))])
-            _prefetch(b, p, simd.PREFETCH, _BB6)
-            xb = b.gep(xq, [b.mul(g, g.type(4 * _XPK))])
-            dw, sv = _q6_block(b, p)
-            ts = [_load(b, xb, 4 * _QKK, _V16F)] + [None] * (_CHAINS - 1)  # -32 * sub-block sums of x
-            for k in range(16):
-                pr = b.fmul(_q6_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
-                t = ts[k % _CHAINS]
-                ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
-            while len(ts) > 1:
-                ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
-            b.store(b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS), acc)
-        return _hsum(b, b.load(acc))
+            p = b.gep(wp, [b.mul(g, g.type(unit_bytes))])
+            _prefetch(b, p, simd.PREFETCH, unit_bytes)
+            xbs = [b.gep(xp, [b.mul(g, g.type(4 * xp_floats))]) for xp in xps]
+            dec = unit(b, p)
+            dw, sv = dec[0], dec[1]
+            ts = [[None if lead is None else _load(b, xb, 4 * lead, _V16F)] + [None] * (_CHAINS - 1) for xb in xbs]
+            for k in range(fields):
+                f = field(b, dw, k, True)
+                for r in range(nr):
+                    pr = b.fmul(f, _load(b, xbs[r], 64 * k, _V16F), flags=contract)
+                    t = ts[r][k % _CHAINS]
+                    ts[r][k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
+            for r in range(nr):
+                tt = ts[r]
+                while len(tt) > 1:
+                    tt = [b.fadd(tt[i], tt[i + 1], flags=contract) for i in range(0, len(tt), 2)]
+                a = b.fadd(b.load(acc[r]), b.fmul(tt[0], sv, flags=_FLAGS), flags=_FLAGS)
+                if min_at is not None:  # min term
+                    a = b.fadd(a, b.fmul(dec[2], _load(b, xbs[r], 4 * min_at, _V16F), flags=_FLAGS), flags=_FLAGS)
+                b.store(a, acc[r])
+        return [_hsum(b, b.load(c)) for c in acc]
 
-    return types.float32(w, types.intp, xp, types.intp), gen
+    return body
+
+
+def _make_lanes_dot(body):
+    """Intrinsic ``dot(w, woff, xp, n) -> float32``: ``body`` on the row at byte ``woff`` of ``w``
+    and the prepared x ``xp``."""
+
+    @intrinsic
+    def dot(typingctx, w, woff, xp, n):
+        def gen(context, b, sig, args):
+            w, woff, xp, n = args
+            wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+            return body(b, wp, [_data_ptr(context, b, sig.args[2], xp)], n)[0]
+
+        return types.float32(w, types.intp, xp, types.intp), gen
+
+    return dot
+
+
+def _make_lanes_rows(body, nr: int):
+    """Intrinsic ``dot_rows(w, woff, XP, i0, n, out, col)``: out[i0 + t, col] = ``body`` with the
+    prepared x XP[i0 + t] (2-D), t < nr."""
+
+    @intrinsic
+    def dot_rows(typingctx, w, woff, XP, i0, n, out, col):
+        def gen(context, b, sig, args):
+            w, woff, XP, i0, n, out, col = args
+            wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+            res = body(b, wp, simd._row_ptrs(context, b, sig.args[2], XP, i0, nr), n)
+            simd._store_rows(context, b, sig.args[5], out, i0, col, res)
+            return context.get_dummy_value()
+
+        return types.void(w, types.intp, XP, types.intp, types.intp, out, types.intp), gen
+
+    return dot_rows
+
+
+def _lanes_dots(body) -> tuple:
+    """(one-row dot, two-row dot) intrinsics of a ``_lanes_body``."""
+    return _make_lanes_dot(body), _make_lanes_rows(body, simd.ROWS)
+
+
+# float32: the ``nb`` super-blocks of the row at byte ``woff`` of ``w`` dotted with the prepared x
+# (``_prep_x``), and the same on two rows of prepared x
+dot_q6_kr, _q6_kr_rows = _lanes_dots(_lanes_body(_BB6, _XPK, _q6_block, _q6_field, 16, lead=_QKK))
 
 
 def _transpose16(b: ir.IRBuilder, m: list) -> list:
@@ -592,29 +700,41 @@ def _make_prep_x(xscale: np.ndarray, sum_factor: float):
 _prep_x = _make_prep_x(_XSCALE6, -32.0)
 
 
-@jit(inline="always")
-def _gemv_superblocks(prep, dot, w, x, out, r0, r1):
-    """x prepared once per call, then one ``dot`` per row."""
-    nb = x.shape[0] // _QKK
-    xp = np.empty(nb * _XPK, np.float32)
-    prep(x, xp, nb)
-    rb = w.strides[0]
-    for r in range(r0, r1):
-        out[r] = dot(w, r * rb, xp, nb)
+def _superblock_kernels(prep, dots, decode_row) -> tuple:
+    """(gemv, gemm, dequant) on row-major rows of a super-block layout from its x preparation
+    (intrinsic ``prep(x, xp, nb)``), its (one-row, two-row) dots (``_lanes_dots``, called inline)
+    and row decoder (``decode_row(w, off, n32, dst, doff)``, counting 32-weight units as
+    gemv_basic's dequant driver does). The GEMV prepares x once per call, then one dot per row;
+    the GEMM prepares each row of X the same way, then runs the two-row dot on each pair of rows
+    (an odd last row: the GEMV's dot) over simd.TILE weight rows at a time, each super-block
+    decoded once for both: out[i] has the bits of the GEMV on X[i]."""
+    d1, d2 = dots
 
-
-def _superblock_kernels(prep, dot, decode_row) -> tuple:
-    """(gemv, gemm, dequant) on row-major rows of a super-block layout from its jitted x
-    preparation, row dot and row decoder (``decode_row(w, off, n32, dst, doff)``, counting
-    32-weight units as gemv_basic's GEMM and dequant drivers do)."""
-
-    @jit
+    @jit_exact
     def gemv(w, x, out, r0, r1):
-        _gemv_superblocks(prep, dot, w, x, out, r0, r1)
+        nb = x.shape[0] // _QKK
+        xp = np.empty(nb * _XPK, np.float32)
+        prep(x, xp, nb)
+        rb = w.strides[0]
+        for r in range(r0, r1):
+            out[r] = d1(w, r * rb, xp, nb)
 
-    @jit
+    @jit_exact
     def gemm(w, X, out, r0, r1):
-        _gemm_blocks_simd(decode_row, w, X, out, r0, r1)
+        n, cols = X.shape
+        nb = cols // _QKK
+        XP = np.empty((n, nb * _XPK), np.float32)
+        for i in range(n):
+            prep(X[i], XP[i], nb)
+        rb = w.strides[0]
+        for ra in range(r0, r1, _TILE):
+            rz = min(r1, ra + _TILE)
+            for i in range(0, n - 1, 2):
+                for r in range(ra, rz):
+                    d2(w, r * rb, XP, i, nb, out, r)
+            if n % 2:
+                for r in range(ra, rz):
+                    out[n - 1, r] = d1(w, r * rb, XP[n - 1], nb)
 
     @jit_exact
     def dequant(w, out, r0, r1):
@@ -623,22 +743,13 @@ def _superblock_kernels(prep, dot, decode_row) -> tuple:
     return gemv, gemm, dequant
 
 
-@jit
-def _prep6(x, xp, nb):
-    _prep_x(x, xp, nb)
-
-
-@jit
-def _dot6(w, o, xp, nb):
-    return dot_q6_kr(w, o, xp, nb)
-
-
 @jit_exact
 def _decode_row_q6_kr_simd(w, off, n32, dst, doff):
     decode_q6_kr(w, off, n32 // 8, dst, doff)
 
 
-gemv_q6_kr_simd, gemm_q6_kr_simd, dequant_q6_kr_simd = _superblock_kernels(_prep6, _dot6, _decode_row_q6_kr_simd)
+gemv_q6_kr_simd, gemm_q6_kr_simd, dequant_q6_kr_simd = _superblock_kernels(
+    _prep_x, (dot_q6_kr, _q6_kr_rows), _decode_row_q6_kr_simd)
 
 
 @jit_exact
@@ -656,12 +767,12 @@ def _decode_row_q6_kr_plain(w, r, dst):
         _block_q6_kr_plain(w, r, _BB6 * b, dst, _QKK * b)
 
 
-@jit
+@jit_exact
 def gemv_q6_kr_plain(w, x, out, r0, r1):
     _gemv_plain(_decode_row_q6_kr_plain, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q6_kr_plain(w, X, out, r0, r1):
     _gemm_plain(_decode_row_q6_kr_plain, w, X, out, r0, r1)
 
@@ -764,46 +875,9 @@ def _q4_block(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]:
     return dw, *(b.shuffle_vector(scm, ir.Constant(_V16F, ir.Undefined), idx) for idx in per_lane)
 
 
-def _make_dot_4bit(unit_bytes: int, xp_floats: int, weights: int, unit, fields: int):
-    """Intrinsic ``dot(w, woff, xp, n)``: the first n units (``unit(b, p)`` -> dwords, per-lane
-    scale and min vectors) of the row at byte ``woff`` dotted with x prepared for them (per
-    unit ``xp_floats``: the fields' x, then the lane sums at ``weights``); mask + convert + FMA
-    per field, ``_CHAINS`` partial sums kept apart."""
-
-    @intrinsic
-    def dot(typingctx, w, woff, xp, n):
-        def gen(context, b, sig, args):
-            w, woff, xp, n = args
-            wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
-            xq = _data_ptr(context, b, sig.args[2], xp)
-            acc = cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16))
-            contract = ("contract",)  # no reassociation: the partial sums stay apart
-            with cgutils.for_range(b, n) as loop:
-                g = loop.index
-                p = b.gep(wp, [b.mul(g, g.type(unit_bytes))])
-                _prefetch(b, p, simd.PREFETCH, unit_bytes)
-                xb = b.gep(xq, [b.mul(g, g.type(4 * xp_floats))])
-                dw, sv, mv = unit(b, p)
-                ts = [None] * _CHAINS
-                for k in range(fields):
-                    pr = b.fmul(_q4_field(b, dw, k, True), _load(b, xb, 64 * k, _V16F), flags=contract)
-                    t = ts[k % _CHAINS]
-                    ts[k % _CHAINS] = pr if t is None else b.fadd(t, pr, flags=contract)
-                while len(ts) > 1:
-                    ts = [b.fadd(ts[i], ts[i + 1], flags=contract) for i in range(0, len(ts), 2)]
-                a = b.fadd(b.load(acc), b.fmul(ts[0], sv, flags=_FLAGS), flags=_FLAGS)
-                a = b.fadd(a, b.fmul(mv, _load(b, xb, 4 * weights, _V16F), flags=_FLAGS), flags=_FLAGS)  # min term
-                b.store(a, acc)
-            return _hsum(b, b.load(acc))
-
-        return types.float32(w, types.intp, xp, types.intp), gen
-
-    return dot
-
-
 # float32: the ``nb`` super-blocks of the row at byte ``woff`` dotted with the prepared x (``_prep_x4``);
-# the min term adds dmin * m * (-sum(x)).
-dot_q4_kr = _make_dot_4bit(_BB4, _XPK, _QKK, _q4_block, 16)
+# the min term adds dmin * m * (-sum(x)). And the same on two rows of prepared x.
+dot_q4_kr, _q4_kr_rows = _lanes_dots(_lanes_body(_BB4, _XPK, _q4_block, _q4_field, 16, min_at=_QKK))
 
 
 @intrinsic
@@ -832,22 +906,13 @@ def decode_q4_kr(typingctx, w, woff, nb, dst, doff):
 _prep_x4 = _make_prep_x(_XSCALE4, -1.0)
 
 
-@jit
-def _prep4(x, xp, nb):
-    _prep_x4(x, xp, nb)
-
-
-@jit
-def _dot4(w, o, xp, nb):
-    return dot_q4_kr(w, o, xp, nb)
-
-
 @jit_exact
 def _decode_row_q4_kr_simd(w, off, n32, dst, doff):
     decode_q4_kr(w, off, n32 // 8, dst, doff)
 
 
-gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd = _superblock_kernels(_prep4, _dot4, _decode_row_q4_kr_simd)
+gemv_q4_kr_simd, gemm_q4_kr_simd, dequant_q4_kr_simd = _superblock_kernels(
+    _prep_x4, (dot_q4_kr, _q4_kr_rows), _decode_row_q4_kr_simd)
 
 
 @jit_exact
@@ -866,12 +931,12 @@ def _decode_row_q4_kr_plain(w, r, dst):
         _block_q4_kr_plain(w, r, _BB4 * b, dst, _QKK * b)
 
 
-@jit
+@jit_exact
 def gemv_q4_kr_plain(w, x, out, r0, r1):
     _gemv_plain(_decode_row_q4_kr_plain, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q4_kr_plain(w, X, out, r0, r1):
     _gemm_plain(_decode_row_q4_kr_plain, w, X, out, r0, r1)
 
@@ -966,7 +1031,7 @@ def _q4_1_group(b: ir.IRBuilder, p: ir.Value) -> tuple[list, ir.Value, ir.Value]
 
 
 # float32: the first ``ng`` groups of the row at byte ``woff`` dotted with the prepared x (``_prep_x1``).
-dot_q4_1r = _make_dot_4bit(_GB1, _XP1, _GW1, _q4_1_group, 8)
+dot_q4_1r, _q4_1r_rows = _lanes_dots(_lanes_body(_GB1, _XP1, _q4_1_group, _q4_field, 8, min_at=_GW1))
 
 
 @intrinsic
@@ -993,22 +1058,32 @@ def decode_q4_1r(typingctx, w, woff, ng, dst, doff):
     return types.void(w, types.intp, types.intp, dst, types.intp), gen
 
 
-@jit
+@jit_exact
 def _prep_x1(x, ng):
-    """x -> per group x[8j + i] * 2^-4i (i < 7) at 16i + j, then sum(x[8j:8j + 8]) at 128 + j."""
+    """x -> per group x[8j + i] * 2^-4i (i < 7) at 16i + j, then sum(x[8j:8j + 8]) at 128 + j
+    (added in order i = 0..7; the 16 sums side by side)."""
     xp = np.empty(ng * _XP1, np.float32)
+    s = np.empty(16, np.float32)
     for g in range(ng):
-        for j in range(16):
-            s = np.float32(0.0)
-            for i in range(8):
+        s[:] = 0.0
+        for i in range(8):
+            for j in range(16):
                 v = x[_GW1 * g + 8 * j + i]
                 xp[_XP1 * g + 16 * i + j] = v * _XSCALE1[i]
-                s += v
-            xp[_XP1 * g + _GW1 + j] = s
+                s[j] += v
+        xp[_XP1 * g + _GW1:_XP1 * (g + 1)] = s
     return xp
 
 
-@jit
+@jit_exact
+def _prep_x1_rows(X, ng):  # (n, ng * _XP1): _prep_x1 of each row of X
+    XP = np.empty((X.shape[0], ng * _XP1), np.float32)
+    for i in range(X.shape[0]):
+        XP[i] = _prep_x1(X[i], ng)
+    return XP
+
+
+@jit_exact
 def gemv_q4_1r_simd(w, x, out, r0, r1):
     nb = x.shape[0] // 32
     ng = nb // _G1
@@ -1030,9 +1105,30 @@ def _decode_row_q4_1r_simd(w, off, nb, dst, doff):
         simd.decode_q4_1(w, off + _GB1 * ng, nb - _G1 * ng, dst, doff + _GW1 * ng)
 
 
-@jit
+@jit_exact
 def gemm_q4_1r_simd(w, X, out, r0, r1):
-    _gemm_blocks_simd(_decode_row_q4_1r_simd, w, X, out, r0, r1)
+    """The two-row dot on each pair of activation rows (an odd last row: the GEMV's dot) over
+    simd.TILE weight rows at a time, then each row's tail blocks as the GEMV adds them: out[i]
+    has the bits of the GEMV on X[i]."""
+    n, cols = X.shape
+    nb = cols // 32
+    ng = nb // _G1
+    nt = nb - _G1 * ng
+    XP = _prep_x1_rows(X, ng)
+    XS = _block_sums_rows(X, _G1 * ng, nb)
+    rb = w.strides[0]
+    for ra in range(r0, r1, _TILE):
+        rz = min(r1, ra + _TILE)
+        for i in range(0, n - 1, 2):
+            for r in range(ra, rz):
+                _q4_1r_rows(w, r * rb, XP, i, ng, out, r)
+        if n % 2:
+            for r in range(ra, rz):
+                out[n - 1, r] = dot_q4_1r(w, r * rb, XP[n - 1], ng)
+        if nt > 0:
+            for r in range(ra, rz):
+                for k in range(n):
+                    out[k, r] = out[k, r] + simd.dot_q4_1(w, r * rb + _GB1 * ng, X[k], _GW1 * ng, XS[k], nt)
 
 
 @jit_exact
@@ -1059,12 +1155,12 @@ def _decode_row_q4_1r_plain(w, r, dst):
             dst[_GW1 * ng + 32 * bi + 16 + j] = d * np.float32(b >> 4) + m
 
 
-@jit
+@jit_exact
 def gemv_q4_1r_plain(w, x, out, r0, r1):
     _gemv_plain(_decode_row_q4_1r_plain, w, x, out, r0, r1)
 
 
-@jit
+@jit_exact
 def gemm_q4_1r_plain(w, X, out, r0, r1):
     _gemm_plain(_decode_row_q4_1r_plain, w, X, out, r0, r1)
 
@@ -1077,7 +1173,7 @@ def dequant_q4_1r_plain(w, out, r0, r1):
 # ---- column slabs (formats.SLABBED): the row-major kernels above, run slab by slab ----
 
 
-@jit(inline="always")
+@jit_exact(inline="always")
 def _slab(w, cols, uw, ub, s, k, ra, rb):
     """Rows [ra, rb) of column slab s of k of the slabbed weight w (a contiguous row-major
     matrix: the slab's bytes follow the earlier slabs' for all rows), its first and end column."""
@@ -1090,7 +1186,7 @@ def _slab(w, cols, uw, ub, s, k, ra, rb):
     return w.reshape(-1)[base:base + (rb - ra) * (b1 - b0)].reshape((rb - ra, b1 - b0)), c0, c1
 
 
-@jit(inline="always")
+@jit_exact(inline="always")
 def _gemv_slabs(gemv, uw, ub, w, x, out, r0, r1):
     cols = x.shape[0]
     k = _n_slabs(cols // uw, _SLAB_COLS // uw)
@@ -1105,7 +1201,7 @@ def _gemv_slabs(gemv, uw, ub, w, x, out, r0, r1):
             out[r0 + r] = part[r] if s == 0 else out[r0 + r] + part[r]
 
 
-@jit(inline="always")
+@jit_exact(inline="always")
 def _gemm_slabs(gemm, uw, ub, w, X, out, r0, r1):
     n, cols = X.shape
     k = _n_slabs(cols // uw, _SLAB_COLS // uw)
@@ -1142,11 +1238,11 @@ def _slabbed(fmt: str, kernels: tuple) -> tuple:
     gv, gm, dq = kernels
     uw, ub = slab_unit(fmt)
 
-    @jit
+    @jit_exact
     def gemv(w, x, out, r0, r1):
         _gemv_slabs(gv, uw, ub, w, x, out, r0, r1)
 
-    @jit
+    @jit_exact
     def gemm(w, X, out, r0, r1):
         _gemm_slabs(gm, uw, ub, w, X, out, r0, r1)
 

@@ -12,6 +12,11 @@ generic code generators build, inside one ``@intrinsic``:
   scale, and a single horizontal sum at the end. For Q4_1/Q5_1 the min term is
   ``m * xs[b]`` with ``xs`` the per-block sums of ``x`` (float32, computed once per
   GEMV by the caller; ignored by the other formats);
+- ``dot_<fmt>_rows2(w, woff, X, xoff, XS, i0, n_units, out, col)`` (``DOT_ROWS``): the same
+  dot for activation rows i0 and i0 + 1 of ``X`` (block sums ``XS``), each block decoded once
+  for both, every row given exactly the one-row dot's operations in its order, written to
+  ``out[i0 + t, col]``: the small-n GEMM's rows have the GEMV's bits (the code generator is
+  one, ``_dot_body``, for any number of rows; only FMA contraction is allowed, ``_FLAGS``);
 - ``decode_<fmt>(w, woff, n_units, dst, doff)``: the row dequantized to float32,
   computed exactly as ``gguf.quants.dequantize`` does (no FMA contraction), so the
   result is bit-identical.
@@ -47,7 +52,7 @@ import numpy as np
 from numba import types
 from numba.core import cgutils
 
-from flashlm.kernels.config import FASTMATH, intrinsic
+from flashlm.kernels.config import intrinsic
 
 
 def _host_has_simd() -> bool:
@@ -113,7 +118,12 @@ _V16F = ir.VectorType(_F32, 16)
 _V16I8 = ir.VectorType(_I8, 16)
 _V16I16 = ir.VectorType(_I16, 16)
 _V16I32 = ir.VectorType(_I32, 16)
-_FLAGS = tuple(sorted(FASTMATH)) if isinstance(FASTMATH, (set, frozenset)) else ("fast",)
+# Fast-math flags of the vector IR: FMA contraction only. Without ``reassoc`` LLVM keeps every
+# sum in the order written, so a row's dot is the same operations whatever else is compiled
+# around it: the multi-row kernels (``*_rows``) give each row exactly the bits of the GEMV.
+# (With ``reassoc`` the GEMV's rounding differed from the same IR inside a multi-row loop;
+# dropping it measured no slower on the AVX2 EPYC, 0.9-1.0x of the time in L2.)
+_FLAGS = ("contract",)
 
 
 # ---- IR helpers ----
@@ -305,35 +315,54 @@ def _data_ptr(context, builder, aty, aval) -> ir.Value:
     return builder.bitcast(arr.data, _I8.as_pointer())
 
 
-def _make_dot(fmt: str):
+def _row_ptrs(context, builder, aty, aval, i0: ir.Value, nr: int, col: ir.Value | None = None) -> list:
+    """i8* to element [i0 + t, col] (col 0 when None) of the 2-D array ``aval``, for t < nr."""
+    arr = context.make_array(aty)(context, builder, value=aval)
+    stride = cgutils.unpack_tuple(builder, arr.strides, 2)[0]
+    base = builder.bitcast(arr.data, _I8.as_pointer())
+    if col is not None:
+        base = builder.gep(base, [builder.mul(col, col.type(aty.dtype.bitwidth // 8))])
+    return [builder.gep(base, [builder.mul(builder.add(i0, i0.type(t)), stride)]) for t in range(nr)]
+
+
+def _store_rows(context, builder, aty, aval, i0: ir.Value, col: ir.Value, vals: list) -> None:
+    """out[i0 + t, col] = vals[t] for the 2-D float32 array ``aval``."""
+    for p, v in zip(_row_ptrs(context, builder, aty, aval, i0, len(vals), col), vals):
+        builder.store(v, builder.bitcast(p, _F32.as_pointer()))
+
+
+def _dot_body(fmt: str):
+    """``body(builder, wp, xps, sps, nunits) -> [float32 per row]``: the blocks of the weight row at
+    i8* ``wp`` dotted with every activation row (i8* ``xps[t]``; block sums at float* ``sps[t]``).
+    Each block is decoded once; every row then gets the same operations, in the same order,
+    as the one-row dot (the GEMV), so each result has the GEMV's bits."""
     unit, ubytes, parts = SPECS[fmt]
 
-    def gen(context, builder, sig, args):
-        w, woff, x, xoff, xs, nunits = args
-        wp = builder.gep(_data_ptr(context, builder, sig.args[0], w), [woff])
-        xp = builder.gep(_data_ptr(context, builder, sig.args[2], x), [builder.mul(xoff, xoff.type(4))])
-        sp = builder.bitcast(_data_ptr(context, builder, sig.args[4], xs), _F32.as_pointer())
+    def body(builder, wp, xps, sps, nunits):
         vf = ir.VectorType(_F32, LANES)
         zero = ir.Constant(vf, [0.0] * LANES)
-        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)]
-        macc = [cgutils.alloca_once_value(builder, _F32(0.0)) for _ in range(UNROLL)]
+        nr = len(xps)
+        accs = [[cgutils.alloca_once_value(builder, zero) for _ in range(UNROLL)] for _ in range(nr)]
+        macc = [[cgutils.alloca_once_value(builder, _F32(0.0)) for _ in range(UNROLL)] for _ in range(nr)]
 
         def block(k: int, idx: ir.Value):
             p = builder.gep(wp, [builder.mul(idx, idx.type(ubytes))])
-            xb = builder.gep(xp, [builder.mul(idx, idx.type(unit * 4))])
             d, m, qs, kind = parts(builder, p)
             qs = _to_floats(builder, qs, kind, LANES)
-            xv = [_load(builder, xb, 4 * LANES * j, vf) for j in range(len(qs))]
-            t = builder.fmul(qs[0], xv[0], flags=_FLAGS)
-            for q, v in zip(qs[1:], xv[1:]):
-                t = builder.fadd(t, builder.fmul(q, v, flags=_FLAGS), flags=_FLAGS)
-            if d is not None:
-                t = builder.fmul(_splat_f16(builder, d, vf), t, flags=_FLAGS)
-            builder.store(builder.fadd(builder.load(accs[k]), t, flags=_FLAGS), accs[k])
-            if m is not None:  # min term: m * (sum of x over the block), sums precomputed
-                sx = builder.load(builder.gep(sp, [idx]))
-                mt = builder.fmul(builder.fpext(m, _F32), sx, flags=_FLAGS)
-                builder.store(builder.fadd(builder.load(macc[k]), mt, flags=_FLAGS), macc[k])
+            ds = None if d is None else _splat_f16(builder, d, vf)
+            for r in range(nr):
+                xb = builder.gep(xps[r], [builder.mul(idx, idx.type(unit * 4))])
+                xv = [_load(builder, xb, 4 * LANES * j, vf) for j in range(len(qs))]
+                t = builder.fmul(qs[0], xv[0], flags=_FLAGS)
+                for q, v in zip(qs[1:], xv[1:]):
+                    t = builder.fadd(t, builder.fmul(q, v, flags=_FLAGS), flags=_FLAGS)
+                if ds is not None:
+                    t = builder.fmul(ds, t, flags=_FLAGS)
+                builder.store(builder.fadd(builder.load(accs[r][k]), t, flags=_FLAGS), accs[r][k])
+                if m is not None:  # min term: m * (sum of x over the block), sums precomputed
+                    sx = builder.load(builder.gep(sps[r], [idx]))
+                    mt = builder.fmul(builder.fpext(m, _F32), sx, flags=_FLAGS)
+                    builder.store(builder.fadd(builder.load(macc[r][k]), mt, flags=_FLAGS), macc[r][k])
 
         ngroups = builder.sdiv(nunits, nunits.type(UNROLL))
         with cgutils.for_range(builder, ngroups) as loop:
@@ -344,13 +373,30 @@ def _make_dot(fmt: str):
                 block(k, builder.add(base, base.type(k)))
         with cgutils.for_range(builder, nunits, start=builder.mul(ngroups, nunits.type(UNROLL))) as loop:
             block(0, loop.index)
-        total = builder.load(accs[0])
-        for a in accs[1:]:
-            total = builder.fadd(total, builder.load(a), flags=_FLAGS)
-        res = _hsum(builder, total)
-        for a in macc:
-            res = builder.fadd(res, builder.load(a), flags=_FLAGS)
-        return res
+        out = []
+        for r in range(nr):
+            total = builder.load(accs[r][0])
+            for a in accs[r][1:]:
+                total = builder.fadd(total, builder.load(a), flags=_FLAGS)
+            res = _hsum(builder, total)
+            for a in macc[r]:
+                res = builder.fadd(res, builder.load(a), flags=_FLAGS)
+            out.append(res)
+        return out
+
+    return body
+
+
+def _make_dot(fmt: str):
+    """Intrinsic ``dot(w, woff, x, xoff, xs, n_units) -> float32`` (see the module docstring)."""
+    body = _dot_body(fmt)
+
+    def gen(context, builder, sig, args):
+        w, woff, x, xoff, xs, nunits = args
+        wp = builder.gep(_data_ptr(context, builder, sig.args[0], w), [woff])
+        xp = builder.gep(_data_ptr(context, builder, sig.args[2], x), [builder.mul(xoff, xoff.type(4))])
+        sp = builder.bitcast(_data_ptr(context, builder, sig.args[4], xs), _F32.as_pointer())
+        return body(builder, wp, [xp], [sp], nunits)[0]
 
     @intrinsic
     def dot(typingctx, w, woff, x, xoff, xs, nunits):
@@ -359,6 +405,29 @@ def _make_dot(fmt: str):
 
     dot.__name__ = dot.__qualname__ = f"dot_{fmt.lower()}"
     return dot
+
+
+def _make_dot_rows(fmt: str, nr: int):
+    """Intrinsic ``dot_rows(w, woff, X, xoff, XS, i0, n_units, out, col)``: out[i0 + t, col] =
+    the dot of ``dot`` with X[i0 + t, xoff:] and block sums XS[i0 + t] for t < nr (X, XS, out
+    2-D float32 with contiguous rows), each block of the weight row decoded once."""
+    body = _dot_body(fmt)
+
+    def gen(context, builder, sig, args):
+        w, woff, X, xoff, XS, i0, nunits, out, col = args
+        wp = builder.gep(_data_ptr(context, builder, sig.args[0], w), [woff])
+        xps = _row_ptrs(context, builder, sig.args[2], X, i0, nr, xoff)
+        sps = [builder.bitcast(p, _F32.as_pointer()) for p in _row_ptrs(context, builder, sig.args[4], XS, i0, nr)]
+        _store_rows(context, builder, sig.args[7], out, i0, col, body(builder, wp, xps, sps, nunits))
+        return context.get_dummy_value()
+
+    @intrinsic
+    def dot_rows(typingctx, w, woff, X, xoff, XS, i0, nunits, out, col):
+        sig = types.void(w, types.intp, X, types.intp, XS, types.intp, types.intp, out, types.intp)
+        return sig, gen
+
+    dot_rows.__name__ = dot_rows.__qualname__ = f"dot_{fmt.lower()}_rows{nr}"
+    return dot_rows
 
 
 def _make_decode(fmt: str):
@@ -412,23 +481,20 @@ GROUP4 = HAVE_AVX512  # the public Q4_0/Q4_1 GEMVs use the 4-block kernel (modul
 _GROUP4_FMTS = {"Q4_0": (2, False, [i - 8 for i in range(16)]), "Q4_1": (4, True, list(range(16)))}
 
 
-def _make_dot4(fmt: str):
-    """Intrinsic ``dot4(w, woff, xp, xsl, ngroups) -> float32``: the first 4*ngroups blocks
-    of the row at byte ``woff`` of ``w`` dotted with ``xp`` (x permuted by GROUP4_PERM per
-    128 weights); ``xsl`` (ngroups*16,) the per-lane sums of ``xp`` (Q4_1's min term)."""
+def _dot4_body(fmt: str):
+    """``body(b, wp, xps, sps, ngroups) -> [float32 per row]``: the first 4*ngroups blocks of the
+    row at i8* ``wp`` dotted with each row's permuted x (i8* ``xps[t]``) and lane sums (i8*
+    ``sps[t]``); each group decoded once, every row the one-row kernel's operations."""
     qoff, has_min, table = _GROUP4_FMTS[fmt]
     ubytes = SPECS[fmt][1]
     v64, v16i32 = ir.VectorType(_I8, 64), ir.VectorType(_I32, 64)
     gather = [ubytes * (i // 16) + qoff + i % 16 if i < 48 else 64 + i % 16 for i in range(64)]
 
-    def gen(context, builder, sig, args):
-        b = builder
-        w, woff, xv, xsl, ngroups = args
-        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
-        xp = _data_ptr(context, b, sig.args[2], xv)
-        sp = _data_ptr(context, b, sig.args[3], xsl)
+    def body(b, wp, xps, sps, ngroups):
+        nr = len(xps)
         zero = ir.Constant(_V16F, [0.0] * 16)
-        acc, macc = cgutils.alloca_once_value(b, zero), cgutils.alloca_once_value(b, zero)
+        acc = [cgutils.alloca_once_value(b, zero) for _ in range(nr)]
+        macc = [cgutils.alloca_once_value(b, zero) for _ in range(nr)]
         with cgutils.for_range(b, ngroups) as loop:
             g = loop.index
             p = b.gep(wp, [b.mul(g, g.type(4 * ubytes))])
@@ -445,18 +511,36 @@ def _make_dot4(fmt: str):
                 h = b.shuffle_vector(words, words, ir.Constant(ir.VectorType(_I32, 16), idx))
                 return b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), 16)), _V16F)
 
-            xb = b.gep(xp, [b.mul(g, g.type(512))])
-            t = [None, None]
-            for k in range(8):
-                f = _lookup(b, table, q if k == 0 else b.lshr(q, _const_vec(_V16I32, 4 * k)))
-                pr = b.fmul(f, _load(b, xb, 64 * k, _V16F), flags=_FLAGS)
-                t[k % 2] = pr if t[k % 2] is None else b.fadd(t[k % 2], pr, flags=_FLAGS)
-            tq = b.fadd(t[0], t[1], flags=_FLAGS)
-            b.store(b.fadd(b.load(acc), b.fmul(tq, scale(0), flags=_FLAGS), flags=_FLAGS), acc)
-            if has_min:
-                sv = _load(b, sp, b.mul(g, g.type(64)), _V16F)
-                b.store(b.fadd(b.load(macc), b.fmul(scale(2), sv, flags=_FLAGS), flags=_FLAGS), macc)
-        return _hsum(b, b.fadd(b.load(acc), b.load(macc), flags=_FLAGS))
+            fs = [_lookup(b, table, q if k == 0 else b.lshr(q, _const_vec(_V16I32, 4 * k))) for k in range(8)]
+            d = scale(0)
+            mn = scale(2) if has_min else None
+            for r in range(nr):
+                xb = b.gep(xps[r], [b.mul(g, g.type(512))])
+                t = [None, None]
+                for k in range(8):
+                    pr = b.fmul(fs[k], _load(b, xb, 64 * k, _V16F), flags=_FLAGS)
+                    t[k % 2] = pr if t[k % 2] is None else b.fadd(t[k % 2], pr, flags=_FLAGS)
+                tq = b.fadd(t[0], t[1], flags=_FLAGS)
+                b.store(b.fadd(b.load(acc[r]), b.fmul(tq, d, flags=_FLAGS), flags=_FLAGS), acc[r])
+                if has_min:
+                    sv = _load(b, sps[r], b.mul(g, g.type(64)), _V16F)
+                    b.store(b.fadd(b.load(macc[r]), b.fmul(mn, sv, flags=_FLAGS), flags=_FLAGS), macc[r])
+        return [_hsum(b, b.fadd(b.load(acc[r]), b.load(macc[r]), flags=_FLAGS)) for r in range(nr)]
+
+    return body
+
+
+def _make_dot4(fmt: str):
+    """Intrinsic ``dot4(w, woff, xp, xsl, ngroups) -> float32``: the first 4*ngroups blocks of
+    the row at byte ``woff`` of ``w`` dotted with ``xp`` (x permuted by GROUP4_PERM per
+    128 weights); ``xsl`` (ngroups*16,) the per-lane sums of ``xp`` (Q4_1's min term)."""
+    body = _dot4_body(fmt)
+
+    def gen(context, b, sig, args):
+        w, woff, xv, xsl, ngroups = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        return body(b, wp, [_data_ptr(context, b, sig.args[2], xv)], [_data_ptr(context, b, sig.args[3], xsl)],
+                    ngroups)[0]
 
     @intrinsic
     def dot4(typingctx, w, woff, xp, xsl, ngroups):
@@ -464,6 +548,27 @@ def _make_dot4(fmt: str):
 
     dot4.__name__ = dot4.__qualname__ = f"dot4_{fmt.lower()}"
     return dot4
+
+
+def _make_dot4_rows(fmt: str, nr: int):
+    """Intrinsic ``dot4_rows(w, woff, XP, XSL, i0, ngroups, out, col)``: out[i0 + t, col] = ``dot4``
+    on rows i0 + t of XP (n, ngroups*128) and XSL (n, ngroups*16), for t < nr."""
+    body = _dot4_body(fmt)
+
+    def gen(context, b, sig, args):
+        w, woff, XP, XSL, i0, ngroups, out, col = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        res = body(b, wp, _row_ptrs(context, b, sig.args[2], XP, i0, nr),
+                   _row_ptrs(context, b, sig.args[3], XSL, i0, nr), ngroups)
+        _store_rows(context, b, sig.args[6], out, i0, col, res)
+        return context.get_dummy_value()
+
+    @intrinsic
+    def dot4_rows(typingctx, w, woff, XP, XSL, i0, ngroups, out, col):
+        return types.void(w, types.intp, XP, XSL, types.intp, types.intp, out, types.intp), gen
+
+    dot4_rows.__name__ = dot4_rows.__qualname__ = f"dot4_{fmt.lower()}_rows{nr}"
+    return dot4_rows
 
 
 @intrinsic
@@ -487,5 +592,20 @@ decode_q4_0, decode_q4_1, decode_q5_0, decode_q5_1, decode_q8_0 = (
 decode_f32, decode_f16, decode_bf16 = DECODE["F32"], DECODE["F16"], DECODE["BF16"]
 DOT4 = {fmt: _make_dot4(fmt) for fmt in _GROUP4_FMTS}
 dot4_q4_0, dot4_q4_1 = DOT4["Q4_0"], DOT4["Q4_1"]
+# Multi-row kernels: ROWS activation rows per call share each decoded block (an odd last row takes
+# the one-row dot), and the GEMM drivers run them over TILE weight rows at a time for each pair
+# of activation rows, so the pair's x stays in L1 while the tile's weights (read from memory
+# once) stay in L2. The quantized formats, whose decode costs more than their FMAs, also have a
+# four-row dot (``DOT_ROWS4``; the drivers take 4 rows at a time, then a pair, then one).
+# Measured on the AVX2 EPYC, one core, 256 x 1536 in L2, time per row against the GEMV (n = 4..32):
+# pairs / groups of 4 rows: Q5_1 0.76 / 0.49, Q4_0 0.57 / 0.47, Q4_1 0.72 / 0.60, Q8_0 0.62-0.79 /
+# 0.57-0.82, Q5_0R 0.64-0.71 / 0.60-0.72, F16 0.33-0.40 / 0.49-0.51 (4 rows spill the 16 ymm
+# registers), Q4_KR 0.73-0.80 / 0.90-0.96; a 32-row tile against none: 0.7-1.0x of the time.
+ROWS = 2
+TILE = 32
+DOT_ROWS = {fmt: _make_dot_rows(fmt, ROWS) for fmt in SPECS}
+DOT_ROWS4 = {fmt: _make_dot_rows(fmt, 4) for fmt in ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")}
+DOT4_ROWS = {fmt: _make_dot4_rows(fmt, ROWS) for fmt in _GROUP4_FMTS}
 
-__all__ = ["DECODE", "DOT", "DOT4", "GROUP4", "GROUP4_PERM", "HAVE_AVX512", "HAVE_SIMD", "SPECS", "bits_to_f32"]
+__all__ = ["DECODE", "DOT", "DOT4", "DOT4_ROWS", "DOT_ROWS", "DOT_ROWS4", "GROUP4", "GROUP4_PERM", "HAVE_AVX512", "HAVE_SIMD",
+           "ROWS", "SPECS", "TILE", "bits_to_f32"]

@@ -99,6 +99,12 @@ def attend(backend, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, bat
         c, p = batch.caches[0], batch.n_past[0]
         backend.kv_write(c.k[layer], c.v[layer], k, v, p)
         return backend.attention(q, c.k[layer], c.v[layer], p)
+    if len(batch.caches) == len(batch.tokens) and hasattr(backend, "attention_batch") \
+            and hasattr(backend, "kv_write_batch"):
+        # one new token per sequence (a decode step of B sequences): one call for all of them
+        ks, vs = [c.k[layer] for c in batch.caches], [c.v[layer] for c in batch.caches]
+        backend.kv_write_batch(ks, vs, k, v, batch.n_past)
+        return backend.attention_batch(q, ks, vs, batch.n_past)
     out = np.empty_like(q)
     for c, p, s, e in zip(batch.caches, batch.n_past, batch.starts[:-1], batch.starts[1:]):
         backend.kv_write(c.k[layer], c.v[layer], k[s:e], v[s:e], p)

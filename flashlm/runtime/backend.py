@@ -11,6 +11,8 @@ activations and QTensor weights:
     rope(x, positions, theta, layout, scaling=None)   in place on (n, H, D)
     silu_mul(g, u)               silu(g) * u                    -> (n, F)
     attention(q, k_cache, v_cache, n_past)   causal, GQA        -> (n, Hq, D)
+    attention_batch(q, k_caches, v_caches, n_pasts)   one token per sequence, B caches -> (B, Hq, D)
+    kv_write_batch(k_caches, v_caches, k, v, n_pasts) one position per sequence, k/v (B, Hkv, D)
     kv_write(k_cache, v_cache, k, v, pos)    caches (Hkv, T, D), k/v (n, Hkv, D)
 
 :class:`NumpyBackend` is plain numpy: weights are dequantized to float32 once
@@ -210,6 +212,15 @@ class NumpyBackend:
             out[s:e] = o.reshape(hkv, m, g, d).transpose(1, 0, 2, 3).reshape(m, hq, d)
         return out
 
+    def kv_write_batch(self, k_caches, v_caches, k: np.ndarray, v: np.ndarray, n_pasts) -> None:
+        for b, (kc, vc, p) in enumerate(zip(k_caches, v_caches, n_pasts)):
+            self.kv_write(kc, vc, k[b:b + 1], v[b:b + 1], p)
+
+    def attention_batch(self, q, k_caches, v_caches, n_pasts) -> np.ndarray:
+        """One new token per sequence (q (B, Hq, D)), each over its own cache."""
+        return np.concatenate([self.attention(q[b:b + 1], k, v, p) for b, (k, v, p)
+                               in enumerate(zip(k_caches, v_caches, n_pasts))])
+
 
 # ---- Numba kernels ----
 
@@ -326,6 +337,18 @@ class KernelBackend:
         # A worker's wake-up costs more than a short decode attention: run those here.
         pool = self.pool if n * (n_past + n) * hq * d >= ATTN_PARALLEL_MIN else None
         return self._ops.attention(np.ascontiguousarray(q), k_cache, v_cache, n_past, pool=pool)
+
+    def kv_write_batch(self, k_caches, v_caches, k, v, n_pasts) -> None:
+        """One new position per sequence, in one call."""
+        self._ops.kv_write_batch(k_caches, v_caches, np.ascontiguousarray(k), np.ascontiguousarray(v), n_pasts)
+
+    def attention_batch(self, q, k_caches, v_caches, n_pasts) -> np.ndarray:
+        """One new token per sequence (q (B, Hq, D)), each over its own cache, in one dispatch;
+        row b has the bits of ``attention(q[b:b+1], k_caches[b], v_caches[b], n_pasts[b])``."""
+        _, hq, d = q.shape
+        work = sum(int(p) + 1 for p in n_pasts) * hq * d
+        pool = self.pool if work >= ATTN_PARALLEL_MIN else None
+        return self._ops.attention_batch(np.ascontiguousarray(q), k_caches, v_caches, n_pasts, pool=pool)
 
 
 def kernels_available() -> bool:

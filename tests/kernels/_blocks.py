@@ -161,11 +161,13 @@ def cpu_runs_variant(flags: dict) -> bool:
     return not flags.get("HAVE_AVX512") or bool(llb.get_host_cpu_features().get("avx512f", False))
 
 
-def simd_gemv_variant(fmt: str, flags: dict):
-    """A GEMV ``gemv(w, x, out, r0, r1)`` for a 32-weight block format, built from
-    ``simd._make_dot`` with simd's module flags set to ``flags`` while it compiles
-    (the intrinsic reads them at code generation), so every code path can be run in
-    one process whatever the CPU. Compiled here, not cached."""
+def simd_kernel_variant(fmt: str, flags: dict) -> tuple:
+    """(gemv, gemm) for a 32-weight block format, built by gemv_basic's kernel factories from
+    ``simd._make_dot`` / ``_make_dot_rows`` (and the 4-block dots) with simd's module flags set
+    to ``flags`` while they compile (the intrinsics read them at code generation), so every code
+    path can be run in one process whatever the CPU. Compiled here, not cached."""
+    import functools
+
     import numba
 
     from flashlm.kernels import gemv_basic as gb
@@ -175,29 +177,23 @@ def simd_gemv_variant(fmt: str, flags: dict):
     try:
         for k, v in flags.items():
             setattr(simd, k, v)
+        compile = functools.partial(numba.njit, nogil=True)  # no cache: these flags are not the module's
         dot = simd._make_dot(fmt)
-
-        @numba.njit(nogil=True, fastmath=True)
-        def row_dot(w, o, x, xo, xs, n):
-            return dot(w, o, x, xo, xs, n)
-
         if flags.get("GROUP4") and fmt in simd._GROUP4_FMTS:
-            dot4 = simd._make_dot4(fmt)
-
-            @numba.njit(nogil=True, fastmath=True)
-            def row_dot4(w, o, xp, xsl, ng):
-                return dot4(w, o, xp, xsl, ng)
-
-            @numba.njit(nogil=True, fastmath=True)
-            def gemv(w, x, out, r0, r1):  # the package's 4-block driver
-                gb._gemv_blocks_simd4(row_dot4, row_dot, w, x, out, r0, r1)
+            gemv, gemm = gb._group4_kernels(simd._make_dot4(fmt), simd._make_dot4_rows(fmt, simd.ROWS), dot,
+                                            compile=compile)
         else:
-            @numba.njit(nogil=True, fastmath=True)
-            def gemv(w, x, out, r0, r1):  # the package's own GEMV driver around this dot
-                gb._gemv_blocks_simd(row_dot, w, x, out, r0, r1)
-
+            gemv, gemm = gb._block_kernels(dot, simd._make_dot_rows(fmt, simd.ROWS),
+                                           simd._make_dot_rows(fmt, 4) if fmt in simd.DOT_ROWS4 else None,
+                                           compile=compile)
         gemv.compile("void(u1[:, ::1], f4[::1], f4[::1], i8, i8)")
-        return gemv
+        gemm.compile("void(u1[:, ::1], f4[:, ::1], f4[:, ::1], i8, i8)")
+        return gemv, gemm
     finally:
         for k, v in saved.items():
             setattr(simd, k, v)
+
+
+def simd_gemv_variant(fmt: str, flags: dict):
+    """The GEMV of :func:`simd_kernel_variant`."""
+    return simd_kernel_variant(fmt, flags)[0]

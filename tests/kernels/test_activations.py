@@ -96,3 +96,15 @@ def test_bad_input_rejected() -> None:
         softmax(np.ones((2, 0), np.float32))
     with pytest.raises(ValueError):
         softmax(np.ones((3, 2), np.float32).T)
+
+
+def test_silu_mul_rows_do_not_depend_on_the_batch() -> None:
+    """A row of (n, f) equals the same row alone, bit for bit, wherever it falls in the loop."""
+    rng = np.random.default_rng(3)
+    for f in (96, 4864, 37):
+        g = rng.standard_normal((9, f)).astype(np.float32) * 4
+        u = rng.standard_normal((9, f)).astype(np.float32)
+        out = silu_mul(g, u)
+        for i in range(9):
+            np.testing.assert_array_equal(silu_mul(g[i:i + 1], u[i:i + 1]), out[i:i + 1])
+            np.testing.assert_array_equal(silu_mul(g[i], u[i]), out[i])

@@ -9,16 +9,35 @@ import sys
 from flashlm.kernels import config
 
 # Numba keys a closure's cache entry by the pickled contents of its cells; print that hash
-# for every public kernel that is a closure (repacked's factories).
+# for every public kernel that is a closure (the kernel factories of gemv_basic, gemv_kquant,
+# repacked), before and after kernels have compiled (an llvmlite type pickles differently
+# once it has been printed: kernels.config._Intrinsic).
 _KEYS = """
 import hashlib
+import numpy as np
 from numba.core.serialize import dumps
-from flashlm.kernels import repacked as rp
-for impl, table in sorted(rp._SLABBED.items()):
-    for fmt, kernels in sorted(table.items()):
-        for k in kernels:
-            cells = tuple(c.cell_contents for c in k.py_func.__closure__ or ())
-            print(impl, fmt, k.py_func.__qualname__, hashlib.sha256(dumps(cells)).hexdigest())
+from flashlm.kernels import gemv_basic as gb, gemv_kquant as kq, repacked as rp
+tables = {**{"slabbed-" + i: t for i, t in rp._SLABBED.items()}, "basic": gb.SIMD_KERNELS,
+          "kquant": {f: k for f, k in kq.IMPLS["simd"].items()}}
+
+def keys():
+    out = []
+    for impl, table in sorted(tables.items()):
+        for fmt, kernels in sorted(table.items()):
+            for k in kernels:
+                cells = tuple(c.cell_contents for c in k.py_func.__closure__ or ())
+                out.append(f"{impl} {fmt} {k.py_func.__qualname__} {hashlib.sha256(dumps(cells)).hexdigest()}")
+    return out
+
+before = keys()
+w = np.zeros((3, 144), np.uint8)
+X = np.ones((3, 256), np.float32)
+out = np.empty((3, 3), np.float32)
+kq.IMPLS["simd"]["Q4_K"][1](w, X, out, 0, 3) if kq.SIMD else None
+rp._SLABBED["simd"]["Q4_KR"][1](w, X, out, 0, 3)
+after = keys()
+print("\\n".join(before))
+print("same after compiling:", before == after)
 """
 
 
@@ -32,6 +51,7 @@ def test_closure_cache_keys_are_the_same_in_every_process() -> None:
     a, b = _keys("1"), _keys("2")
     assert len(a) >= 3 * 8  # gemv, gemm, dequant of every slabbed store layout
     assert a == b
+    assert a[-1] == "same after compiling: True"
 
 
 def test_stable_uuid_names_each_dispatcher_apart() -> None:

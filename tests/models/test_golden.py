@@ -89,3 +89,26 @@ def test_greedy(model, case):
           + ("matches" if k is None else f"differs at step {k} (hf margin {margin[k]:.4f})"))
     assert k is None or margin[k] < TIE_MARGIN, (
         f"greedy differs at step {k}: ours {out[k]}, hf {hf[k]}, hf top-2 margin {margin[k]}")
+
+
+def test_batch_and_verify_are_bit_identical(model):
+    """On the kernel backend a decode step of the three chat prompts in one forward_batch, and
+    a verification pass of the greedy continuation (9 tokens in one forward), give exactly the
+    logits of one-token forwards: batching and speculative decoding cannot change a token."""
+    if model.backend.name != "kernels":
+        pytest.skip("bit identity is the kernel backend's promise")
+    cases = golden(model.golden_name)["chat"]
+    batched = [prefill(model, c["prompt_ids"])[1] for c in cases]
+    alone = [prefill(model, c["prompt_ids"])[1] for c in cases]
+    toks = np.array([c["hf_greedy"][0] for c in cases])
+    for _ in range(2):
+        out = model.forward_batch([(toks[j:j + 1], None, batched[j]) for j in range(len(cases))])
+        for j, cache in enumerate(alone):
+            np.testing.assert_array_equal(out[j], model.forward(toks[j:j + 1], None, cache), err_msg=f"case {j}")
+        toks = out.argmax(-1)
+    draft = np.array((cases[0]["hf_greedy"] * 9)[:9])
+    _, c1 = prefill(model, cases[0]["prompt_ids"])
+    _, c2 = prefill(model, cases[0]["prompt_ids"])
+    verify = model.forward(draft, None, c1, all_logits=True)
+    for i in range(len(draft)):
+        np.testing.assert_array_equal(verify[i], model.forward(draft[i:i + 1], None, c2), err_msg=f"position {i}")

@@ -33,7 +33,13 @@ def tiny_config(arch: str) -> ModelConfig:
 
 
 def qtensor(a: np.ndarray, fmt: str) -> QTensor:
-    """``a`` (rows, cols) f32 stored as ``fmt`` (2-D only; vectors stay F32)."""
+    """``a`` (rows, cols) f32 stored as ``fmt`` (2-D only; vectors stay F32); a store layout
+    (Q5_0R, Q4_1R, Q8_0S ...) is its GGUF format's blocks packed as the importer packs them."""
+    from flashlm.kernels.repacked import GGUF_OF, pack
+
+    if fmt in GGUF_OF and a.ndim == 2:
+        g = qtensor(a, GGUF_OF[fmt])
+        return QTensor(pack(g.fmt, g.data, g.shape)[1], fmt, g.shape)
     if a.ndim == 1 or fmt == "F32":
         return QTensor(np.ascontiguousarray(a, np.float32), "F32", a.shape)
     if fmt == "F16":
@@ -157,6 +163,78 @@ def test_kernels_agree_with_numpy(arch, fmt):
     a = kern.forward(ids, None, kern.make_cache(11), all_logits=True)
     b = ref.forward(ids, None, ref.make_cache(11), all_logits=True)
     assert nerr(a, b) < 1e-5
+
+
+# Bit identity on the kernel backend: the small-n kernels give every row the GEMV's bits, and
+# every other op of a step (norms, rope, silu, attention) computes a row the same way whatever
+# else is in the batch, so batching and draft verification cannot change a greedy choice.
+IDENTITY = [("qwen2", "Q8_0"), ("qwen2", "Q5_0R"), ("llama", "Q4_1R"), ("qwen3", "F32"), ("qwen2", "BF16")]
+
+
+@pytest.fixture(scope="module")
+def pool2():
+    from flashlm.runtime.threadpool import ThreadPool
+
+    with ThreadPool(2) as p:
+        yield p
+
+
+def _kernel_model(arch: str, fmt: str, pool=None):
+    if not kernels_available():
+        pytest.skip("flashlm.kernels.matmul/ops do not import yet")
+    cfg = tiny_config(arch)
+    return build_model(cfg, random_weights(cfg, fmt, seed=5), KernelBackend(pool))
+
+
+@pytest.mark.parametrize("use_pool", [False, True], ids=["serial", "pool"])
+@pytest.mark.parametrize("b", [2, 8])
+@pytest.mark.parametrize("arch,fmt", IDENTITY, ids=lambda p: p)
+def test_forward_batch_of_one_token_sequences_is_bit_identical(arch, fmt, b, use_pool, pool2, monkeypatch):
+    """B sequences with different cache lengths, one new token each, in one forward_batch:
+    every row of logits equals that sequence's own one-token forward, bit for bit (two steps)."""
+    from flashlm.kernels import matmul as mm
+    from flashlm.runtime import backend as bk
+
+    if use_pool:  # split every product and every attention over the pool, whatever its size
+        monkeypatch.setattr(mm, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(bk, "ATTN_PARALLEL_MIN", 0)
+    model = _kernel_model(arch, fmt, pool2 if use_pool else None)
+    rng = np.random.default_rng(7)
+    prompts = [rng.integers(0, VOCAB, 1 + 3 * j) for j in range(b)]
+    batched, alone = [model.make_cache(40) for _ in prompts], [model.make_cache(40) for _ in prompts]
+    for p, c1, c2 in zip(prompts, batched, alone):
+        model.forward(p, None, c1)
+        model.forward(p, None, c2)
+    toks = rng.integers(0, VOCAB, b)
+    for _ in range(2):
+        out = model.forward_batch([(toks[j:j + 1], None, batched[j]) for j in range(b)])
+        for j in range(b):
+            np.testing.assert_array_equal(out[j], model.forward(toks[j:j + 1], None, alone[j]), err_msg=f"seq {j}")
+        toks = out.argmax(-1)
+
+
+@pytest.mark.parametrize("use_pool", [False, True], ids=["serial", "pool"])
+@pytest.mark.parametrize("k1", [2, 5, 9, 17])
+@pytest.mark.parametrize("arch,fmt", IDENTITY, ids=lambda p: p)
+def test_verify_pass_is_bit_identical_to_one_token_steps(arch, fmt, k1, use_pool, pool2, monkeypatch):
+    """A forward of K+1 tokens on a cache (the verification of K draft tokens) gives at every
+    position the logits of K+1 successive one-token forwards, bit for bit."""
+    from flashlm.kernels import matmul as mm
+    from flashlm.runtime import backend as bk
+
+    if use_pool:
+        monkeypatch.setattr(mm, "PARALLEL_MIN_BYTES", 0)
+        monkeypatch.setattr(bk, "ATTN_PARALLEL_MIN", 0)
+    model = _kernel_model(arch, fmt, pool2 if use_pool else None)
+    assert k1 < mm.BLAS_MIN_ROWS["F32"]
+    rng = np.random.default_rng(8)
+    prompt, draft = rng.integers(0, VOCAB, 6), rng.integers(0, VOCAB, k1)
+    c1, c2 = model.make_cache(32), model.make_cache(32)
+    model.forward(prompt, None, c1)
+    model.forward(prompt, None, c2)
+    verify = model.forward(draft, None, c1, all_logits=True)
+    for i in range(k1):
+        np.testing.assert_array_equal(verify[i], model.forward(draft[i:i + 1], None, c2), err_msg=f"position {i}")
 
 
 def test_bad_input(model):
