@@ -215,12 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("--json", action="store_true")
 
-    try:
-        from flashlm import cli_run
+    from flashlm import cli_run  # a broken install is an ImportError, not missing commands
 
-        cli_run.add_parsers(sub, COMMANDS)
-    except ImportError:  # generation commands not available
-        pass
+    cli_run.add_parsers(sub, COMMANDS)
     return p
 
 
