@@ -128,7 +128,7 @@ class Scheduler:
     def cancel(self, req: Request) -> None:
         """Drop ``req`` at the next step boundary (the client went away); its sink gets nothing more."""
         with self._cv:
-            if not req.finished:
+            if not req.finished and not (req.seq is not None and req.seq.done):  # not once its last event is out
                 req.cancelled = True
                 self._cv.notify_all()
 
