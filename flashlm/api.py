@@ -46,7 +46,7 @@ class LLM:
                  ram: int | str | RamSpec | None = None, batch: int = 1, draft: str = "auto", draft_max: int = 8,
                  read_mode: str | None = None, readers: int = 2, stream: bool = False,
                  prefill_rows: int | None = None):
-        from flashlm.runtime.backend import get_backend
+        from flashlm.runtime.backend import get_backend, require_kernels
 
         self.store = store
         self.config = store.config
@@ -60,7 +60,9 @@ class LLM:
         self.weights = None
         try:
             self.tokenizer = open_tokenizer(store)
-            if self.threads > 1:
+            if backend != "numpy":
+                require_kernels()  # before the pool, which runs them: "auto" never falls back to numpy
+            if self.threads > 1 and backend != "numpy":
                 from flashlm.runtime.threadpool import ThreadPool
 
                 self.pool = ThreadPool(self.threads)

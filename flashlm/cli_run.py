@@ -27,7 +27,9 @@ def _add_model_opts(s: argparse.ArgumentParser, ctx: int | None = None) -> None:
     s.add_argument("--ram", default=None, metavar="SIZE|N%|auto",
                    help="RAM budget of the whole process, e.g. 560M, 4G, 60%% (default auto: what is available); "
                         "a model that does not fit streams its layers from disk")
-    s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto", help=argparse.SUPPRESS)
+    s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto",
+                   help="auto/kernels: the Numba kernels (default); numpy: the plain-numpy reference (float32 "
+                        "copies of every weight, 4-8x the memory)")
 
 
 def _add_sampling_opts(s: argparse.ArgumentParser) -> None:
@@ -296,6 +298,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from flashlm.runtime.perplexity import perplexity
 
+    if args.chunks is not None and args.chunks < 1:
+        raise InputError(f"--chunks {args.chunks} is invalid: use 1 or more")
     p = Path(args.file)
     try:
         text = p.read_text(encoding="utf-8")
@@ -389,6 +393,12 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    for flag, v in (("-p", args.prompt_tokens), ("-n", args.gen_tokens), ("-r", args.repeats), ("--readers", args.readers)):
+        if v < 1:
+            raise InputError(f"{flag} {v} is invalid: use 1 or more")
+    if args.ctx is not None and args.prompt_tokens + args.gen_tokens + 1 > args.ctx:
+        raise InputError(f"-p {args.prompt_tokens} + -n {args.gen_tokens} does not fit --ctx {args.ctx}: "
+                         "raise --ctx or lower -p / -n")
     llm = _load(args)
     try:
         r = bench_model(llm, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats)
