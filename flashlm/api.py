@@ -60,7 +60,7 @@ class LLM:
         self.weights = None
         try:
             self.tokenizer = open_tokenizer(store)
-            self.backend = get_backend(backend)
+            self.backend = get_backend(backend)  # "auto" never falls back to numpy silently
             if hasattr(self.backend, "warm_up"):
                 self.backend.warm_up(store, self.config)  # kernels in memory before the baseline is measured
             baseline = measure_baseline()

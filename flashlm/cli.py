@@ -79,6 +79,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.force:
         raise InputError(f"{out} already exists; pass --force to replace it")
+    from flashlm.offload.store import check_replaceable
+
+    check_replaceable(out)  # --force replaces a store (or an empty directory), nothing else
     if src.is_file() and src.suffix == ".gguf":
         if args.quant:
             raise InputError("--quant applies to HF imports; a GGUF keeps its block formats")
@@ -200,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("src")
     s.add_argument("out")
     s.add_argument("--quant", choices=["q8_0", "q4_0"], help="quantize HF weights on import")
-    s.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    s.add_argument("--force", action="store_true", help="replace OUT if it is a store")
     s.add_argument("-q", "--quiet", action="store_true")
 
     s = sub.add_parser("info", help="architecture, sizes and formats of a model")
@@ -215,12 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("text")
     s.add_argument("--json", action="store_true")
 
-    try:
-        from flashlm import cli_run
+    from flashlm import cli_run  # a broken install is an ImportError, not missing commands
 
-        cli_run.add_parsers(sub, COMMANDS)
-    except ImportError:  # generation commands not available
-        pass
+    cli_run.add_parsers(sub, COMMANDS)
     return p
 
 

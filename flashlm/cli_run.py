@@ -1,8 +1,9 @@
-"""Generation commands of the CLI: run, chat, perplexity, bench."""
+"""Generation commands of the CLI: run, chat, perplexity, bench, plan, serve."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,7 +27,9 @@ def _add_model_opts(s: argparse.ArgumentParser, ctx: int | None = None) -> None:
     s.add_argument("--ram", default=None, metavar="SIZE|N%|auto",
                    help="RAM budget of the whole process, e.g. 560M, 4G, 60%% (default auto: what is available); "
                         "a model that does not fit streams its layers from disk")
-    s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto", help=argparse.SUPPRESS)
+    s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto",
+                   help="auto/kernels: the Numba kernels (default); numpy: the plain-numpy reference (float32 "
+                        "copies of every weight, 4-8x the memory)")
 
 
 def _add_sampling_opts(s: argparse.ArgumentParser) -> None:
@@ -303,6 +306,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_perplexity(args: argparse.Namespace) -> int:
     from flashlm.runtime.perplexity import perplexity
 
+    if args.chunks is not None and args.chunks < 1:
+        raise InputError(f"--chunks {args.chunks} is invalid: use 1 or more")
     text = _read_text(args.file)
     llm = _load(args)
     try:
@@ -393,6 +398,12 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    for flag, v in (("-p", args.prompt_tokens), ("-n", args.gen_tokens), ("-r", args.repeats), ("--readers", args.readers)):
+        if v < 1:
+            raise InputError(f"{flag} {v} is invalid: use 1 or more")
+    if args.ctx is not None and args.prompt_tokens + args.gen_tokens + 1 > args.ctx:
+        raise InputError(f"-p {args.prompt_tokens} + -n {args.gen_tokens} does not fit --ctx {args.ctx}: "
+                         "raise --ctx or lower -p / -n")
     llm = _load(args)
     try:
         r = bench_model(llm, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, repeats=args.repeats)
@@ -465,6 +476,59 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve ----
+
+
+def _model_id(model: str) -> str:
+    from flashlm.models.registry import catalog
+
+    return model if model in catalog() else Path(model).expanduser().name.removesuffix(".gguf") or model
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from flashlm.server.app import MAX_BODY, create_app, listen, serve
+    except ImportError as e:
+        raise InputError(f"flashlm serve needs the server packages ({e}): pip install 'flashlm[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port {args.port} is invalid: use 0 to 65535 (0 = any free port)")
+    if args.max_batch < 1:
+        raise InputError(f"--max-batch {args.max_batch} is invalid: use 1 or more")
+    if args.max_queue < 0:
+        raise InputError(f"--max-queue {args.max_queue} is invalid: use 0 or more")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("--api-key is empty: give a key, or leave the option out to serve without one")
+    max_body = MAX_BODY if args.max_body is None else args.max_body
+    if max_body < 1024:
+        raise InputError(f"--max-body {max_body} is invalid: use at least 1024 bytes")
+    model_id = args.name or _model_id(args.model)
+    sock = listen(args.host, args.port)  # a busy port fails before a model is loaded
+    host, port = sock.getsockname()[:2]
+    try:
+        llm = _load(args, batch=args.max_batch)
+        try:
+            app = create_app(llm, model_id=model_id, api_key=args.api_key, max_batch=args.max_batch,
+                             max_queue=args.max_queue, max_body=max_body)
+            where = f"[{host}]" if ":" in host else host
+            loopback = host in ("127.0.0.1", "::1") or host.startswith("127.")
+            if not loopback and not args.api_key:
+                print(f"flashlm serve: warning: listening on {host} without --api-key: anyone who can reach "
+                      "this machine can use the model", file=sys.stderr)
+
+            def ready() -> None:
+                print(f"flashlm serve: {model_id} on http://{where}:{port}/v1 (max batch {args.max_batch}, ctx "
+                      f"{llm.engine.ctx}{', weights stream from disk' if llm.streams else ''}); "
+                      "Ctrl-C or SIGTERM stops it", file=sys.stderr, flush=True)
+
+            serve(app, sock, log_level=args.log_level, on_ready=ready)
+        finally:
+            llm.close()
+    finally:
+        sock.close()
+    print("flashlm serve: stopped", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
     s = sub.add_parser("run", help="generate a reply to PROMPT (chat if none)")
     _add_model_opts(s)
@@ -507,4 +571,22 @@ def add_parsers(sub, commands: dict[str, Callable[[argparse.Namespace], int]]) -
     s.add_argument("--readers", type=int, default=2, help="reader threads for streamed weights (default 2)")
     s.add_argument("--json", action="store_true")
 
-    commands.update(run=cmd_run, chat=cmd_chat, perplexity=cmd_perplexity, bench=cmd_bench, plan=cmd_plan)
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat/completions, completions, models)")
+    _add_model_opts(s)
+    _add_offload_opts(s)
+    _add_draft_opts(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
+    s.add_argument("--api-key", default=os.environ.get("FLASHLM_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $FLASHLM_API_KEY)")
+    s.add_argument("--max-batch", type=int, default=4, metavar="N",
+                   help="requests decoded together (default 4); the RAM plan reserves N KV caches of --ctx")
+    s.add_argument("--max-queue", type=int, default=64, metavar="N",
+                   help="requests waiting for a place in the batch (default 64); more are refused with 429")
+    s.add_argument("--max-body", type=int, default=None, metavar="BYTES", help="largest request body (default 4 MiB)")
+    s.add_argument("--name", default=None, help="the model's id in the API (default: MODEL's name)")
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
+                   help=argparse.SUPPRESS)
+
+    commands.update(run=cmd_run, chat=cmd_chat, perplexity=cmd_perplexity, bench=cmd_bench, plan=cmd_plan,
+                    serve=cmd_serve)

@@ -37,6 +37,21 @@ class Batch:
         """Index of the last row of each sequence (B,)."""
         return np.asarray(self.starts[1:], np.int64) - 1
 
+    def logit_rows(self, all_logits: bool = False, last=None) -> np.ndarray:
+        """Rows whose logits a step returns, sequence after sequence: the last row of each
+        (default), every row (``all_logits``), or the last ``last[j]`` rows of sequence j
+        (0 = none of its rows: a prompt chunk that does not end its prompt)."""
+        if last is None:
+            return np.arange(self.starts[-1]) if all_logits else self.last_rows
+        if len(last) != len(self.caches):
+            raise InputError(f"{len(self.caches)} sequences but {len(last)} logit counts")
+        out = []
+        for n, s, e in zip(last, self.starts[:-1], self.starts[1:]):
+            if not 0 <= n <= e - s:
+                raise InputError(f"{n} logit rows asked of a sequence of {e - s} rows")
+            out.append(np.arange(e - n, e))
+        return np.concatenate(out).astype(np.int64)
+
     def finish(self) -> None:
         """Mark the new positions written in every cache (after all layers ran)."""
         for c, s, e in zip(self.caches, self.starts[:-1], self.starts[1:]):

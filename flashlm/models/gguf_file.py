@@ -22,6 +22,8 @@ GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _NP_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 _STRING, _ARRAY = 8, 9
+_MAX_DEPTH = 8  # arrays of arrays: real files nest at most 2 deep
+_MAX_DIM = 1 << 40  # elements along one dimension
 # GGML type ids with names, for error messages about types flashlm does not run.
 _GGML_NAMES = {
     0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 9: "Q8_1", 10: "Q2_K",
@@ -58,16 +60,23 @@ class _Cursor:
     def string(self, what: str) -> str:
         n = self.scalar("<Q", what)
         self.need(n, what)
-        s = bytes(self.buf[self.pos : self.pos + n]).decode("utf-8", errors="replace")
+        raw = bytes(self.buf[self.pos : self.pos + n])
+        try:
+            s = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise GGUFError(f"{self.path}: corrupt GGUF header: {what} is not UTF-8 text "
+                            f"(byte {raw[e.start]:#04x} at offset {self.pos + e.start})") from None
         self.pos += n
         return s
 
-    def value(self, vtype: int, what: str) -> Any:
+    def value(self, vtype: int, what: str, depth: int = 0) -> Any:
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype], what)
         if vtype == _STRING:
             return self.string(what)
         if vtype == _ARRAY:
+            if depth >= _MAX_DEPTH:
+                raise GGUFError(f"{self.path}: corrupt GGUF metadata ({what} nests arrays more than {_MAX_DEPTH} deep)")
             etype = self.scalar("<I", what)
             count = self.scalar("<Q", what)
             if etype in _NP_SCALARS:
@@ -76,7 +85,10 @@ class _Cursor:
                 arr = np.frombuffer(self.buf, dtype=dt, count=count, offset=self.pos)
                 self.pos += count * dt.itemsize
                 return arr.astype(bool).tolist() if etype == 7 else arr.tolist()
-            return [self.value(etype, what) for _ in range(count)]
+            if etype not in (_STRING, _ARRAY):
+                raise GGUFError(f"{self.path}: corrupt GGUF metadata (unknown value type {etype} in {what})")
+            self.need(count * 8, what)  # each element takes at least 8 bytes: a lying count fails here
+            return [self.value(etype, what, depth + 1) for _ in range(count)]
         raise GGUFError(f"{self.path}: corrupt GGUF metadata (unknown value type {vtype} in {what})")
 
 
@@ -113,18 +125,28 @@ class GGUFFile:
         for i in range(n_kv):
             key = cur.string(f"metadata key {i}")
             vtype = cur.scalar("<I", f"type of {key}")
+            if key in self.meta:
+                raise GGUFError(f"{self.path}: corrupt GGUF metadata (key {key!r} appears twice)")
             self.meta[key] = cur.value(vtype, key)
         raw = []
+        seen: set[str] = set()
         for i in range(n_tensors):
             name = cur.string(f"tensor {i} name")
+            if name in seen:
+                raise GGUFError(f"{self.path}: corrupt GGUF header (tensor {name!r} appears twice)")
+            seen.add(name)
             n_dims = cur.scalar("<I", f"dims of {name}")
-            if n_dims > 4:
-                raise GGUFError(f"{self.path}: tensor {name} has {n_dims} dimensions (corrupt header)")
+            if not name or not 0 < n_dims <= 4:
+                raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (corrupt header)")
             dims = [cur.scalar("<Q", f"dims of {name}") for _ in range(n_dims)]
+            if any(d == 0 or d > _MAX_DIM for d in dims):
+                raise GGUFError(f"{self.path}: tensor {name} has dimensions {dims} (corrupt header)")
             ttype = cur.scalar("<I", f"type of {name}")
             offset = cur.scalar("<Q", f"offset of {name}")
             raw.append((name, dims, ttype, offset))
-        align = int(self.meta.get("general.alignment", 32))
+        align = self.meta.get("general.alignment", 32)
+        if isinstance(align, bool) or not isinstance(align, int) or align < 1 or align & (align - 1) or align > 1 << 20:
+            raise GGUFError(f"{self.path}: corrupt GGUF metadata (general.alignment {align!r} is not a power of two)")
         self.data_start = cur.pos + (-cur.pos) % align
         self.tensors: dict[str, GGUFTensor] = {}
         for name, dims, ttype, offset in raw:
@@ -146,7 +168,15 @@ class GGUFFile:
                     f"{self.path}: tensor {name} data ({nbytes} bytes at offset {start}) lies past the "
                     f"end of the file ({self.size} bytes); the file is truncated or corrupt"
                 )
+            if offset % align:
+                raise GGUFError(f"{self.path}: tensor {name} data offset {offset} is not a multiple of the "
+                                f"alignment {align} (corrupt header)")
             self.tensors[name] = GGUFTensor(name, fmt, shape, start, nbytes)
+        spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in self.tensors.values())
+        for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise GGUFError(f"{self.path}: tensors {an} and {bn} overlap (bytes {b0}..{min(a1, b1)}); "
+                                "the file is corrupt")
 
     @property
     def architecture(self) -> str:

@@ -31,6 +31,8 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         source: file name for error messages.
     """
     arch = meta.get("general.architecture")
+    if not isinstance(arch, str):
+        raise GGUFError(f"{source}: GGUF metadata lacks general.architecture (a string), got {arch!r:.60}")
     model_type = GGUF_ARCHS.get(arch, arch)
     if model_type not in ARCH_ALIASES or arch in GGUF_ARCHS.values():
         known = sorted({a for a in ARCH_ALIASES if a not in GGUF_ARCHS.values()} | set(GGUF_ARCHS))
@@ -42,10 +44,28 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
             raise GGUFError(f"{source}: GGUF metadata lacks {arch}.{name}")
         return v
 
-    n_heads = int(key("attention.head_count", required=True))
-    hidden = int(key("embedding_length", required=True))
-    n_kv = key("attention.head_count_kv", n_heads)
-    head_dim = key("attention.key_length", None) or hidden // n_heads
+    def count(name: str, default: Any = None, required: bool = False) -> Any:
+        """A positive integer field (sizes, counts)."""
+        v = key(name, default, required)
+        if v is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v < 1 << 40:
+            raise GGUFError(f"{source}: GGUF metadata {arch}.{name} is {v!r:.60}, expected a positive integer")
+        return v
+
+    def number(name: str, default: float) -> float:
+        v = key(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise GGUFError(f"{source}: GGUF metadata {arch}.{name} is {v!r:.60}, expected a number")
+        return float(v)
+
+    n_heads = count("attention.head_count", required=True)
+    hidden = count("embedding_length", required=True)
+    n_kv = count("attention.head_count_kv", n_heads)
+    head_dim = count("attention.key_length", None) or hidden // n_heads
+    if not head_dim or n_heads % n_kv:
+        raise GGUFError(f"{source}: GGUF metadata has {n_heads} heads of dimension {head_dim} for a hidden size of "
+                        f"{hidden} and {n_kv} key/value heads: not a consistent attention shape")
     tokens = meta.get("tokenizer.ggml.tokens")
     embd = tensor_shapes.get("token_embd.weight")
     if embd is None:
@@ -58,9 +78,9 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         if key("rope.scaling.original_context_length") is not None:
             scaling["original_max_position_embeddings"] = int(key("rope.scaling.original_context_length"))
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    n_layers = int(key("block_count", required=True))
+    n_layers = count("block_count", required=True)
     moe = _moe_config(key, tensor_shapes, n_layers, hidden, source) if model_type == "qwen3_moe" else {}
-    ffn = key("feed_forward_length", required=not moe)  # a MoE file may have only the experts' length
+    ffn = count("feed_forward_length", required=not moe)  # a MoE file may have only the experts' length
     return ModelConfig(
         model_type=model_type,
         hidden_size=hidden,
@@ -70,10 +90,10 @@ def config_from_gguf_meta(meta: dict[str, Any], tensor_shapes: dict[str, tuple[i
         num_key_value_heads=int(n_kv),
         head_dim=int(head_dim),
         vocab_size=int(vocab),
-        rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rms_norm_eps=number("attention.layer_norm_rms_epsilon", 1e-6),
+        rope_theta=number("rope.freq_base", 10000.0),
         rope_scaling=scaling,
-        max_position_embeddings=int(key("context_length", 4096)),
+        max_position_embeddings=count("context_length", 4096),
         tie_word_embeddings="output.weight" not in tensor_shapes,
         attention_bias="blk.0.attn_q.bias" in tensor_shapes,
         qk_norm="blk.0.attn_q_norm.weight" in tensor_shapes,

@@ -228,8 +228,13 @@ def _tokens(meta: dict[str, Any], source: str) -> tuple[list[str], list[int]]:
     tokens = meta.get("tokenizer.ggml.tokens")
     if not tokens:
         raise GGUFError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata")
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"{source}: tokenizer.ggml.tokens must be an array of strings")
     tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-    types = list(meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens))
+    types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if not isinstance(types, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in types):
+        raise GGUFError(f"{source}: tokenizer.ggml.token_type must be an array of integers")
+    types = list(types)
     if len(types) < len(tokens):
         raise GGUFError(f"{source}: {len(types)} token types for {len(tokens)} tokens")
     return tokens, types[: len(tokens)]

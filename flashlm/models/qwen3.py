@@ -104,16 +104,18 @@ class Model:
         logits = self._run(batch, rows)
         return logits if all_logits else logits[0]
 
-    def forward_batch(self, seqs, *, all_logits: bool = False) -> np.ndarray:
+    def forward_batch(self, seqs, *, all_logits: bool = False, last=None) -> np.ndarray:
         """One step for several sequences; the linear layers run once over all their rows.
 
         Args:
             seqs: list of (tokens (n_j,), positions (n_j,) or None, cache), one cache each.
             all_logits: the logits of every row (sequence after sequence), not only the last
                 of each (draft verification).
+            last: instead, the logits of the last ``last[j]`` rows of sequence j (0 = none;
+                a step that mixes prompt chunks with decode rows and drafts).
 
         Returns:
-            (B, vocab) float32 logits of the last position of each sequence, or (sum n_j, vocab).
+            (B, vocab) float32 logits of the last position of each sequence, or (rows, vocab).
         """
         batch = make_batch(seqs)
-        return self._run(batch, np.arange(len(batch.tokens)) if all_logits else batch.last_rows)
+        return self._run(batch, batch.logit_rows(all_logits, last))

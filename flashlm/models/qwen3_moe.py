@@ -137,15 +137,18 @@ class Model:
         logits = self._run(batch, rows)
         return logits if all_logits else logits[0]
 
-    def forward_batch(self, seqs) -> np.ndarray:
+    def forward_batch(self, seqs, *, all_logits: bool = False, last=None) -> np.ndarray:
         """One step for several sequences; dense layers run once over all their rows, and
         each expert once over the rows (of any sequence) routed to it.
 
         Args:
             seqs: list of (tokens (n_j,), positions (n_j,) or None, cache), one cache each.
+            all_logits: the logits of every row (sequence after sequence), not only the last
+                of each (draft verification).
+            last: instead, the logits of the last ``last[j]`` rows of sequence j (0 = none).
 
         Returns:
-            (B, vocab) float32 logits of the last position of each sequence.
+            (B, vocab) float32 logits of the last position of each sequence, or (rows, vocab).
         """
         batch = make_batch(seqs)
-        return self._run(batch, batch.last_rows)
+        return self._run(batch, batch.logit_rows(all_logits, last))

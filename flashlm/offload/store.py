@@ -72,6 +72,18 @@ def sha256_file(path: Path, progress: Callable[[int], None] | None = None) -> st
 # ---- writer ----
 
 
+def check_replaceable(dst: Path) -> None:
+    """StoreError unless ``dst`` is absent, an empty directory or a store: a writer replaces
+    nothing else (a typo in OUT must not delete a directory of other files)."""
+    if not dst.exists() and not dst.is_symlink():
+        return
+    if dst.is_dir() and not dst.is_symlink() and (is_store(dst) or not any(dst.iterdir())):
+        return
+    what = "a file" if dst.is_file() else "a symbolic link" if dst.is_symlink() else "a directory that is not a flashlm store"
+    raise StoreError(f"{dst} exists and is {what}: refusing to replace it; choose another output path or remove it")
+
+
+
 class StoreWriter:
     """Write a store into a temporary directory; :meth:`commit` renames it into place.
 
@@ -84,6 +96,7 @@ class StoreWriter:
 
     def __init__(self, dst: str | os.PathLike, *, progress: Callable[[int], None] | None = None):
         self.dst = Path(dst)
+        check_replaceable(self.dst)
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
         self.progress = progress
@@ -193,6 +206,36 @@ class StoreWriter:
 # ---- reader ----
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _check_manifest(m: dict, mpath: Path) -> None:
+    """StoreError unless the manifest has every key a store needs, of the right type, and
+    names only files inside the store directory."""
+    def bad(what: str) -> StoreError:
+        return StoreError(f"{mpath}: {what}; the manifest is damaged, re-import the model")
+
+    for key, kind in (("config", dict), ("tokenizer", dict), ("files", dict), ("tensors", dict)):
+        if not isinstance(m.get(key), kind):
+            raise bad(f"'{key}' is missing or not an object")
+    if not isinstance(m["tokenizer"].get("file"), str):
+        raise bad("'tokenizer' has no 'file'")
+    for fname, info in m["files"].items():
+        if not isinstance(fname, str) or not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
+            raise bad(f"file name {fname!r} is not a plain file name")
+        if not isinstance(info, dict) or not _is_int(info.get("size")) or not isinstance(info.get("sha256"), str):
+            raise bad(f"file {fname} has no size or sha256")
+    for name in (m["tokenizer"]["file"], m["tokenizer"].get("chat_template_file")):
+        if name is not None and name not in m["files"]:
+            raise bad(f"tokenizer file {name!r} is not among the store's files")
+    for name, t in m["tensors"].items():
+        if (not isinstance(t, dict) or not isinstance(t.get("file"), str) or not _is_int(t.get("offset"))
+                or not _is_int(t.get("nbytes")) or not isinstance(t.get("format"), str)
+                or not isinstance(t.get("shape"), list) or not t["shape"] or not all(_is_int(d) and d > 0 for d in t["shape"])):
+            raise bad(f"tensor {name!r} lacks a file, offset, nbytes, format or shape")
+
+
 def is_store(path: str | os.PathLike) -> bool:
     return (Path(path) / MANIFEST).is_file()
 
@@ -219,16 +262,27 @@ class Store:
             m = json.loads(mpath.read_text())
         except (OSError, ValueError) as e:
             raise StoreError(f"{mpath}: unreadable manifest ({e}); re-import the model") from None
-        if m.get("format") != FORMAT_NAME:
-            raise StoreError(f"{mpath}: not a flashlm store manifest")
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME:
+            raise StoreError(f"{mpath}: not a flashlm store manifest; re-import the model")
         version = m.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise StoreError(f"{mpath}: store format version {version!r} is not valid; re-import the model")
+        if version > FORMAT_VERSION:
             raise StoreError(
                 f"{self.path}: store format version {version} is newer than this flashlm reads "
                 f"({FORMAT_VERSION}); upgrade flashlm or re-import the model"
             )
+        _check_manifest(m, mpath)
         self.manifest = m
-        self.config = ModelConfig.from_dict(m["config"])
+        try:
+            self.config = ModelConfig.from_dict(m["config"])
+        except (TypeError, ValueError, ZeroDivisionError) as e:
+            raise StoreError(f"{mpath}: bad model config ({e}); re-import the model") from None
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                    "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self.config, key)
+            if not _is_int(v) or v == 0:
+                raise StoreError(f"{mpath}: model config {key} is {v!r}, not a positive integer; re-import the model")
         self.files: dict[str, dict[str, Any]] = m["files"]
         self.tensor_info: dict[str, dict[str, Any]] = m["tensors"]
         for fname, info in self.files.items():
@@ -252,6 +306,13 @@ class Store:
                     f"{self.path}: tensor {name} ({t['format']}, rows of {t['shape'][-1]}) was written by an "
                     "older flashlm, before long rows were kept in column slabs; re-import the model"
                 )
+            try:
+                expect = tensor_nbytes(t["format"], tuple(t["shape"]))
+            except ValueError as e:
+                raise StoreError(f"{self.path}: tensor {name}: {e}; the store is corrupt, re-import it") from None
+            if expect != t["nbytes"]:
+                raise StoreError(f"{self.path}: tensor {name} has {t['nbytes']} bytes in the manifest, its format "
+                                 f"{t['format']} and shape {t['shape']} need {expect}; the store is corrupt, re-import it")
             if t["offset"] % ALIGN or t["offset"] + t["nbytes"] > finfo["size"]:
                 raise StoreError(
                     f"{self.path}: tensor {name} (offset {t['offset']}, {t['nbytes']} bytes) is not "

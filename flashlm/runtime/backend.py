@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from flashlm.errors import UnsupportedError
+from flashlm.errors import InputError, UnsupportedError
 from flashlm.kernels.formats import QTensor, take_rows
 
 # ---- shared helpers ----
@@ -351,21 +351,40 @@ class KernelBackend:
         return self._ops.attention_batch(np.ascontiguousarray(q), k_caches, v_caches, n_pasts, pool=pool)
 
 
-def kernels_available() -> bool:
-    """True when flashlm.kernels.matmul and .ops import."""
+def kernels_error() -> str | None:
+    """Why flashlm.kernels.matmul and .ops do not import, or None when they do."""
     try:
         from flashlm.kernels import matmul, ops  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    except Exception as e:  # noqa: BLE001 - numba/llvmlite fail in many ways; the message says which
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def kernels_available() -> bool:
+    """True when flashlm.kernels.matmul and .ops import."""
+    return kernels_error() is None
+
+
+def require_kernels() -> None:
+    """UnsupportedError saying why the kernels do not import and what to do, unless they do."""
+    why = kernels_error()
+    if why is not None:
+        raise UnsupportedError(
+            f"flashlm's Numba kernels could not be loaded ({why}); reinstall flashlm (pip install -e .) "
+            "and its numba, or pass --backend numpy to run the plain-numpy reference, which keeps float32 "
+            "copies of every weight (4-8x the memory of the store)")
 
 
 def get_backend(name: str = "auto", *, pool=None):
-    """A backend by name: "kernels", "numpy", or "auto" (kernels when they import)."""
-    if name == "auto":
-        name = "kernels" if kernels_available() else "numpy"
-    if name == "kernels":
+    """A backend by name: "kernels", "numpy", or "auto" (the kernels; never a silent fall
+    back to numpy, whose float32 copies of every weight take 4-8x the memory).
+
+    Raises:
+        UnsupportedError: the kernels do not import (the message says why and what to do).
+    """
+    if name in ("auto", "kernels"):
+        require_kernels()
         return KernelBackend(pool)
     if name == "numpy":
         return NumpyBackend()
-    raise ValueError(f"backend must be 'auto', 'kernels' or 'numpy', got {name!r}")
+    raise InputError(f"backend must be 'auto', 'kernels' or 'numpy', got {name!r}")

@@ -157,10 +157,36 @@ class _GenerationTag(Extension):
         return nodes.Scope(body, lineno=lineno)
 
 
+MAX_ITEMS = 1 << 20  # longest string or list a template may build with * (a template must not exhaust memory)
+MAX_EXPONENT = 4096
+MAX_OUTPUT = 4 << 20  # characters of a rendered prompt
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, stricter in two ways: reaching for an underscore attribute (``__class__``,
+    ``__globals__``: the way out of a sandbox, as in CVE-2024-34359) is an error at once
+    rather than a silent undefined, and ``*`` / ``**`` cannot build huge values."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        raise jinja2.exceptions.SecurityError(
+            f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is not allowed in a chat template")
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_ITEMS:
+                    raise jinja2.exceptions.SecurityError(
+                        f"a chat template may not build a {type(seq).__name__} of more than {MAX_ITEMS} items")
+        if operator == "**" and isinstance(right, (int, float)) and abs(right) > MAX_EXPONENT:
+            raise jinja2.exceptions.SecurityError(f"a chat template may not raise to a power above {MAX_EXPONENT}")
+        return super().call_binop(context, operator, left, right)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=["jinja2.ext.loopcontrols", _GenerationTag])
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _GenerationTag])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -218,15 +244,21 @@ class ChatTemplate:
         """
         msgs = validate_messages(messages)
         try:
-            return self._template.render(messages=_plain(msgs),
-                                         add_generation_prompt=add_generation_prompt,
-                                         tools=_plain(tools), bos_token=bos_token,
-                                         eos_token=eos_token, **_plain(kwargs))
+            parts, n = [], 0
+            for piece in self._template.generate(messages=_plain(msgs), add_generation_prompt=add_generation_prompt,
+                                                 tools=_plain(tools), bos_token=bos_token, eos_token=eos_token,
+                                                 **_plain(kwargs)):
+                n += len(piece)
+                if n > MAX_OUTPUT:
+                    raise ChatTemplateError(f"chat template failed: it renders more than {MAX_OUTPUT} characters")
+                parts.append(piece)
+            return "".join(parts)
         except FlashlmError:
             raise
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
-        except (TypeError, ValueError, KeyError, IndexError, AttributeError) as e:
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError, RecursionError,
+                MemoryError, ZeroDivisionError) as e:
             raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from None
 
 

@@ -1,12 +1,18 @@
 """The engine: prompt ids in, tokens streamed out, for one sequence or a batch.
 
-The Model, the Tokenizer and the Sampler meet only here. Each sequence has its own
-KV cache, sampler (own seeded generator), logits processors, streaming detokenizer
-and stop-string checker. Prompts are prefilled together in steps of at most
-``prefill_rows`` rows (several prompts share a step; a long prompt takes several),
-then decoded together: one ``forward_batch`` step runs the linear layers once over
-a row per live sequence, so each step reads the weights once for all of them (when
-weights stream from disk, a step costs one pass over the streamed bytes).
+The Model, the Tokenizer and the Sampler meet only here. Each sequence (:class:`Seq`)
+has its own KV cache, sampler (own seeded generator), logits processors, streaming
+detokenizer and stop-string checker.
+
+Everything runs in steps (:meth:`Engine.step`) over a set of live sequences: one
+``forward_batch`` call runs the linear layers once over the rows of all of them, so a
+step reads the weights once for all (when weights stream from disk, a step costs one
+pass over the streamed bytes). A decoding sequence feeds its pending token and the
+draft tokens prompt lookup proposes; a prefilling one feeds the next chunk of its
+prompt (at most ``prefill_rows`` prompt rows a step, all prompts together). Sequences
+join (:meth:`Engine.add`) and leave between steps, which is how a server batches
+requests continuously (:mod:`flashlm.runtime.scheduler`); :meth:`Engine.generate`
+is the loop for a fixed set of prompts: prefill them all, then decode them together.
 
 Example:
     >>> engine = Engine(model, tokenizer)
@@ -89,7 +95,13 @@ class Event:
 
 
 @dataclass
-class _Seq:
+class Seq:
+    """One sequence in the engine: its prompt, sampling, KV cache and what it generated.
+
+    Made by :meth:`Engine.add`; advanced by :meth:`Engine.step` (prompt chunks first, then a
+    token, plus draft tokens, per step) until ``done``.
+    """
+
     index: int
     prompt: list[int]
     params: SamplingParams
@@ -99,7 +111,13 @@ class _Seq:
     detok: object
     stops: StopChecker
     tokens: list[int] = field(default_factory=list)
+    fed: int = 0  # prompt tokens in the cache so far
     done: bool = False
+    finish_reason: str | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.fed < len(self.prompt)
 
 
 def _peak_rss() -> int:
@@ -165,10 +183,109 @@ class Engine:
             raise InputError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
         return ids
 
+    # ---- sequences and steps ----
+
+    def add(self, ids: Sequence[int], params: SamplingParams | None = None, *, index: int = 0,
+            cache=None) -> Seq:
+        """A new sequence for prompt ``ids`` (checked against the context and vocabulary),
+        ready for :meth:`step`. ``cache``: a KV cache to reuse (emptied), else a new one."""
+        ids = self._check_prompt(ids, index)
+        params = SamplingParams.greedy() if params is None else params
+        if cache is None:
+            cache = self.model.make_cache(self.ctx)
+        else:
+            cache.reset()
+        return Seq(index, ids, params, cache, params.make_sampler(), params.make_logits_processors(),
+                         self.tokenizer.detokenizer(), StopChecker(params.stop))
+
+    def step(self, seqs: Sequence[Seq], *, mix: bool = True, max_rows: int = 0) -> list[Event]:
+        """One pass over the weights for ``seqs``: each decoding sequence feeds its pending
+        token and the draft tokens prompt lookup proposes after it; prefilling sequences feed
+        the next chunks of their prompts, in order, in the rows left. A sequence whose prompt
+        ends in this step gets its first token.
+
+        Args:
+            seqs: the live sequences (done ones are skipped). Sequences may join (from
+                :meth:`add`) or leave between steps.
+            mix: prompt chunks share the step with decode rows; False = while any sequence
+                is prefilling, the step feeds prompts only (what :meth:`generate` does).
+            max_rows: most rows in a step; the prompt chunks get what the decode rows leave
+                of ``max(prefill_rows, max_rows)``.
+        Returns:
+            The step's events (a sequence's last one has finished=True).
+        Raises:
+            whatever the model raises (e.g. OffloadError for a failed read): no sequence
+            advanced, their caches hold nothing new.
+        """
+        live = [s for s in seqs if not s.done]
+        filling = [s for s in live if s.prefilling]
+        decoding = [s for s in live if not s.prefilling] if (mix or not filling) else []
+        work = []  # (sequence, rows fed, logit rows wanted, draft or None for a prompt chunk)
+        rows = 0
+        for s in decoding:
+            d = self._draft(s)
+            work.append((s, [s.tokens[-1]] + d, len(d) + 1, d))
+            rows += len(d) + 1
+        room = max(self.prefill_rows, max_rows) - rows
+        for s in filling:
+            take = min(len(s.prompt) - s.fed, room)
+            if take <= 0:
+                break
+            work.append((s, s.prompt[s.fed:s.fed + take], int(s.fed + take == len(s.prompt)), None))
+            room -= take
+        if not work:
+            return []
+        out, at = self._forward(work)
+        st = self.stats
+        st.decode_steps += bool(decoding)
+        stop_ids = self.tokenizer.stop_token_ids
+        events: list[Event] = []
+        for (s, fed, n, d), row in zip(work, at):
+            if d is None:  # a prompt chunk; its last row's logits give the first token
+                s.fed += len(fed)
+                if n:
+                    events.append(self._emit(s, self._sample(s, out[row]), stop_ids))
+                continue
+            st.drafted += len(d)
+            for j in range(n):
+                lg = out[row + j]
+                if j < len(d):
+                    tok, ok = verify_draft(s.sampler, self._process(s, lg), d[j])
+                else:
+                    tok, ok = self._sample(s, lg), False
+                events.append(self._emit(s, tok, stop_ids))
+                if s.done or not ok:
+                    break
+                st.accepted += 1
+            # positions of the rejected drafts (never part of the text) leave the cache
+            s.cache.trim(len(d) - j)
+        return events
+
+    def _forward(self, work: list) -> tuple[np.ndarray, list[int]]:
+        """Run one step; (logits, index of each work item's first logit row)."""
+        feeds = [(np.asarray(toks, np.int64), None, s.cache) for s, toks, _, _ in work]
+        want = [n for _, _, n, _ in work]
+        if all(n <= 1 for n in want):  # the last row of each (those of unfinished prompt chunks unused)
+            return self.model.forward_batch(feeds), list(range(len(work)))
+        at = np.cumsum([0] + want[:-1]).tolist()
+        if all(n == len(toks) for _, toks, n, _ in work):  # decode rows with drafts, every row
+            return self.model.forward_batch(feeds, all_logits=True), at
+        return self.model.forward_batch(feeds, last=want), at
+
+    def finish(self, s: Seq, reason: str = "cancelled") -> Event:
+        """End ``s`` before its time (cancelled); the event carries any held-back text."""
+        s.done, s.finish_reason = True, reason
+        return Event(s.index, None, s.stops.feed(s.detok.flush())[0] + s.stops.flush(), True, reason)
+
+    # ---- a fixed batch ----
+
     def generate(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> Iterator[Event]:
         """Generate for each prompt (token ids); yield an Event per new token as it comes.
+
+        A thin loop over :meth:`step`: all prompts are prefilled together (in steps of at
+        most ``prefill_rows`` rows), then decoded together.
 
         Args:
             prompts: one list of token ids per sequence (different lengths are fine).
@@ -185,92 +302,41 @@ class Engine:
         checked = [self._check_prompt(p, i) for i, p in enumerate(prompts)]
         self._cancel.clear()
         self.stats = st = Stats(prompt_tokens=sum(len(p) for p in checked))
-        seqs = [
-            _Seq(i, ids, p, self.model.make_cache(self.ctx), p.make_sampler(), p.make_logits_processors(),
-                 self.tokenizer.detokenizer(), StopChecker(p.stop))
-            for i, (ids, p) in enumerate(zip(checked, plist))
-        ]
-        stop_ids = set(self.tokenizer.stop_token_ids)
-        t0 = time.perf_counter()
-        logits = self._prefill(seqs)
-        st.prefill_s = time.perf_counter() - t0
-        st.ttft_s = st.prefill_s
-        if self.on_decode is not None:
-            self.on_decode()
-        t1 = time.perf_counter()
-        live = seqs[: len(logits)]
-        for sq, lg in zip(live, logits):  # the first token of each, from its prompt's logits
-            yield from self._emit(sq, self._sample(sq, lg), stop_ids)
-        live = [sq for sq in live if not sq.done]
+        seqs = [self.add(ids, p, index=i) for i, (ids, p) in enumerate(zip(checked, plist))]
+        t0 = t1 = time.perf_counter()
+        prefilled = False
+        live = seqs
         while live and not self._cancel.is_set():
-            # one pass over the weights: each sequence's pending token, plus the draft tokens
-            # prompt lookup proposes after it
-            drafts = [self._draft(sq) for sq in live]
-            feeds = [(np.asarray([sq.tokens[-1]] + d, np.int64), None, sq.cache) for sq, d in zip(live, drafts)]
-            out = self.model.forward_batch(feeds, all_logits=any(drafts))
-            st.decode_steps += 1
-            row = 0
-            for sq, d in zip(live, drafts):
-                rows = out[row:row + len(d) + 1] if any(drafts) else out[row:row + 1]
-                row += len(rows)
-                st.drafted += len(d)
-                for j, lg in enumerate(rows):
-                    if j < len(d):
-                        tok, ok = verify_draft(sq.sampler, self._process(sq, lg), d[j])
-                    else:
-                        tok, ok = self._sample(sq, lg), False
-                    yield from self._emit(sq, tok, stop_ids)
-                    if sq.done or not ok:
-                        break
-                    st.accepted += 1
-                # positions of the rejected drafts (never part of the text) leave the cache
-                sq.cache.trim(len(d) - j)
-            live = [sq for sq in live if not sq.done]
+            events = self.step(live, mix=False)
+            if not prefilled and not any(s.prefilling for s in seqs):
+                prefilled = True
+                st.prefill_s = st.ttft_s = time.perf_counter() - t0
+                if self.on_decode is not None:
+                    self.on_decode()
+                t1 = time.perf_counter()
+            yield from events
+            live = [s for s in live if not s.done]
+        if not prefilled:
+            st.prefill_s = st.ttft_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
         for s in seqs:  # cancelled or never started: close them
             if not s.done:
-                s.done = True
-                yield Event(s.index, None, s.stops.feed(s.detok.flush())[0] + s.stops.flush(), True, "cancelled")
+                yield self.finish(s)
         st.decode_s = time.perf_counter() - t1
         st.peak_rss = _peak_rss()
 
-    def _prefill(self, seqs: list[_Seq]) -> list[np.ndarray]:
-        """Feed every prompt in steps of at most ``prefill_rows`` rows; the logits of each
-        prompt's last token, for the prompts finished before a cancel."""
-        logits: dict[int, np.ndarray] = {}
-        fed = [0] * len(seqs)
-        todo = list(range(len(seqs)))
-        while todo and not self._cancel.is_set():
-            step, rows = [], 0
-            for j in todo:
-                take = min(len(seqs[j].prompt) - fed[j], self.prefill_rows - rows)
-                if take <= 0:
-                    break
-                step.append((j, take))
-                rows += take
-            out = self.model.forward_batch(
-                [(np.asarray(seqs[j].prompt[fed[j]:fed[j] + n], np.int64), None, seqs[j].cache) for j, n in step])
-            for (j, n), lg in zip(step, out):
-                fed[j] += n
-                if fed[j] == len(seqs[j].prompt):
-                    logits[j] = lg
-            todo = [j for j in todo if j not in logits]
-        out_list = []
-        for j in range(len(seqs)):  # in order, up to the first unfinished prompt
-            if j not in logits:
-                break
-            out_list.append(logits[j])
-        return out_list
+    # ---- per sequence ----
 
-    def _process(self, s: _Seq, logits: np.ndarray) -> np.ndarray:
+    def _process(self, s: Seq, logits: np.ndarray) -> np.ndarray:
         history = s.prompt + s.tokens
         for proc in s.processors:
             logits = proc(history, logits)
         return logits
 
-    def _sample(self, s: _Seq, logits: np.ndarray) -> int:
+    def _sample(self, s: Seq, logits: np.ndarray) -> int:
         return int(s.sampler(self._process(s, logits)))
 
-    def _draft(self, s: _Seq) -> list[int]:
+    def _draft(self, s: Seq) -> list[int]:
         """Draft tokens for ``s`` (prompt lookup), within its max_tokens and its cache."""
         if not self.draft_max:
             return []
@@ -279,24 +345,21 @@ class Engine:
             k = min(k, s.params.max_tokens - len(s.tokens) - 1)
         return lookup(s.prompt + s.tokens, k) if k > 0 else []
 
-    def _emit(self, s: _Seq, tok: int, stop_ids: set[int]) -> Iterator[Event]:
+    def _emit(self, s: Seq, tok: int, stop_ids: set[int]) -> Event:
         self.stats.generated_tokens += 1
         if tok in stop_ids:
-            s.done = True
+            s.done, s.finish_reason = True, "stop"
             tail = s.stops.feed(s.detok.flush())[0] + s.stops.flush()
-            yield Event(s.index, tok, tail, True, "stop")
-            return
+            return Event(s.index, tok, tail, True, "stop")
         s.tokens.append(tok)
         text, stopped = s.stops.feed(s.detok.add(tok))
         if stopped:
-            s.done = True
-            yield Event(s.index, tok, text, True, "stop")
-            return
+            s.done, s.finish_reason = True, "stop"
+            return Event(s.index, tok, text, True, "stop")
         limit = s.params.max_tokens
         # no room to feed this token back (the cache may hold draft positions beyond it now)
         if (limit is not None and len(s.tokens) >= limit) or len(s.prompt) + len(s.tokens) - 1 >= s.cache.max_ctx:
-            s.done = True
+            s.done, s.finish_reason = True, "length"
             tail = s.stops.feed(s.detok.flush())[0] + s.stops.flush()
-            yield Event(s.index, tok, text + tail, True, "length")
-            return
-        yield Event(s.index, tok, text)
+            return Event(s.index, tok, text + tail, True, "length")
+        return Event(s.index, tok, text)

@@ -53,8 +53,7 @@ def test_matmul_all_paths(fmt: str, cols: int, use_pool: bool, pool, monkeypatch
 
 @pytest.mark.parametrize("fmt", [f for f in QUANT_FMTS if f.endswith("_K")])
 def test_matmul_kquants(fmt: str, pool) -> None:
-    if fmt not in mm.KERNELS:
-        pytest.skip(f"{fmt} kernels (gemv_kquant.py) not available")
+    assert fmt in mm.KERNELS, f"{fmt} has no kernel in matmul.KERNELS (gemv_kquant.py)"
     qt, W = _weight(fmt, 40, 512)
     X = np.random.default_rng(2).standard_normal((9, 512)).astype(np.float32)
     check = Checker(W, X)

@@ -20,7 +20,7 @@ from realmodels import golden, golden_logits, real_store_path
 
 from flashlm.models import build_model
 from flashlm.offload.store import Store
-from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available
+from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available, kernels_error
 from flashlm.runtime.threadpool import ThreadPool
 
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
@@ -34,8 +34,8 @@ TIE_MARGIN = 0.01
                 ids=lambda p: f"{p[0]}-{p[1]}")
 def model(request):
     name, backend = request.param
-    if backend == "kernels" and not kernels_available():
-        pytest.skip("flashlm.kernels.matmul/ops do not import yet")
+    if backend == "kernels" and not kernels_available():  # a broken install must fail, not skip
+        pytest.fail(f"flashlm.kernels do not import: {kernels_error()}")
     if backend == "numpy" and name in BIG_FOR_NUMPY and not SLOW:
         pytest.skip(f"{name} under NumpyBackend needs ~7 GB of f32 weights; set FLASHLM_TEST_SLOW=1")
     store = Store(real_store_path(name))  # the pulled store, as `flashlm run` reads it

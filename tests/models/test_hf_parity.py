@@ -22,7 +22,7 @@ from synth import tiny_tokenizer_json
 from flashlm.models import build_model
 from flashlm.models.hf_import import import_hf
 from flashlm.offload.store import Store
-from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available
+from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available, kernels_error
 
 torch = pytest.importorskip("torch", reason="torch is needed for the transformers parity tests")
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the parity tests")
@@ -47,8 +47,8 @@ BACKENDS = ["numpy", "kernels"]
 
 def make_backend(name: str):
     if name == "kernels":
-        if not kernels_available():
-            pytest.skip("flashlm.kernels.matmul/ops do not import yet")
+        if not kernels_available():  # a broken install must fail, not skip
+            pytest.fail(f"flashlm.kernels do not import: {kernels_error()}")
         return KernelBackend()
     return NumpyBackend()
 

@@ -15,7 +15,7 @@ from flashlm.kernels.formats import QTensor
 from flashlm.models import build_model, get_model_class
 from flashlm.models.config import ModelConfig
 from flashlm.models.weights import DictWeights
-from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available
+from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available, kernels_error
 
 ARCHS = {
     "llama": dict(rope_layout="interleaved", tie_word_embeddings=True, rope_theta=10000.0),
@@ -98,8 +98,8 @@ class CountingWeights:
 
 def backend_of(name: str):
     if name == "kernels":
-        if not kernels_available():
-            pytest.skip("flashlm.kernels.matmul/ops do not import yet")
+        if not kernels_available():  # a broken install must fail, not skip
+            pytest.fail(f"flashlm.kernels do not import: {kernels_error()}")
         return KernelBackend()
     return NumpyBackend()
 

@@ -19,7 +19,7 @@ from flashlm.models.gguf_import import import_gguf
 from flashlm.models.hf_import import import_hf
 from flashlm.models.weights import DictWeights, gguf_weights
 from flashlm.offload.store import ALIGN, Store
-from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available
+from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available, kernels_error
 
 torch = pytest.importorskip("torch", reason="torch is needed for the transformers parity tests")
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the parity tests")
@@ -168,8 +168,8 @@ def tiny(request, tmp_path_factory):
 
 def backend_of(name: str):
     if name == "kernels":
-        if not kernels_available():
-            pytest.skip("flashlm.kernels do not import")
+        if not kernels_available():  # a broken install must fail, not skip
+            pytest.fail(f"flashlm.kernels do not import: {kernels_error()}")
         return KernelBackend()
     return NumpyBackend()
 

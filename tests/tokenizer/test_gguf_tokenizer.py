@@ -34,8 +34,7 @@ _cache: dict[str, tuple[dict, Tokenizer]] = {}
 
 def _real(stem: str) -> tuple[dict, Tokenizer]:
     path = gguf_by_stem(stem)
-    if not path.is_file():
-        pytest.skip(f"{path} not downloaded")
+    assert path.is_file(), f"{path} is missing after pulling its model"
     if stem not in _cache:
         meta = read_tokenizer_meta(path)
         _cache[stem] = meta, Tokenizer.from_str(tokenizer_json_from_gguf(meta, path.name))
