@@ -1,9 +1,11 @@
-"""Small helpers every architecture shares: a batch of sequences and its attention.
+"""What every architecture shares: the forward driver, a batch of sequences and its attention.
 
 A forward pass runs the linear layers once over the rows of all sequences of a
 batch (so each weight is read once per step), and attention per sequence against
 its own KV cache. :class:`Batch` holds the concatenated rows and where each
-sequence's rows are; :func:`attend` writes k/v into each cache and attends.
+sequence's rows are; :func:`attend` writes k/v into each cache and attends;
+:class:`Decoder` is embed -> ``block(i)`` for every layer -> norm -> head, which an
+architecture's ``Model`` completes with its ``block`` (attention, MLP or MoE).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flashlm.errors import InputError
+from flashlm.runtime.kvcache import KVCache
 
 
 @dataclass
@@ -125,3 +128,77 @@ def attend(backend, layer: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, bat
         backend.kv_write(c.k[layer], c.v[layer], k[s:e], v[s:e], p)
         out[s:e] = backend.attention(q[s:e], c.k[layer], c.v[layer], p)
     return out
+
+
+class Decoder:
+    """The forward driver of a pre-norm decoder; a subclass defines ``block(i, x, batch)``,
+    which updates the residual stream ``x`` (N, d) of layer ``i`` in place.
+
+    Args:
+        config: the model's ModelConfig.
+        weights: an object with ``tensor(name)``, ``has(name)``, ``layer(i)`` (and
+            ``experts(i, ids)`` for a mixture of experts).
+        backend: a compute backend (NumpyBackend, KernelBackend).
+
+    Example:
+        >>> model = build_model(config, weights, NumpyBackend())
+        >>> cache = model.make_cache(2048)
+        >>> logits = model.forward(ids, np.arange(len(ids)), cache)   # prefill
+        >>> logits = model.forward([tok], [len(ids)], cache)          # one decode step
+    """
+
+    def __init__(self, config, weights, backend) -> None:
+        self.config, self.weights, self.backend = config, weights, backend
+
+    def make_cache(self, max_ctx: int) -> KVCache:
+        """An empty KV cache for one sequence of up to ``max_ctx`` positions."""
+        return KVCache.for_config(self.config, max_ctx)
+
+    def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
+        raise NotImplementedError
+
+    def _run(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
+        c, be, wt = self.config, self.backend, self.weights
+        check_tokens(batch.tokens, c.vocab_size)
+        x = np.array(be.embed(wt.tensor("token_embd.weight"), batch.tokens), np.float32)  # (N, d)
+        for i in range(c.num_hidden_layers):
+            x = self.block(i, x, batch)
+        h = be.rmsnorm(np.ascontiguousarray(x[rows]), wt.tensor("output_norm.weight"), c.rms_norm_eps)
+        head = wt.tensor("output.weight") if wt.has("output.weight") else wt.tensor("token_embd.weight")
+        logits = be.linear(h, head)  # only the rows asked for, not the whole prompt
+        batch.finish()
+        return logits
+
+    def forward(self, tokens, positions, cache: KVCache, *, all_logits: bool = False) -> np.ndarray:
+        """Run ``tokens`` (n,) at ``positions`` (n,) through the model, appending to ``cache``.
+
+        Args:
+            tokens: (n,) int token ids (a whole prompt, or one token to decode).
+            positions: (n,) int rope positions, or None for cache.offset + arange(n).
+            cache: this sequence's KV cache (advanced by n).
+            all_logits: return the logits of every position, not only the last.
+
+        Returns:
+            (vocab,) float32 logits of the last position, or (n, vocab) with all_logits.
+        """
+        batch = make_batch([(tokens, positions, cache)])
+        rows = np.arange(len(batch.tokens)) if all_logits else batch.last_rows
+        logits = self._run(batch, rows)
+        return logits if all_logits else logits[0]
+
+    def forward_batch(self, seqs, *, all_logits: bool = False, last=None) -> np.ndarray:
+        """One step for several sequences; the linear layers run once over all their rows
+        (and each expert of a mixture once over the rows, of any sequence, routed to it).
+
+        Args:
+            seqs: list of (tokens (n_j,), positions (n_j,) or None, cache), one cache each.
+            all_logits: the logits of every row (sequence after sequence), not only the last
+                of each (draft verification).
+            last: instead, the logits of the last ``last[j]`` rows of sequence j (0 = none;
+                a step that mixes prompt chunks with decode rows and drafts).
+
+        Returns:
+            (B, vocab) float32 logits of the last position of each sequence, or (rows, vocab).
+        """
+        batch = make_batch(seqs)
+        return self._run(batch, batch.logit_rows(all_logits, last))
