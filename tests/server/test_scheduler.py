@@ -169,7 +169,8 @@ def test_a_failed_step_fails_its_requests_and_the_next_one_runs(llm, monkeypatch
     assert after.tokens == alone(llm, prompts(1, seed=2)[0], SamplingParams.greedy(max_tokens=8))
 
 
-def test_queue_is_bounded_and_close_refuses_new_requests(llm, monkeypatch):
+def hold_steps(llm, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make every engine step wait for ``gate``; ``entered`` is set when one starts."""
     gate, entered = threading.Event(), threading.Event()
     real = llm.engine.step
 
@@ -179,6 +180,11 @@ def test_queue_is_bounded_and_close_refuses_new_requests(llm, monkeypatch):
         return real(seqs, **kw)
 
     monkeypatch.setattr(llm.engine, "step", blocked)
+    return gate, entered
+
+
+def test_queue_is_bounded_and_close_refuses_new_requests(llm, monkeypatch):
+    gate, entered = hold_steps(llm, monkeypatch)
     sched = Scheduler(llm.engine, max_batch=1, max_queue=1)
     sched.start()
     a, b = Collector(), Collector()
@@ -199,15 +205,7 @@ def test_queue_is_bounded_and_close_refuses_new_requests(llm, monkeypatch):
 
 
 def test_close_without_drain_fails_what_is_left(llm, monkeypatch):
-    gate, entered = threading.Event(), threading.Event()
-    real = llm.engine.step
-
-    def blocked(seqs, **kw):
-        entered.set()
-        assert gate.wait(TIMEOUT)
-        return real(seqs, **kw)
-
-    monkeypatch.setattr(llm.engine, "step", blocked)
+    gate, entered = hold_steps(llm, monkeypatch)
     sched = Scheduler(llm.engine, max_batch=1, max_queue=2)
     sched.start()
     a, b = Collector(), Collector()
