@@ -126,3 +126,31 @@ def test_convert_force_replaces_only_a_store(store, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["convert", str(src), str(empty), "--force", "-q"]) == 0 and Store(empty)
+
+
+def test_an_import_killed_midway_leaves_no_store_that_opens(tmp_path):
+    """`flashlm convert` of a real GGUF, SIGKILLed once it has written a few layer files:
+    OUT is not a store (nothing half-written opens), and converting again works."""
+    import signal
+    import time
+
+    from realmodels import gguf_by_stem
+
+    src = gguf_by_stem("qwen2.5-coder-0.5b-instruct-q4_k_m")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "flashlm.cli", "convert", str(src), str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if any(t.is_dir() and (t / "layer_003.bin").exists() for t in tmp_path.glob(".out.tmp-*")):
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the import finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    assert not out.exists()
+    with pytest.raises(StoreError):
+        Store(out)
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert Store(out).config.num_hidden_layers == 24
