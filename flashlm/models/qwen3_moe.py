@@ -64,6 +64,7 @@ class Model(Decoder):
         order, experts, starts = group(ids)  # the N*k (row, slot) assignments, grouped by expert
         experts, starts = experts.tolist(), starts.tolist()
         ex = self.weights.experts(i, experts)  # once per layer: the union of the batch's experts
+        self._predict(i + 1, h)
         segs = list(zip(starts[:-1], starts[1:]))  # expert experts[g] has grouped rows segs[g]
         xs = h[order // k] if n > 1 else h  # (N*k, d) the rows, grouped; one row: each expert's GEMV input
         m, f = n * k, ex[experts[0]]["ffn_gate.weight"].shape[0]
@@ -79,6 +80,19 @@ class Model(Decoder):
         be.linear_each([act[s:t] for s, t in segs], [ex[e]["ffn_down.weight"] for e in experts],
                        [y[s:t] for s, t in segs])  # every down
         return combine(y, order, wts)  # slot by slot: a row's sum does not depend on the rest of the batch
+
+    def _predict(self, i: int, h: np.ndarray) -> None:
+        """Where experts stream from disk: guess block ``i``'s experts by applying its router to
+        this block's normed rows ``h`` (the residual stream changes little from one block to
+        the next) and start reading them while this block computes. Only timing depends on it."""
+        wt = self.weights
+        if i >= self.config.num_hidden_layers or not hasattr(wt, "prefetch_experts"):
+            return
+        router = wt.router(i)
+        if router is None:
+            return
+        ids, _ = route(self.backend.linear(h, router), self.config.num_experts_per_tok, False)
+        wt.prefetch_experts(i, np.unique(ids).tolist())
 
     def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         """Decoder block ``i``: updates the residual stream ``x`` (N, d) in place."""

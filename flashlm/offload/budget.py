@@ -207,6 +207,12 @@ def resolve_budget(spec: RamSpec, *, vm=None, rss: int | None = None, cgroup: tu
 # ---- what a store needs ----
 
 
+def always_resident(name: str, info: dict) -> bool:
+    """Tensors read once and kept whatever the budget: norms and biases (1-D), and the routers
+    of MoE layers (E x d, small), which predict the next layer's experts before it runs."""
+    return len(info["shape"]) == 1 or name.endswith(".ffn_gate_inp.weight")
+
+
 @dataclass(frozen=True)
 class Layout:
     """The sizes the planner needs, read off a store's manifest.
@@ -250,7 +256,7 @@ class Layout:
         ti = store.tensor_info
         n = store.n_layers
         cfg = store.config
-        small = sum(_round_up(t["nbytes"], 64) for t in ti.values() if len(t["shape"]) == 1)
+        small = sum(_round_up(t["nbytes"], 64) for k, t in ti.items() if always_resident(k, t))
         moe = tuple(i for i in range(n) if getattr(cfg, "is_moe_layer", lambda _: False)(i))
         layer = [store.files.get(f"layer_{i:03d}.bin", {}).get("size", 0) for i in range(n)]
         expert = 0

@@ -483,6 +483,8 @@ class ExpertStats:
     hits: int = 0  # already in the cache (or on their way)
     bytes_read: int = 0
     io_wait_s: float = 0.0
+    prefetched: int = 0  # reads started by a prediction (prefetch)
+    prefetch_hits: int = 0  # of those, asked for afterwards
 
     @property
     def hit_rate(self) -> float:
@@ -490,7 +492,8 @@ class ExpertStats:
 
     def as_dict(self) -> dict:
         return {"expert_requests": self.requests, "expert_hits": self.hits, "expert_hit_rate": round(self.hit_rate, 4),
-                "expert_bytes_read": self.bytes_read, "expert_io_wait_s": round(self.io_wait_s, 4)}
+                "expert_bytes_read": self.bytes_read, "expert_io_wait_s": round(self.io_wait_s, 4),
+                "expert_prefetched": self.prefetched, "expert_prefetch_hits": self.prefetch_hits}
 
 
 @dataclass
@@ -502,6 +505,7 @@ class _ExpertSlot:
     uses: float = 0.0  # frequency, halved every `age_every` requests
     last: int = 0  # recency: the request counter at the last use
     pinned: bool = False
+    prefetched: bool = False  # read on a prediction, not asked for since
     gen: int = 0
 
 
@@ -563,20 +567,30 @@ class ExpertCache:
         with self._cv:
             for s in self._slots:
                 s.pinned = False
+            found = {}
+            for e in ids:  # hits first, pinned, so that no miss of this call evicts one of them
+                slot = self._where.get((layer, e))
+                if slot is not None and slot.error is None:
+                    slot.pinned = True
+                    found[e] = slot
             want = []
             for e in ids:
                 key = (layer, e)
                 self._tick += 1
                 self.stats.requests += 1
-                slot = self._where.get(key)
-                if slot is not None and slot.error is None:
+                slot = found.get(e)
+                if slot is not None:
                     self.stats.hits += 1
+                    if slot.prefetched:
+                        self.stats.prefetch_hits += 1
                 else:
+                    slot = self._where.get(key)
                     if slot is not None:  # a failed read: try again
                         self._drop(slot)
                     slot = self._victim()
                     self._load(slot, key)
                 slot.pinned = True
+                slot.prefetched = False
                 slot.uses += 1
                 slot.last = self._tick
                 want.append((e, slot))
@@ -598,11 +612,31 @@ class ExpertCache:
                     raise OffloadError(f"reading expert {e} of layer {layer} failed: {err}") from None
             return {e: s.view for e, s in want}
 
+    def prefetch(self, layer: int, ids) -> int:
+        """Start reading the experts ``ids`` of ``layer`` that are not cached (a prediction), into
+        slots of the least used unpinned experts; nothing waits. Returns the reads started
+        (fewer when every other slot is pinned or loading)."""
+        started = 0
+        with self._cv:
+            for e in ids:
+                key = (layer, int(e))
+                if key in self._where:
+                    continue
+                try:
+                    slot = self._victim()
+                except RuntimeError:
+                    break
+                self._load(slot, key)
+                slot.last, slot.prefetched = self._tick, True
+                started += 1
+            self.stats.prefetched += started
+        return started
+
     # -- internals, with the lock held --
 
     def _drop(self, slot: _ExpertSlot) -> None:
         self._where.pop(slot.key, None)
-        slot.key, slot.state, slot.error, slot.uses, slot.pinned = None, FREE, None, 0.0, False
+        slot.key, slot.state, slot.error, slot.uses, slot.pinned, slot.prefetched = None, FREE, None, 0.0, False, False
 
     def _victim(self) -> _ExpertSlot:
         free = [s for s in self._slots if s.state == FREE]

@@ -37,7 +37,8 @@ import numpy as np
 
 from flashlm.errors import OffloadError
 from flashlm.kernels.formats import QTensor, slab_bytes, view_as
-from flashlm.offload.budget import AUTO_MARGIN_MIN, Layout, Plan, cgroup_memory, process_rss, spread, trim_heap
+from flashlm.offload.budget import (AUTO_MARGIN_MIN, Layout, Plan, always_resident, cgroup_memory, process_rss, spread,
+                                    trim_heap)
 from flashlm.offload.io import ALIGN, StoreFile, aligned_buffer, default_mode
 from flashlm.offload.prefetch import ExpertCache, Prefetcher, ReadPool, Segment
 
@@ -233,8 +234,8 @@ class StreamingWeights:
         return f
 
     def _read_small(self) -> dict[str, QTensor]:
-        """Every 1-D tensor (norms, biases), packed into one buffer."""
-        infos = {n: t for n, t in self.store.tensor_info.items() if len(t["shape"]) == 1}
+        """Every always-resident tensor (norms, biases, MoE routers), packed into one buffer."""
+        infos = {n: t for n, t in self.store.tensor_info.items() if always_resident(n, t)}
         spans = {n: _ceil(t["offset"] + t["nbytes"]) - _floor(t["offset"]) for n, t in infos.items()}
         buf = np.frombuffer(aligned_buffer(sum(spans.values()) or ALIGN), np.uint8)
         out, at = {}, 0
@@ -371,6 +372,15 @@ class StreamingWeights:
                                tuple(t["shape"]), stable=False)
             out[e] = d
         return out
+
+    def router(self, i: int) -> QTensor | None:
+        """The router of MoE block ``i`` (always resident), None if it has none."""
+        return self._small.get(f"blk.{i}.ffn_gate_inp.weight")
+
+    def prefetch_experts(self, i: int, ids) -> int:
+        """Start reading experts ``ids`` of block ``i`` (a prediction) into the expert cache,
+        without waiting and without displacing pinned experts; returns the reads started."""
+        return self.experts_cache.prefetch(i, ids) if self.experts_cache is not None else 0
 
     # ---- memory watch ----
 

@@ -64,6 +64,8 @@ def test_streamed_moe_equals_in_ram(moe, backend, slots):
         np.testing.assert_array_equal(a, b)
     assert st["expert_requests"] > 0 and 0 <= st["expert_hits"] < st["expert_requests"]
     assert st["expert_bytes_read"] > 0
+    # the next block's router on this block's rows started reads ahead (timing only: same bits)
+    assert st["expert_prefetched"] > 0 and st["expert_prefetch_hits"] <= st["expert_hits"]
 
 
 def test_expert_read_error_surfaces(moe, monkeypatch):
@@ -124,3 +126,24 @@ def test_plan_reserves_an_expert_cache(moe):
     with pytest.raises(BudgetError, match="expert slots"):
         make_plan(layout, moe.config, budget=base + (1 << 20), **kw)
     assert total > 0
+
+
+def test_expert_prefetch_reads_ahead_without_evicting_pinned(tmp_path):
+    data = np.arange(10 * 4096, dtype=np.uint8) % 251
+    p = tmp_path / "e.bin"
+    p.write_bytes(data.tobytes())
+    spans = {(0, e): (p, e * 4096, 4096) for e in range(10)}
+    pool = ReadPool("buffered", readers=2)
+    try:
+        c = ExpertCache(pool, n_slots=3, slot_bytes=4096, spans=spans)
+        c.get(0, [1, 2])  # pinned until the next get
+        assert c.prefetch(0, [1, 5, 6]) == 1  # 1 is cached; one free slot for 5; 6 finds no unpinned slot
+        assert (0, 5) in c._where and (0, 6) not in c._where and {(0, 1), (0, 2)} <= set(c._where)
+        v = c.get(0, [5, 2])  # 5 arrives (or already has): a hit, and a used prediction
+        assert np.array_equal(v[5], data[5 * 4096:6 * 4096])
+        assert c.stats.hits == 2 and c.stats.prefetched == 1 and c.stats.prefetch_hits == 1
+        c.get(0, [7])  # a miss: evicts 1 (unpinned now), never 5 or 2 asked in the same call
+        assert c.prefetch(0, [8, 9]) == 2 and c.stats.prefetched == 3  # 7 pinned: 5 and 2 make room
+        assert (0, 7) in c._where
+    finally:
+        pool.close()
