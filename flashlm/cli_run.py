@@ -365,6 +365,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         best_pf = min(best_pf, time.perf_counter() - t0)
         tok = int(np.argmax(logits))
         r0 = llm.weights.reads() if llm.streams else None
+        e0 = _expert_counts(llm)
         t0 = time.perf_counter()
         for _ in range(gen_tokens):
             tok = int(np.argmax(model.forward(np.array([tok]), None, cache)))
@@ -373,6 +374,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
             best_dec = dt
             if llm.streams:
                 reads = tuple(b - a for a, b in zip(r0, llm.weights.reads()))
+                experts = tuple(b - a for a, b in zip(e0, _expert_counts(llm)))
     from flashlm.offload.budget import Layout
 
     store = llm.store
@@ -394,7 +396,19 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         out.update(streamed_bytes_per_token=int(nbytes / gen_tokens), decode_read_GB_s=round(nbytes / read_s / 1e9, 3)
                    if read_s else 0.0, decode_io_wait_s=round(wait_s, 3), decode_s=round(best_dec, 3),
                    read_mode=llm.weights.mode, plan=llm.plan.as_dict())
+        if experts[0]:
+            out.update(expert_hit_rate=round(experts[1] / experts[0], 4),
+                       expert_bytes_per_token=int(experts[2] / gen_tokens))
     return out
+
+
+def _expert_counts(llm) -> tuple[int, int, int]:
+    """(experts asked for, hits, bytes read) of a streaming run's expert cache so far; zeros without one."""
+    cache = getattr(llm.weights, "experts_cache", None) if llm.streams else None
+    if cache is None:
+        return 0, 0, 0
+    st = cache.stats
+    return st.requests, st.hits, st.bytes_read
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
