@@ -9,7 +9,10 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+import threading
 from typing import Any, Iterator, Sequence
 
 from flashlm.errors import InputError
@@ -29,6 +32,26 @@ def open_tokenizer(store: Store) -> Tokenizer:
     return Tokenizer.from_files(store.tokenizer_path, chat_template=store.chat_template, special=store.tokenizer_info)
 
 
+COMPILE_NOTICE = ("flashlm: compiling the kernels (the first run after an install only; about 2 minutes on "
+                  "2 cores, then cached for every later run)...")
+
+
+@contextlib.contextmanager
+def _say_if_slow(enabled: bool, message: str, after_s: float = 2.0):
+    """Print ``message`` on stderr if the block is still running after ``after_s`` seconds
+    (Numba compiles while holding the GIL, but a timer thread still gets its turn)."""
+    if not enabled:
+        yield
+        return
+    timer = threading.Timer(after_s, lambda: print(message, file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def default_threads() -> int:
     import psutil
 
@@ -45,7 +68,7 @@ class LLM:
     def __init__(self, store: Store, *, threads: int | None = None, ctx: int | None = None, backend: str = "auto",
                  ram: int | str | RamSpec | None = None, batch: int = 1, draft: str = "auto", draft_max: int = 8,
                  read_mode: str | None = None, readers: int = 2, stream: bool = False,
-                 prefill_rows: int | None = None):
+                 prefill_rows: int | None = None, progress: bool = False):
         from flashlm.runtime.backend import get_backend
 
         self.store = store
@@ -62,7 +85,8 @@ class LLM:
             self.tokenizer = open_tokenizer(store)
             self.backend = get_backend(backend)  # "auto" never falls back to numpy silently
             if hasattr(self.backend, "warm_up"):
-                self.backend.warm_up(store, self.config)  # kernels in memory before the baseline is measured
+                with _say_if_slow(progress, COMPILE_NOTICE):  # a first run compiles them
+                    self.backend.warm_up(store, self.config)  # kernels in memory before the baseline is measured
             baseline = measure_baseline()
             budget = resolve_budget(spec, rss=baseline)
             layout = Layout.of(store)
@@ -247,7 +271,8 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
         ctx: context length (prompt + generated tokens) per sequence; default 4096, lowered
             to fit a tight budget when not given.
         backend: "auto" (Numba kernels), "kernels" or "numpy" (plain-numpy reference).
-        progress: show progress bars when a model is pulled or imported.
+        progress: show progress bars when a model is pulled or imported, and a line on stderr
+            while the kernels compile (the first run after an install).
         batch: sequences decoded together (the plan reserves their KV caches).
         draft: "ngram" (prompt lookup: verify up to ``draft_max`` tokens copied from the context
             per pass over the weights), "none", or "auto" (ngram when weights stream). Greedy
@@ -268,4 +293,5 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
     check_draft(draft, draft_max)
     store = Store(resolve(model, progress=progress))
     return LLM(store, threads=threads, ctx=ctx, backend=backend, ram=spec, batch=batch, draft=draft,
-               draft_max=draft_max, read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows)
+               draft_max=draft_max, read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows,
+               progress=progress)
