@@ -24,36 +24,15 @@ from __future__ import annotations
 import numpy as np
 
 from flashlm.kernels.moe import combine, group, route
-from flashlm.models.base import Batch, Decoder, attend
+from flashlm.models import qwen3
+from flashlm.models.base import Batch
 
-class Model(Decoder):
-    """A Qwen3-MoE decoder (per-head q/k rmsnorm, rope "neox", sparse MoE blocks).
 
-    The forward driver (embed, the blocks, norm, head; forward and forward_batch) is
-    :class:`flashlm.models.base.Decoder`; this class is the architecture's block.
+class Model(qwen3.Model):
+    """A Qwen3-MoE decoder: Qwen3's attention (per-head q/k rmsnorm, rope "neox") and dense MLP
+    (layers in ``mlp_only_layers``), and sparse MoE blocks. The forward driver is
+    :class:`flashlm.models.base.Decoder`.
     """
-
-    # ---- blocks ----
-
-    def attention(self, i: int, w: dict, h: np.ndarray, batch: Batch) -> np.ndarray:
-        """Self-attention of block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""
-        c, be = self.config, self.backend
-        n = h.shape[0]
-        hq, hkv, d, eps = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps
-        q, k, v = be.linear_many(h, [w["attn_q.weight"], w["attn_k.weight"], w["attn_v.weight"]])
-        q = be.rmsnorm(q.reshape(n * hq, d), w["attn_q_norm.weight"], eps).reshape(n, hq, d)  # per head
-        k = be.rmsnorm(k.reshape(n * hkv, d), w["attn_k_norm.weight"], eps).reshape(n, hkv, d)
-        v = v.reshape(n, hkv, d)
-        be.rope(q, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
-        be.rope(k, batch.positions, c.rope_theta, c.rope_layout, c.rope_scaling)
-        o = attend(be, i, q, k, v, batch)  # (N, Hq, D)
-        return be.linear(o.reshape(n, -1), w["attn_output.weight"])
-
-    def mlp(self, w: dict, h: np.ndarray) -> np.ndarray:
-        """Dense SwiGLU feed-forward on normed rows ``h`` (N, d) -> (N, d)."""
-        be = self.backend
-        g, u = be.linear_many(h, [w["ffn_gate.weight"], w["ffn_up.weight"]])
-        return be.linear(be.silu_mul(g, u), w["ffn_down.weight"])
 
     def moe(self, i: int, w: dict, h: np.ndarray) -> np.ndarray:
         """Sparse MoE block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""

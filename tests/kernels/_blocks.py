@@ -166,7 +166,6 @@ def simd_kernel_variant(fmt: str, flags: dict) -> tuple:
     ``simd._make_dot`` / ``_make_dot_rows`` (and the 4-block dots) with simd's module flags set
     to ``flags`` while they compile (the intrinsics read them at code generation), so every code
     path can be run in one process whatever the CPU. Compiled here, not cached."""
-    import functools
 
     import numba
 
@@ -177,7 +176,14 @@ def simd_kernel_variant(fmt: str, flags: dict) -> tuple:
     try:
         for k, v in flags.items():
             setattr(simd, k, v)
-        compile = functools.partial(numba.njit, nogil=True)  # no cache: these flags are not the module's
+        tag = "_".join(f"{k}{int(v)}" for k, v in sorted(flags.items()))
+
+        def compile(f):  # no cache: these flags are not the module's
+            # a name of their own: Numba names compiled functions by qualified name and a per-process
+            # counter, and a cached kernel of the module loaded later could otherwise link to these
+            f.__qualname__ = f"variant_{tag}_{fmt}.{f.__qualname__}"
+            return numba.njit(f, nogil=True)
+
         dot = simd._make_dot(fmt)
         if flags.get("GROUP4") and fmt in simd._GROUP4_FMTS:
             gemv, gemm = gb._group4_kernels(simd._make_dot4(fmt), simd._make_dot4_rows(fmt, simd.ROWS), dot,
