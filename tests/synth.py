@@ -377,3 +377,16 @@ def tiny_moe_store(directory: Path, *, n_layers: int = 3, hidden: int = 64, n_he
                               n_kv=n_kv, head_dim=head_dim, n_experts=n_experts, k=k, expert_ffn=expert_ffn,
                               ffn=None, fmts=fmts)
     return Store(import_gguf(src, directory / "store", progress=False))
+
+
+def greedy_run(model, *, prompt: int = 9, steps: int = 3, seed: int = 0) -> list:
+    """Logits of a random ``prompt``-token prefill (all positions) and ``steps`` greedy decode
+    steps: what the offload tests compare between a streamed and an in-RAM model."""
+    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, prompt)
+    cache = model.make_cache(32)
+    out = [model.forward(ids, None, cache, all_logits=True)]
+    tok = int(np.argmax(out[0][-1]))
+    for _ in range(steps):
+        out.append(model.forward(np.array([tok]), None, cache))
+        tok = int(np.argmax(out[-1]))
+    return out

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from synth import tiny_moe_store
+from synth import greedy_run, tiny_moe_store
 
 from flashlm.errors import BudgetError, OffloadError
 from flashlm.models import build_model
@@ -33,14 +33,7 @@ def moe_plan(store, *, slots, resident=(), head=False):
 
 
 def run(model, steps=4, seed=0):
-    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, 7)
-    cache = model.make_cache(32)
-    out = [model.forward(ids, None, cache, all_logits=True)]
-    tok = int(np.argmax(out[0][-1]))
-    for _ in range(steps):
-        out.append(model.forward(np.array([tok]), None, cache))
-        tok = int(np.argmax(out[-1]))
-    return out
+    return greedy_run(model, prompt=7, steps=steps, seed=seed)
 
 
 def test_layout_of_a_moe_store(moe):
@@ -87,27 +80,33 @@ def test_expert_read_error_surfaces(moe, monkeypatch):
     assert not [t for t in threading.enumerate() if t.name.startswith("flashlm-reader")]
 
 
-def test_expert_cache_keeps_the_frequent_and_recent(tmp_path):
+@pytest.fixture
+def three_slots(tmp_path):
+    """(file bytes, an ExpertCache of 3 one-page slots over 10 one-page experts of layer 0)."""
     data = np.arange(10 * 4096, dtype=np.uint8) % 251
     p = tmp_path / "e.bin"
     p.write_bytes(data.tobytes())
     spans = {(0, e): (p, e * 4096, 4096) for e in range(10)}
     pool = ReadPool("buffered", readers=2)
     try:
-        c = ExpertCache(pool, n_slots=3, slot_bytes=4096, spans=spans)
-        v = c.get(0, [1, 2])
-        assert np.array_equal(v[1], data[4096:8192]) and np.array_equal(v[2], data[8192:12288])
-        c.get(0, [1])  # 1 used twice
-        c.get(0, [3])  # fills the third slot
-        c.get(0, [4])  # evicts the least used, least recent: 2
-        assert set(c._where) == {(0, 1), (0, 3), (0, 4)}
-        assert c.stats.requests == 5 and c.stats.hits == 1
-        v = c.get(0, [1, 3, 4])  # all hits, pinned together
-        assert c.stats.hits == 4 and np.array_equal(v[4], data[4 * 4096:5 * 4096])
-        with pytest.raises(RuntimeError, match="4 experts asked for at once"):
-            c.get(0, [5, 6, 7, 8])
+        yield data, ExpertCache(pool, n_slots=3, slot_bytes=4096, spans=spans)
     finally:
         pool.close()
+
+
+def test_expert_cache_keeps_the_frequent_and_recent(three_slots):
+    data, c = three_slots
+    v = c.get(0, [1, 2])
+    assert np.array_equal(v[1], data[4096:8192]) and np.array_equal(v[2], data[8192:12288])
+    c.get(0, [1])  # 1 used twice
+    c.get(0, [3])  # fills the third slot
+    c.get(0, [4])  # evicts the least used, least recent: 2
+    assert set(c._where) == {(0, 1), (0, 3), (0, 4)}
+    assert c.stats.requests == 5 and c.stats.hits == 1
+    v = c.get(0, [1, 3, 4])  # all hits, pinned together
+    assert c.stats.hits == 4 and np.array_equal(v[4], data[4 * 4096:5 * 4096])
+    with pytest.raises(RuntimeError, match="4 experts asked for at once"):
+        c.get(0, [5, 6, 7, 8])
 
 
 def test_plan_reserves_an_expert_cache(moe):
@@ -128,22 +127,14 @@ def test_plan_reserves_an_expert_cache(moe):
     assert total > 0
 
 
-def test_expert_prefetch_reads_ahead_without_evicting_pinned(tmp_path):
-    data = np.arange(10 * 4096, dtype=np.uint8) % 251
-    p = tmp_path / "e.bin"
-    p.write_bytes(data.tobytes())
-    spans = {(0, e): (p, e * 4096, 4096) for e in range(10)}
-    pool = ReadPool("buffered", readers=2)
-    try:
-        c = ExpertCache(pool, n_slots=3, slot_bytes=4096, spans=spans)
-        c.get(0, [1, 2])  # pinned until the next get
-        assert c.prefetch(0, [1, 5, 6]) == 1  # 1 is cached; one free slot for 5; 6 finds no unpinned slot
-        assert (0, 5) in c._where and (0, 6) not in c._where and {(0, 1), (0, 2)} <= set(c._where)
-        v = c.get(0, [5, 2])  # 5 arrives (or already has): a hit, and a used prediction
-        assert np.array_equal(v[5], data[5 * 4096:6 * 4096])
-        assert c.stats.hits == 2 and c.stats.prefetched == 1 and c.stats.prefetch_hits == 1
-        c.get(0, [7])  # a miss: evicts 1 (unpinned now), never 5 or 2 asked in the same call
-        assert c.prefetch(0, [8, 9]) == 2 and c.stats.prefetched == 3  # 7 pinned: 5 and 2 make room
-        assert (0, 7) in c._where
-    finally:
-        pool.close()
+def test_expert_prefetch_reads_ahead_without_evicting_pinned(three_slots):
+    data, c = three_slots
+    c.get(0, [1, 2])  # pinned until the next get
+    assert c.prefetch(0, [1, 5, 6]) == 1  # 1 is cached; one free slot for 5; 6 finds no unpinned slot
+    assert (0, 5) in c._where and (0, 6) not in c._where and {(0, 1), (0, 2)} <= set(c._where)
+    v = c.get(0, [5, 2])  # 5 arrives (or already has): a hit, and a used prediction
+    assert np.array_equal(v[5], data[5 * 4096:6 * 4096])
+    assert c.stats.hits == 2 and c.stats.prefetched == 1 and c.stats.prefetch_hits == 1
+    c.get(0, [7])  # a miss: evicts 1 (unpinned now), never 5 or 2 asked in the same call
+    assert c.prefetch(0, [8, 9]) == 2 and c.stats.prefetched == 3  # 7 pinned: 5 and 2 make room
+    assert (0, 7) in c._where

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from synth import greedy_run
 from synth import tiny_store as make_tiny_store
 
 from flashlm.errors import OffloadError
@@ -29,14 +30,7 @@ def stream_plan(store, *, resident=(1, 4), head=False, n_slots=2):
 
 def run(model, steps=3, seed=0):
     """Logits of a 9-token prefill (all positions) and ``steps`` greedy decode steps."""
-    ids = np.random.default_rng(seed).integers(0, model.config.vocab_size, 9)
-    cache = model.make_cache(32)
-    out = [model.forward(ids, None, cache, all_logits=True)]
-    tok = int(np.argmax(out[0][-1]))
-    for _ in range(steps):
-        out.append(model.forward(np.array([tok]), None, cache))
-        tok = int(np.argmax(out[-1]))
-    return out
+    return greedy_run(model, prompt=9, steps=steps, seed=seed)
 
 
 def reader_threads():
