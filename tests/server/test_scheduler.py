@@ -133,13 +133,18 @@ def test_a_cancelled_request_leaves_at_the_next_step(llm):
 
     c = Collector(cancel_after_two)
     other = Collector()
-    sched.start()
+    # both are queued before the loop starts, so they run in one batch (submitted after
+    # start, the second could arrive after the cancel and reuse the first one's cache)
     holder["req"] = sched.submit(prompts(1)[0], SamplingParams.greedy(max_tokens=60), c)
-    sched.submit(prompts(1, seed=3)[0], SamplingParams.greedy(max_tokens=30), other)
+    second = sched.submit(prompts(1, seed=3)[0], SamplingParams.greedy(max_tokens=30), other)
+    sched.start()
     other.wait()
     sched.close()
     assert len(c.events) == 2 and not c.ended.is_set()  # nothing after the cancel
-    assert sched.counts()["cancelled"] == 1 and len(sched._caches) == 2  # both caches are free again
+    assert len(other.events) > 2 and other.ended.is_set()  # the other one ran on to its end
+    assert sched.counts()["cancelled"] == 1 and not sched._live
+    free = [id(k) for k in sched._caches]  # both caches are free again
+    assert len(free) == 2 and id(holder["req"].seq.cache) in free and id(second.seq.cache) in free
 
 
 def test_a_failed_step_fails_its_requests_and_the_next_one_runs(llm, monkeypatch):
