@@ -18,7 +18,8 @@ from typing import Any, Iterator, Sequence
 from flashlm.errors import InputError
 from flashlm.models import build_model
 from flashlm.models.registry import resolve
-from flashlm.offload.budget import DEFAULT_PREFILL, Layout, RamSpec, make_plan, measure_baseline, parse_ram, parse_size, resolve_budget
+from flashlm.offload.budget import (DEFAULT_PREFILL, Layout, RamSpec, make_plan, measure_baseline, parse_ram, parse_size,
+                                    process_rss, resolve_budget)
 from flashlm.offload.store import Store
 from flashlm.runtime.engine import Engine, Event, Stats
 from flashlm.runtime.sampler import SamplingParams
@@ -32,8 +33,17 @@ def open_tokenizer(store: Store) -> Tokenizer:
     return Tokenizer.from_files(store.tokenizer_path, chat_template=store.chat_template, special=store.tokenizer_info)
 
 
-COMPILE_NOTICE = ("flashlm: compiling the kernels (the first run after an install only; about 2 minutes on "
-                  "2 cores, then cached for every later run)...")
+COMPILE_NOTICE = ("flashlm: compiling kernels (the first run after an install only; then cached for every "
+                  "later run)...")
+COMPILE_FORMATS = "flashlm: compiling kernels for {} (first run only; then cached)..."
+
+
+def _missing_kernels(store) -> list[str]:
+    """The store's matmul formats whose kernels Numba's cache does not hold yet."""
+    from flashlm.kernels import executor
+
+    return executor.missing_formats(sorted({t["format"] for t in store.tensor_info.values()
+                                            if len(t["shape"]) == 2}))
 
 
 @contextlib.contextmanager
@@ -85,8 +95,15 @@ class LLM:
             self.tokenizer = open_tokenizer(store)
             self.backend = get_backend(backend)  # "auto" never falls back to numpy silently
             if hasattr(self.backend, "warm_up"):
-                with _say_if_slow(progress, COMPILE_NOTICE):  # a first run compiles them
-                    self.backend.warm_up(store, self.config)  # kernels in memory before the baseline is measured
+                notice = COMPILE_NOTICE
+                if progress:
+                    missing = _missing_kernels(store)
+                    if missing:  # a first run compiles them: say so now, and for which formats
+                        print(COMPILE_FORMATS.format(", ".join(missing)), file=sys.stderr, flush=True)
+                        notice = None
+                room = max(0, resolve_budget(spec) - process_rss())  # for compile workers
+                with _say_if_slow(progress and notice is not None, notice or ""):
+                    self.backend.warm_up(store, self.config, room=room)  # in memory before the baseline
             baseline = measure_baseline()
             budget = resolve_budget(spec, rss=baseline)
             layout = Layout.of(store)

@@ -9,8 +9,10 @@ must still propagate inf/nan from the weights or activations.
 from __future__ import annotations
 
 import collections
+import os
 
 import numba
+import numba.core.caching
 import numba.extending
 
 # LLVM fast-math flags: contract (a*b+c -> fma), arcp, reassoc (lane accumulators),
@@ -56,6 +58,34 @@ class _Intrinsic(numba.core.extending._Intrinsic):
 
         importlib.import_module(defn)  # makes every intrinsic of the module, under its uuid
         return cls._memo[uuid]
+
+
+# Numba saves a cache entry by reading the function's index, taking the first free data
+# file number, then writing index and data: two processes saving entries of one function
+# at once (two specializations, or two closures of a kernel factory: every format's
+# ``_slabbed`` gemv shares one index) can both take number 1, and the index of one then
+# names the other's machine code: a first run beside another first run (or beside the
+# compile worker of kernels.precompile) loaded a Q8_0S kernel for Q4_1R and gave NaN.
+# Every save in a cache directory holds an exclusive lock on a file there.
+_save = numba.core.caching.IndexDataCacheFile.save
+
+
+def _locked_save(self, key, data):
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: Numba's own behaviour
+        return _save(self, key, data)
+    os.makedirs(self._cache_path, exist_ok=True)
+    with open(os.path.join(self._cache_path, "flashlm-save.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return _save(self, key, data)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+if getattr(numba.core.caching.IndexDataCacheFile.save, "__name__", "") != "_locked_save":
+    numba.core.caching.IndexDataCacheFile.save = _locked_save
 
 
 def intrinsic(fn):

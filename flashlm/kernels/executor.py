@@ -10,7 +10,9 @@ pool's control array inside :func:`worker_loop` and only return to Python for wo
 that is not in a table, or to sleep.
 
 Table row layout (int64): FMT, W_ADDR, W_ROWS, W_ROWLEN (array elements per
-weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR. An attention
+weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR, KERNEL (the address of
+the format's task, :func:`kernel_address`: formats compile one by one, when a model first
+uses them). An attention
 task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, HKV,
 T_MAX, N_PAST and is split over query heads. A batched one-token attention task (FMT =
 ATTENTION_BATCH) holds Q_ADDR, B * HQ, CACHES_ADDR (kernels.ops.attention_batch's (B, 4) int64
@@ -18,14 +20,19 @@ table), B, HQ, D, OUT_ADDR, HKV and is split over (sequence, head) pairs.
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
 
-Numba caches these functions with the kernels ``HAVE_SIMD`` selected when they were
-first compiled (its cache does not key on globals): after changing
-FLASHLM_NO_SIMD, delete ``flashlm/kernels/__pycache__``.
+Numba caches the tasks with the kernels ``HAVE_SIMD`` selected when they were first
+compiled (its cache does not key on globals): after changing FLASHLM_NO_SIMD, delete
+``flashlm/kernels/__pycache__``.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
-from numba import carray, njit, types
+
+from llvmlite import ir
+from numba import carray, cfunc, njit, types
+from numba.extending import intrinsic
 
 from flashlm.kernels import gemv_kquant as _kq
 from flashlm.kernels import repacked as _rp
@@ -33,10 +40,7 @@ from flashlm.kernels import sync
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
 from flashlm.kernels.ops import _attention, _attention_batch, _ptr
 
-FMT_IDS = {f: i for i, f in enumerate(["F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                                        "Q4_K", "Q5_K", "Q6_K", "Q5_0R", "Q6_KR", "Q4_KR",
-                                        "Q8_0S", "Q4_0S", "Q4_1R", "Q5_1S", "Q5_KS"])}
-FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR = range(8)
+FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR, KERNEL = range(9)
 ATTENTION = 20
 ATTENTION_BATCH = 21
 ROW = 12
@@ -77,76 +81,186 @@ def _chunk(n, parts, i):
     return r0, r0 + q + (1 if i < rem else 0)
 
 
-@njit(nogil=True, cache=True)
-def _run_q(fmt, w, x, out, r0, r1):
-    if fmt == 3:
-        _gv_q4_0(w, x, out, r0, r1)
-    elif fmt == 4:
-        _gv_q4_1(w, x, out, r0, r1)
-    elif fmt == 5:
-        _gv_q5_0(w, x, out, r0, r1)
-    elif fmt == 6:
-        _gv_q5_1(w, x, out, r0, r1)
-    elif fmt == 7:
-        _gv_q8_0(w, x, out, r0, r1)
-    elif fmt == 8:
-        _gv_q4_k(w, x, out, r0, r1)
-    elif fmt == 9:
-        _gv_q5_k(w, x, out, r0, r1)
-    elif fmt == 10:
-        _gv_q6_k(w, x, out, r0, r1)
-    elif fmt == 11:
-        _gv_q5_0r(w, x, out, r0, r1)
-    elif fmt == 12:
-        _gv_q6_kr(w, x, out, r0, r1)
-    elif fmt == 13:
-        _gv_q4_kr(w, x, out, r0, r1)
-    elif fmt == 14:
-        _gv_q8_0s(w, x, out, r0, r1)
-    elif fmt == 15:
-        _gv_q4_0s(w, x, out, r0, r1)
-    elif fmt == 16:
-        _gv_q4_1r(w, x, out, r0, r1)
-    elif fmt == 17:
-        _gv_q5_1s(w, x, out, r0, r1)
-    elif fmt == 18:
-        _gv_q5_ks(w, x, out, r0, r1)
+# ---- one C-callable task per format, compiled when a model first uses the format ----
+#
+# A task is ``void(w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1)`` (all int64): the
+# rows r0..r1-1 of ``out = x @ W.T`` as the table row describes them (n = 0: the GEMV on one
+# row of x, else the small-n GEMM on n rows). Each is a separate module-level function so that
+# Numba caches each one on its own; :func:`kernel_address` compiles it as a ``cfunc`` the first
+# time a table names the format, and run_chunks calls it through the address in the table row.
+# So a process compiles only the formats its models use (a first run of a Q4_K_M model: Q4_KR,
+# Q6_KR, Q5_0R and F32), not all 19 formats' kernels at once as one dispatch function did.
+
+TASK_SIG = types.void(*([types.int64] * 9))
 
 
-@njit(nogil=True, cache=True)
-def _run_q_gemm(fmt, w, X, out, r0, r1):
-    if fmt == 3:
-        _gm_q4_0(w, X, out, r0, r1)
-    elif fmt == 4:
-        _gm_q4_1(w, X, out, r0, r1)
-    elif fmt == 5:
-        _gm_q5_0(w, X, out, r0, r1)
-    elif fmt == 6:
-        _gm_q5_1(w, X, out, r0, r1)
-    elif fmt == 7:
-        _gm_q8_0(w, X, out, r0, r1)
-    elif fmt == 8:
-        _gm_q4_k(w, X, out, r0, r1)
-    elif fmt == 9:
-        _gm_q5_k(w, X, out, r0, r1)
-    elif fmt == 10:
-        _gm_q6_k(w, X, out, r0, r1)
-    elif fmt == 11:
-        _gm_q5_0r(w, X, out, r0, r1)
-    elif fmt == 12:
-        _gm_q6_kr(w, X, out, r0, r1)
-    elif fmt == 13:
-        _gm_q4_kr(w, X, out, r0, r1)
-    elif fmt == 14:
-        _gm_q8_0s(w, X, out, r0, r1)
-    elif fmt == 15:
-        _gm_q4_0s(w, X, out, r0, r1)
-    elif fmt == 16:
-        _gm_q4_1r(w, X, out, r0, r1)
-    elif fmt == 17:
-        _gm_q5_1s(w, X, out, r0, r1)
-    elif fmt == 18:
-        _gm_q5_ks(w, X, out, r0, r1)
+@njit(nogil=True, inline="always")
+def _q(gemv, gemm, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):
+    nx = max(n, 1)
+    w = carray(_ptr(w_addr, types.uint8), (rows, rowlen))
+    xs = carray(_ptr(x_addr, types.float32), (nx, cols))
+    out = carray(_ptr(out_addr, types.float32), (nx, rows))
+    if n == 0:
+        gemv(w, xs[0], out[0], r0, r1)
+    else:
+        gemm(w, xs, out, r0, r1)
+
+
+@njit(nogil=True, inline="always")
+def _h(gemv, gemm, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):  # F16 / BF16 bits
+    nx = max(n, 1)
+    w = carray(_ptr(w_addr, types.uint16), (rows, rowlen))
+    xs = carray(_ptr(x_addr, types.float32), (nx, cols))
+    out = carray(_ptr(out_addr, types.float32), (nx, rows))
+    if n == 0:
+        gemv(w, xs[0], out[0], r0, r1)
+    else:
+        gemm(w, xs, out, r0, r1)
+
+
+def _t_f32(w, rows, rowlen, x, n, cols, out, r0, r1):
+    nx = max(n, 1)
+    w32 = carray(_ptr(w, types.float32), (rows, rowlen))
+    xs = carray(_ptr(x, types.float32), (nx, cols))
+    o = carray(_ptr(out, types.float32), (nx, rows))
+    if n == 0:
+        _gv_f32(w32, xs[0], o[0], r0, r1)
+    else:
+        _gm_f32(w32, xs, o, r0, r1)
+
+
+def _t_f16(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _h(_gv_f16, _gm_f16, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_bf16(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _h(_gv_bf16, _gm_bf16, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_0(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_0, _gm_q4_0, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_1(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_1, _gm_q4_1, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_0(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_0, _gm_q5_0, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_1(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_1, _gm_q5_1, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q8_0(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q8_0, _gm_q8_0, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_k(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_k, _gm_q4_k, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_k(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_k, _gm_q5_k, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q6_k(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q6_k, _gm_q6_k, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_0r(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_0r, _gm_q5_0r, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q6_kr(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q6_kr, _gm_q6_kr, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_kr(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_kr, _gm_q4_kr, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q8_0s(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q8_0s, _gm_q8_0s, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_0s(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_0s, _gm_q4_0s, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_1r(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_1r, _gm_q4_1r, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_1s(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_1s, _gm_q5_1s, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_ks(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_ks, _gm_q5_ks, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+TASKS = {"F32": _t_f32, "F16": _t_f16, "BF16": _t_bf16, "Q4_0": _t_q4_0, "Q4_1": _t_q4_1, "Q5_0": _t_q5_0,
+         "Q5_1": _t_q5_1, "Q8_0": _t_q8_0, "Q4_K": _t_q4_k, "Q5_K": _t_q5_k, "Q6_K": _t_q6_k,
+         "Q5_0R": _t_q5_0r, "Q6_KR": _t_q6_kr, "Q4_KR": _t_q4_kr, "Q8_0S": _t_q8_0s, "Q4_0S": _t_q4_0s,
+         "Q4_1R": _t_q4_1r, "Q5_1S": _t_q5_1s, "Q5_KS": _t_q5_ks}
+FMT_IDS = {f: i for i, f in enumerate(TASKS)}
+_compiled: dict[str, object] = {}  # format -> numba CFunc (kept alive: the tables hold its address)
+_compile_lock = threading.Lock()
+
+
+def compiled_formats() -> list[str]:
+    """The formats whose tasks this process has loaded (compiled, or read from Numba's cache)."""
+    return sorted(_compiled)
+
+
+def kernel_address(fmt: str) -> int:
+    """Address of the C-callable task of ``fmt`` (compiled, or loaded from Numba's cache, on
+    first use in this process)."""
+    c = _compiled.get(fmt)
+    if c is None:
+        with _compile_lock:
+            c = _compiled.get(fmt)
+            if c is None:
+                c = _compiled[fmt] = cfunc(TASK_SIG, cache=True)(TASKS[fmt])
+    return c.address
+
+
+def _task_cached(fmt: str) -> bool:
+    """True when Numba's cache holds the task of ``fmt``: its index names an entry for this
+    signature and machine (a look at the index; loading the entry would cost ~50 ms)."""
+    from numba.core.caching import FunctionCache
+    from numba.core.registry import cpu_target
+
+    try:
+        cache = FunctionCache(TASKS[fmt])
+    except Exception:  # noqa: BLE001 - no usable cache directory: nothing is cached
+        return False
+    ctx = cpu_target.target_context
+    try:  # Numba internals; if they change, load the entry instead
+        return cache._index_key(TASK_SIG, ctx.codegen()) in cache._cache_file._load_index()
+    except Exception:  # noqa: BLE001
+        return cache.load_overload(TASK_SIG, ctx) is not None
+
+
+def missing_formats(formats) -> list[str]:
+    """Those of ``formats`` whose task is neither loaded in this process nor in Numba's cache."""
+    return [f for f in dict.fromkeys(formats) if f in TASKS and f not in _compiled and not _task_cached(f)]
+
+
+@intrinsic
+def _call_task(typingctx, addr, w, rows, rowlen, x, n, cols, out, r0, r1):
+    """Call the task at ``addr`` (a TASK_SIG cfunc) with the other arguments."""
+    sig = types.void(addr, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [i64] * 9).as_pointer())
+        builder.call(fn, [builder.sext(a, i64) if a.type.width < 64 else a for a in args[1:]])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @njit(nogil=True, cache=True)
@@ -173,33 +287,8 @@ def run_chunks(tab, ntasks, part, parts):
             o = carray(_ptr(tab[t, 7], types.float32), (n, rows, d))
             _attention(q, k, v, tab[t, 10], o, r0, r1)
             continue
-        rowlen, n, cols = tab[t, W_ROWLEN], tab[t, N], tab[t, COLS]
-        nx = max(n, 1)
-        xs = carray(_ptr(tab[t, X_ADDR], types.float32), (nx, cols))
-        out = carray(_ptr(tab[t, OUT_ADDR], types.float32), (nx, rows))
-        if fmt == 0:
-            w32 = carray(_ptr(tab[t, W_ADDR], types.float32), (rows, rowlen))
-            if n == 0:
-                _gv_f32(w32, xs[0], out[0], r0, r1)
-            else:
-                _gm_f32(w32, xs, out, r0, r1)
-        elif fmt == 1 or fmt == 2:
-            w16 = carray(_ptr(tab[t, W_ADDR], types.uint16), (rows, rowlen))
-            if fmt == 1:
-                if n == 0:
-                    _gv_f16(w16, xs[0], out[0], r0, r1)
-                else:
-                    _gm_f16(w16, xs, out, r0, r1)
-            elif n == 0:
-                _gv_bf16(w16, xs[0], out[0], r0, r1)
-            else:
-                _gm_bf16(w16, xs, out, r0, r1)
-        else:
-            wq = carray(_ptr(tab[t, W_ADDR], types.uint8), (rows, rowlen))
-            if n == 0:
-                _run_q(fmt, wq, xs[0], out[0], r0, r1)
-            else:
-                _run_q_gemm(fmt, wq, xs, out, r0, r1)
+        _call_task(tab[t, KERNEL], tab[t, W_ADDR], rows, tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N], tab[t, COLS],
+                   tab[t, OUT_ADDR], r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -227,8 +316,9 @@ def worker_loop(ctl, tab, ntasks_slot, wi, parts, last, spins):
 
 
 @njit(nogil=True, cache=True)
-def _fill_row(tab, t, fmt, data, x, out):
+def _fill_row(tab, t, fmt, kernel, data, x, out):
     tab[t, FMT] = fmt
+    tab[t, KERNEL] = kernel
     tab[t, W_ADDR] = data.ctypes.data
     tab[t, W_ROWS] = data.shape[0]
     tab[t, W_ROWLEN] = data.shape[1]
@@ -240,7 +330,7 @@ def _fill_row(tab, t, fmt, data, x, out):
 
 def fill(tab: np.ndarray, t: int, fmt: str, data: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """Describe ``out = x @ W.T`` (rows of ``data``) in row ``t`` of ``tab``."""
-    _fill_row(tab, t, FMT_IDS[fmt], data, x, out)
+    _fill_row(tab, t, FMT_IDS[fmt], kernel_address(fmt), data, x, out)
 
 
 def fill_attention(tab: np.ndarray, t: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int,
@@ -260,6 +350,14 @@ def fill_attention_batch(tab: np.ndarray, t: int, q: np.ndarray, caches: np.ndar
     nb, hq, d = q.shape
     tab[t, :9] = (ATTENTION_BATCH, q.ctypes.data, nb * hq, caches.ctypes.data, nb, hq, d, out.ctypes.data, hkv)
     return t + 1
+
+
+def warm_up() -> None:
+    """Compile (or load) run_chunks and worker_loop with the argument types the pool uses."""
+    tab = new_table()
+    run_chunks(tab, 0, 0, 1)
+    ctl = np.array([1, 0, -2], np.int64)  # a new generation whose task count says "closed"
+    worker_loop(ctl, tab, 2, 1, 2, 0, 1)
 
 
 def new_table() -> np.ndarray:

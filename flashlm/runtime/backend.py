@@ -248,27 +248,24 @@ class KernelBackend:
         self.pool = pool
         self._vec: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
-    def warm_up(self, weights, config) -> None:
+    def warm_up(self, weights, config, *, room: int | None = None) -> None:
         """Load the kernels a model uses (compiling them on a fresh install) on tiny zero
         tensors of its formats and row lengths, so that their memory is part of the baseline
         the RAM planner measures and the first token does not wait for them.
 
+        On a first run the formats' matmul kernels compile in worker processes
+        (``kernels.precompile``) while this one compiles attention and the other ops.
+
         Args:
             weights: a Store (``tensor_info``) or anything with ``tensor_info``-like metadata.
             config: the ModelConfig (head sizes for rope and attention).
+            room: bytes the process may still grow by (for the compile workers); None: no limit.
         """
+        from flashlm.kernels import executor, precompile
         from flashlm.kernels.formats import FLOAT_DTYPES, row_nbytes
 
         shapes = {(t["format"], int(t["shape"][-1])) for t in weights.tensor_info.values() if len(t["shape"]) == 2}
-        for fmt, cols in sorted(shapes):
-            if fmt in FLOAT_DTYPES:
-                data = np.zeros((2, cols), FLOAT_DTYPES[fmt])
-            else:
-                data = np.zeros((2, row_nbytes(fmt, cols)), np.uint8)
-            w = QTensor(data, fmt, (2, cols))
-            for n in (1, 2):
-                self.linear(np.zeros((n, cols), np.float32), w)
-            self.embed(w, np.array([1]))
+        job = precompile.start(sorted({f for f, _ in shapes}), room=room)
         c = config
         d, hd, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         x = np.ones((1, d), np.float32)
@@ -280,6 +277,17 @@ class KernelBackend:
         kc, vc = np.zeros((hkv, 4, hd), np.float32), np.zeros((hkv, 4, hd), np.float32)
         self.kv_write(kc, vc, k, k, 0)
         self.attention(q, kc, vc, 0)
+        executor.warm_up()  # the table runner and the pool's worker loop
+        job.wait()
+        for fmt, cols in sorted(shapes):
+            if fmt in FLOAT_DTYPES:
+                data = np.zeros((2, cols), FLOAT_DTYPES[fmt])
+            else:
+                data = np.zeros((2, row_nbytes(fmt, cols)), np.uint8)
+            w = QTensor(data, fmt, (2, cols))
+            for n in (1, 2):
+                self.linear(np.zeros((n, cols), np.float32), w)
+            self.embed(w, np.array([1]))
 
     def vector(self, w: QTensor) -> np.ndarray:
         """A norm weight or bias as float32 (converted once when stored as F16/BF16, unless its

@@ -62,3 +62,25 @@ def test_stable_uuid_names_each_dispatcher_apart() -> None:
     assert d1(1) == 2 and d2(1) == 2
     assert d1._uuid != d2._uuid and d1._uuid.startswith("flashlm:")
     assert config.jit(inline="always")(f)._uuid.startswith("flashlm:")
+
+
+def test_cache_saves_wait_for_each_other(tmp_path) -> None:
+    """Numba picks a new entry's data file by reading the index: without a lock two processes
+    saving at once can take the same file. A save waits while another holds the directory's lock."""
+    import fcntl
+    import threading
+
+    from numba.core.caching import IndexDataCacheFile
+
+    cache = IndexDataCacheFile(str(tmp_path), "f", source_stamp=1)
+    done = threading.Event()
+    with open(tmp_path / "flashlm-save.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # as another process saving
+        t = threading.Thread(target=lambda: (cache.save("k1", b"one"), done.set()))
+        t.start()
+        assert not done.wait(0.5)  # blocked behind the lock
+        fcntl.flock(lock, fcntl.LOCK_UN)
+    t.join(10)
+    assert done.is_set()
+    cache.save("k2", b"two")
+    assert cache.load("k1") == b"one" and cache.load("k2") == b"two"  # two entries, two data files

@@ -1,0 +1,105 @@
+"""kernels/precompile.py and the per-format tasks of kernels/executor.py: a worker process
+compiles a model's formats into Numba's cache, and later processes load them from it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from flashlm.kernels import executor, precompile
+
+# Run in a process that shares the worker's NUMBA_CACHE_DIR: which formats are missing, which
+# functions compile, and whether the loaded Q8_0S task multiplies right.
+_CHECK = """
+import numpy as np
+from numba.core import event
+from flashlm.kernels import executor, matmul
+from flashlm.kernels.formats import QTensor
+from tests.kernels.test_precompile import stored
+
+compiled = []
+class Listen(event.Listener):
+    def on_start(self, e):
+        compiled.append(e.data["dispatcher"].py_func.__qualname__)
+    def on_end(self, e):
+        pass
+event.register("numba:compile", Listen())
+print("missing", executor.missing_formats(["Q8_0S", "Q4_0S"]))
+rng = np.random.default_rng(0)
+w = rng.standard_normal((64, 256)).astype(np.float32)
+fmt, data, ref = stored(w, "Q8_0", rng)
+x = rng.standard_normal(256).astype(np.float32)
+got = matmul.matmul(x, QTensor(data, "Q8_0S", w.shape))
+print("error", float(np.abs(got - x @ ref.T).max() / np.abs(x @ ref.T).max()))
+print("compiled", sorted(set(c for c in compiled if c.startswith("_t_"))))
+"""
+
+
+def stored(w: np.ndarray, fmt: str, rng) -> tuple[str, np.ndarray, np.ndarray]:
+    """(store format, its bytes, the float32 values they hold) of ``w`` quantized in GGUF ``fmt``."""
+    from flashlm.kernels import repacked
+    from tests.synth import encode
+
+    q, ref = encode(w, fmt, rng)
+    if fmt == "F32":
+        return fmt, q, ref
+    sfmt, data = repacked.pack(fmt, q, w.shape)
+    return sfmt, data, ref
+
+
+def test_a_worker_fills_the_cache_that_the_next_process_loads(tmp_path) -> None:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    subprocess.run([sys.executable, "-m", "flashlm.kernels.precompile", "Q8_0S"], env=env, check=True, timeout=600)
+    out = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines())
+    assert lines["missing"] == "['Q4_0S']"  # the worker's format is cached, the other is not
+    assert lines["compiled"] == "[]"  # the Q8_0S task was loaded, not compiled again
+    assert float(lines["error"]) < 1e-5
+
+
+def test_every_format_has_a_task_and_a_table_mixing_formats_runs_each() -> None:
+    from flashlm.kernels import matmul
+    from flashlm.kernels.formats import QTensor
+    assert set(executor.TASKS) == set(matmul.KERNELS)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(256).astype(np.float32)
+    ws, refs = [], []
+    for base in ("F32", "Q8_0", "Q4_K"):
+        w = rng.standard_normal((48, 256)).astype(np.float32)
+        fmt, data, ref = stored(w, base, rng)
+        ws.append(QTensor(data, fmt, w.shape))
+        refs.append(ref)
+    for got, ref in zip(matmul.matmul_many(x, ws), refs):
+        want = x @ ref.T
+        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert {"F32", "Q8_0S", "Q4_KR"} <= set(executor.compiled_formats())
+    assert executor.missing_formats(["F32", "Q8_0S", "NOT_A_FORMAT"]) == []  # loaded here; unknown: no task
+
+
+def test_no_worker_without_the_memory_for_it() -> None:
+    assert precompile._affordable(0) == 0
+    assert precompile._affordable(precompile.WORKER_BYTES - 1) == 0
+    job = precompile.start(["Q8_0S"], room=0)
+    assert not job and job.procs == []
+    job.wait()  # nothing to wait for
+
+
+@pytest.mark.parametrize("missing", [["Q8_0S"], []], ids=["cold-cache", "warm-cache"])
+def test_load_says_which_formats_compile_on_a_first_run(tmp_path, monkeypatch, capsys, missing) -> None:
+    import flashlm.api as api
+    from tests.synth import tiny_store
+
+    store = tiny_store(tmp_path)
+    monkeypatch.setattr(api, "_missing_kernels", lambda s: missing)
+    llm = api.LLM(store, threads=1, progress=True)
+    llm.close()
+    err = capsys.readouterr().err
+    assert ("compiling kernels for Q8_0S (first run only" in err) == bool(missing)
