@@ -6,6 +6,10 @@ Peers, each measured on the same model file, same thread count, same machine, sa
   * llama.cpp through llama-cpp-python, when it is installed (`pip install -e .[compare]`,
     builds from source in ~10 minutes).
 
+Decode is measured after a short prompt (``-p``) and again at a depth of ``--depth`` cached
+positions (default 4096: a long chat or a code file in context), where attention over the
+KV cache is a large part of a token; both engines prefill the same tokens first.
+
 Run:
     python perf/bench_decode.py                       # all three models, 2 threads
     python perf/bench_decode.py --models qwen2.5-coder-0.5b -p 512 -n 64 --threads 2
@@ -24,12 +28,29 @@ import numpy as np
 MODELS = ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"]
 
 
-def flashlm_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int, repeats: int = 2) -> dict:
+def _ids(n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(100, 30000, n)
+
+
+def flashlm_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int, depth: int = 0,
+                  repeats: int = 2) -> dict:
     import flashlm
     from flashlm.cli_run import bench_model
 
-    with flashlm.load(name, threads=threads, ctx=prompt_tokens + gen_tokens + 16) as llm:
-        return bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
+    with flashlm.load(name, threads=threads, ctx=max(prompt_tokens, depth) + gen_tokens + 16) as llm:
+        out = bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
+        if depth:
+            model, step = llm.model, llm.engine.prefill_rows
+            cache = model.make_cache(depth + gen_tokens + 1)
+            ids = _ids(depth)
+            for a in range(0, depth, step):
+                logits = model.forward(ids[a:a + step], None, cache)
+            tok = int(np.argmax(logits))
+            t0 = time.perf_counter()
+            for _ in range(gen_tokens):
+                tok = int(np.argmax(model.forward(np.array([tok]), None, cache)))
+            out["depth"], out["decode_depth_tok_s"] = depth, round(gen_tokens / (time.perf_counter() - t0), 2)
+        return out
 
 
 def numpy_speed(name: str, *, gen_tokens: int, prompt_tokens: int) -> dict:
@@ -41,7 +62,7 @@ def numpy_speed(name: str, *, gen_tokens: int, prompt_tokens: int) -> dict:
         return bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=1)
 
 
-def llama_cpp_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int) -> dict | None:
+def llama_cpp_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int, depth: int = 0) -> dict | None:
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -49,9 +70,8 @@ def llama_cpp_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: 
     from flashlm.models.pull import gguf_path
 
     llm = Llama(model_path=str(gguf_path(name)), n_threads=threads, n_threads_batch=threads,
-                n_ctx=prompt_tokens + gen_tokens + 16, n_batch=prompt_tokens, verbose=False, logits_all=False)
-    rng = np.random.default_rng(0)
-    ids = [int(t) for t in rng.integers(100, 30000, prompt_tokens)]
+                n_ctx=max(prompt_tokens, depth) + gen_tokens + 16, n_batch=max(prompt_tokens, 512), verbose=False, logits_all=False)
+    ids = [int(t) for t in _ids(prompt_tokens)]
     llm.eval(ids[:8])
     llm.reset()
     t0 = time.perf_counter()
@@ -66,7 +86,17 @@ def llama_cpp_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: 
         llm.eval([tok])
         tok = last_argmax()
     dec = time.perf_counter() - t0
-    return {"prefill_tok_s": prompt_tokens / pf, "decode_tok_s": gen_tokens / dec}
+    out = {"prefill_tok_s": prompt_tokens / pf, "decode_tok_s": gen_tokens / dec}
+    if depth:
+        llm.reset()
+        llm.eval([int(t) for t in _ids(depth)])
+        tok = last_argmax()
+        t0 = time.perf_counter()
+        for _ in range(gen_tokens):
+            llm.eval([tok])
+            tok = last_argmax()
+        out["decode_depth_tok_s"] = gen_tokens / (time.perf_counter() - t0)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,19 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("-p", "--prompt-tokens", type=int, default=512)
     ap.add_argument("-n", "--gen-tokens", type=int, default=64)
+    ap.add_argument("--depth", type=int, default=4096, help="cached positions for the second decode figure (0: skip)")
     ap.add_argument("--no-numpy", action="store_true", help="skip the plain-numpy baseline")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = []
     for name in args.models:
-        r = flashlm_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+        r = flashlm_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                          depth=args.depth)
         row = {"model": name, **r}
         if not args.no_numpy:
             npy = numpy_speed(name, gen_tokens=min(args.gen_tokens, 16), prompt_tokens=min(args.prompt_tokens, 64))
             row["numpy_decode_tok_s"] = npy["decode_tok_s"]
             row["decode_vs_numpy"] = r["decode_tok_s"] / npy["decode_tok_s"]
-        lc = llama_cpp_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens)
+        lc = llama_cpp_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                             depth=args.depth)
         if lc:
+            if args.depth:
+                row["llama_cpp_decode_depth_tok_s"] = lc["decode_depth_tok_s"]
+                row["decode_depth_vs_llama_cpp"] = r["decode_depth_tok_s"] / lc["decode_depth_tok_s"]
             row["llama_cpp_decode_tok_s"] = lc["decode_tok_s"]
             row["llama_cpp_prefill_tok_s"] = lc["prefill_tok_s"]
             row["decode_vs_llama_cpp"] = r["decode_tok_s"] / lc["decode_tok_s"]
@@ -103,9 +139,14 @@ def _fmt(r: dict) -> str:
          f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB")
     if "decode_vs_numpy" in r:
         s += f"\n{'':<20} numpy f32 forward decode {r['numpy_decode_tok_s']:.2f} tok/s -> {r['decode_vs_numpy']:.1f}x"
+    if "decode_depth_tok_s" in r:
+        s += f"\n{'':<20} decode at depth {r['depth']}: {r['decode_depth_tok_s']:.1f} tok/s"
     if "decode_vs_llama_cpp" in r:
         s += (f"\n{'':<20} llama.cpp decode {r['llama_cpp_decode_tok_s']:.1f} tok/s -> {r['decode_vs_llama_cpp']:.2f}x, "
               f"prefill {r['llama_cpp_prefill_tok_s']:.1f} tok/s -> {r['prefill_vs_llama_cpp']:.2f}x")
+        if "decode_depth_vs_llama_cpp" in r:
+            s += (f"\n{'':<20} llama.cpp decode at depth {r['depth']} {r['llama_cpp_decode_depth_tok_s']:.1f} tok/s "
+                  f"-> {r['decode_depth_vs_llama_cpp']:.2f}x")
     else:
         s += f"\n{'':<20} llama.cpp: llama-cpp-python not installed (pip install -e .[compare])"
     return s
