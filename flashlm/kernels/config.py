@@ -96,10 +96,29 @@ def intrinsic(fn):
     return _stable_uuid(obj, fn)
 
 
+# Numba names compiled code "<qualified name>$<n>", n counting compilations in the process,
+# and links as if one name meant one body. The kernel factories (repacked._slabbed,
+# gemv_basic._block_kernels, ...) make one closure per format under one qualified name, so
+# two processes that compiled different formats could both call theirs "_slabbed.<locals>.
+# gemv$42"; a third process that loaded both from the cache ran one format's code for the
+# other (Q8_0S's GEMV gave NaN after two compile workers each cached one format). Every
+# closure made here gets a name of its own instead: its qualified name and its number under
+# that name, counted at import (a fixed order), the same in every process.
+_CLOSURES: collections.Counter = collections.Counter()
+
+
+def _own_name(f):
+    if "<locals>" in f.__qualname__:
+        key = f"{f.__module__}.{f.__qualname__}"
+        _CLOSURES[key] += 1
+        f.__qualname__ = f"{f.__qualname__}_{_CLOSURES[key]}"
+    return f
+
+
 def _njit(fn=None, **options):
     if fn is None:
-        return lambda f: _stable_uuid(numba.njit(f, **options), f)
-    return _stable_uuid(numba.njit(fn, **options), fn)
+        return lambda f: _stable_uuid(numba.njit(_own_name(f), **options), f)
+    return _stable_uuid(numba.njit(_own_name(fn), **options), fn)
 
 
 def jit(fn=None, **options):

@@ -84,3 +84,21 @@ def test_cache_saves_wait_for_each_other(tmp_path) -> None:
     assert done.is_set()
     cache.save("k2", b"two")
     assert cache.load("k1") == b"one" and cache.load("k2") == b"two"  # two entries, two data files
+
+
+_NAMES = """
+import numpy as np
+from flashlm.kernels import config, matmul
+from flashlm.kernels.formats import QTensor
+before = dict(config._CLOSURES)
+w = QTensor(np.zeros((2, 144), np.uint8), "Q4_KR", (2, 256))
+matmul.matmul(np.ones((3, 256), np.float32), w)
+print(before == dict(config._CLOSURES), sum(before.values()))
+"""
+
+
+def test_every_kernel_closure_is_named_once_at_import() -> None:
+    """Closures get their numbered names at import, in a fixed order: compiling makes none."""
+    out = subprocess.run([sys.executable, "-c", _NAMES], capture_output=True, text=True, check=True)
+    same, n = out.stdout.split()
+    assert same == "True" and int(n) >= 3 * 8

@@ -65,6 +65,42 @@ def test_a_worker_fills_the_cache_that_the_next_process_loads(tmp_path) -> None:
     assert float(lines["error"]) < 1e-5
 
 
+_BOTH = """
+import numpy as np
+from flashlm.kernels import matmul
+from flashlm.kernels.formats import QTensor
+from tests.kernels.test_precompile import stored
+
+rng = np.random.default_rng(0)
+for base in ("Q4_1", "Q8_0"):
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    fmt, data, ref = stored(w, base, rng)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    q = QTensor(data, fmt, w.shape)
+    want = x @ ref.T
+    for got in (matmul.matmul(x[0], q), matmul.matmul(x, q)[0]):
+        print(fmt, float(np.abs(got - want[0]).max() / np.abs(want[0]).max()))
+"""
+
+
+def test_formats_cached_by_two_processes_at_once_each_run_their_own_code(tmp_path) -> None:
+    """Two workers each compile one format (closures of the same kernel factories) into one
+    cache at the same time; a third process loads both and each gives its own products
+    (with names numbered per process, Q8_0S ran Q4_1R's code and gave NaN)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    workers = [subprocess.Popen([sys.executable, "-m", "flashlm.kernels.precompile", fmt], env=env)
+               for fmt in ("Q4_1R", "Q8_0S")]
+    assert [p.wait(600) for p in workers] == [0, 0]
+    out = subprocess.run([sys.executable, "-c", _BOTH], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=root)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert [r[0] for r in rows] == ["Q4_1R", "Q4_1R", "Q8_0S", "Q8_0S"]
+    assert all(float(r[1]) < 1e-5 for r in rows), rows
+
+
 def test_every_format_has_a_task_and_a_table_mixing_formats_runs_each() -> None:
     from flashlm.kernels import matmul
     from flashlm.kernels.formats import QTensor
