@@ -2,10 +2,11 @@
 softmax, attention over a KV cache, and the KV-cache write.
 
 Every op is a private compiled ``_kernel`` plus a public wrapper that checks dtype,
-contiguity and shape. All arrays are float32. Numerics follow Hugging Face
-transformers (the reference the tests compare against): rmsnorm is
-``x * rsqrt(mean(x^2) + eps) * weight``, rope uses HF's float32 ``inv_freq`` and
-cos/sin tables, attention is ``softmax(q k^T / sqrt(D) + causal mask) v``.
+contiguity and shape. All arrays are float32, except KV caches, which may also be f16:
+uint16 arrays of IEEE half bits (``runtime.kvcache``), converted as they are read and
+written. Numerics follow Hugging Face transformers (the reference the tests compare
+against): rmsnorm is ``x * rsqrt(mean(x^2) + eps) * weight``, rope uses HF's float32
+``inv_freq`` and cos/sin tables, attention is ``softmax(q k^T / sqrt(D) + causal mask) v``.
 """
 from __future__ import annotations
 
