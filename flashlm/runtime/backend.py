@@ -182,8 +182,9 @@ class NumpyBackend:
 
     def kv_write(self, k_cache, v_cache, k: np.ndarray, v: np.ndarray, pos: int) -> None:
         n = k.shape[0]
-        if k_cache.dtype == np.uint16:  # an f16 cache: half bits (runtime.kvcache)
-            k, v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
+        if k_cache.dtype == np.uint16:  # an f16 cache: half bits (runtime.kvcache); inf past 65504, as the kernels
+            with np.errstate(over="ignore"):
+                k, v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
         k_cache[:, pos : pos + n] = k.transpose(1, 0, 2)  # (n, Hkv, D) -> (Hkv, n, D)
         v_cache[:, pos : pos + n] = v.transpose(1, 0, 2)
 
