@@ -22,6 +22,7 @@ from flashlm.offload.budget import (DEFAULT_PREFILL, Layout, RamSpec, make_plan,
                                     process_rss, resolve_budget)
 from flashlm.offload.store import Store
 from flashlm.runtime.engine import Engine, Event, Stats
+from flashlm.runtime.kvcache import DEFAULT_KV, check_kv
 from flashlm.runtime.sampler import SamplingParams
 from flashlm.runtime.tokenizer import Tokenizer
 
@@ -78,7 +79,7 @@ class LLM:
     def __init__(self, store: Store, *, threads: int | None = None, ctx: int | None = None, backend: str = "auto",
                  ram: int | str | RamSpec | None = None, batch: int = 1, draft: str = "auto", draft_max: int = 8,
                  read_mode: str | None = None, readers: int = 2, stream: bool = False,
-                 prefill_rows: int | None = None, progress: bool = False):
+                 prefill_rows: int | None = None, progress: bool = False, kv: str = DEFAULT_KV):
         from flashlm.runtime.backend import get_backend
 
         self.store = store
@@ -88,6 +89,7 @@ class LLM:
             raise InputError(f"--threads {threads} is invalid: use 1 or more")
         check_ctx(ctx, self.config)
         check_draft(draft, draft_max)
+        self.kv = check_kv(kv)
         spec = parse_ram(ram)
         self.pool = None
         self.weights = None
@@ -103,13 +105,13 @@ class LLM:
                         notice = None
                 room = max(0, resolve_budget(spec) - process_rss())  # for compile workers
                 with _say_if_slow(progress and notice is not None, notice or ""):
-                    self.backend.warm_up(store, self.config, room=room)  # in memory before the baseline
+                    self.backend.warm_up(store, self.config, room=room, kv=self.kv)  # in memory before the baseline
             baseline = measure_baseline()
             budget = resolve_budget(spec, rss=baseline)
             layout = Layout.of(store)
             self.plan = make_plan(layout, self.config, budget=budget, baseline=baseline, ctx=ctx,
                                   batch=batch, draft=draft_max if draft != "none" else 0, force_stream=stream,
-                                  prefill_rows=prefill_rows or DEFAULT_PREFILL)
+                                  prefill_rows=prefill_rows or DEFAULT_PREFILL, kv=self.kv)
             if threads is None and self.plan.streams and \
                     4 * self.plan.streamed_bytes_per_token >= sum(layout.layer_bytes) + layout.head_bytes:
                 # The disk sets the pace: a second compute thread only adds GIL hand-offs that delay
@@ -132,7 +134,7 @@ class LLM:
             # prompt lookup pays where a pass over the weights is what a token costs: when they stream
             self.draft = "ngram" if draft == "ngram" or (draft == "auto" and self.plan.streams) else "none"
             self.engine = Engine(self.model, self.tokenizer, ctx=self.plan.ctx, prefill_rows=self.plan.prefill_rows,
-                                 draft_max=draft_max if self.draft == "ngram" else 0)
+                                 draft_max=draft_max if self.draft == "ngram" else 0, kv=self.kv)
         except BaseException:
             self.close()
             raise
@@ -276,7 +278,7 @@ def check_ctx(ctx: int | None, config) -> None:
 def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str | None = None, ctx: int | None = None,
          backend: str = "auto", progress: bool = False, batch: int = 1, draft: str = "auto", draft_max: int = 8,
          read_mode: str | None = None, readers: int = 2, stream: bool = False,
-         prefill_rows: int | None = None) -> LLM:
+         prefill_rows: int | None = None, kv: str = DEFAULT_KV) -> LLM:
     """Load a model for generation, planned into a RAM budget.
 
     Args:
@@ -299,6 +301,7 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
         readers: reader threads for streamed weights.
         stream: plan streaming even when the model fits (benchmarks, tests).
         prefill_rows: rows per prefill step (default 512, lowered to fit a tight budget).
+        kv: the KV cache's element type: "f16" (half the memory of "f32"; the default) or "f32".
     Returns:
         An :class:`LLM` with generate(), stream(), tokenizer, config, plan.
     """
@@ -308,7 +311,8 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
         raise InputError(f"--ctx {ctx!r} is invalid: use an integer >= 2")
     spec = parse_ram(ram)  # checked before a model is pulled
     check_draft(draft, draft_max)
+    check_kv(kv)
     store = Store(resolve(model, progress=progress))
     return LLM(store, threads=threads, ctx=ctx, backend=backend, ram=spec, batch=batch, draft=draft,
                draft_max=draft_max, read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows,
-               progress=progress)
+               progress=progress, kv=kv)

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from flashlm.errors import InputError
+from flashlm.runtime.kvcache import DEFAULT_KV
 
 
 def _human(n: float) -> str:
@@ -30,6 +31,8 @@ def _add_model_opts(s: argparse.ArgumentParser, ctx: int | None = None) -> None:
     s.add_argument("--backend", choices=["auto", "kernels", "numpy"], default="auto",
                    help="auto/kernels: the Numba kernels (default); numpy: the plain-numpy reference (float32 "
                         "copies of every weight, 4-8x the memory)")
+    s.add_argument("--kv", default=DEFAULT_KV, metavar="f16|f32",
+                   help=f"the KV cache's element type: f16 (half the memory) or f32 (default {DEFAULT_KV})")
 
 
 def _add_sampling_opts(s: argparse.ArgumentParser) -> None:
@@ -70,7 +73,7 @@ def _add_draft_opts(s: argparse.ArgumentParser) -> None:
 def _load(args: argparse.Namespace, *, batch: int = 1):
     from flashlm.api import load
 
-    llm = load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend,
+    llm = load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend, kv=args.kv,
                progress=sys.stderr.isatty(), batch=batch, draft=getattr(args, "draft", "none"),
                draft_max=getattr(args, "draft_max", 8), read_mode=getattr(args, "io", None),
                stream=getattr(args, "stream", False), readers=getattr(args, "readers", 2))
@@ -318,7 +321,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"[{c + 1}] {ppl:.4f}", file=sys.stderr, flush=True)
 
-        res = perplexity(llm.model, ids, ctx=args.ctx, chunks=args.chunks, on_chunk=report)
+        res = perplexity(llm.model, ids, ctx=args.ctx, chunks=args.chunks, on_chunk=report, kv=llm.kv)
         dt = time.perf_counter() - t0
         if args.json:
             print(json.dumps({**res.as_dict(), "seconds": round(dt, 3)}))
@@ -346,7 +349,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
     if prompt_tokens + gen_tokens + 1 > llm.engine.ctx:
         raise InputError(f"-p {prompt_tokens} + -n {gen_tokens} does not fit --ctx {llm.engine.ctx}")
     step = llm.engine.prefill_rows
-    cache = model.make_cache(prompt_tokens + gen_tokens + 1)
+    cache = model.make_cache(prompt_tokens + gen_tokens + 1, kv=llm.kv)
 
     def prefill() -> np.ndarray:
         for a in range(0, prompt_tokens, step):
@@ -386,7 +389,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         "prefill_tok_s": round(prompt_tokens / best_pf, 2), "gen_tokens": gen_tokens,
         "decode_tok_s": round(dec_tps, 2), "weight_bytes_per_token": per_token,
         "decode_weight_GB_s": round(per_token * dec_tps / 1e9, 2), "peak_rss_bytes": _peak_rss(),
-        "streams": llm.streams, "prefill_rows": step,
+        "streams": llm.streams, "prefill_rows": step, "kv": llm.kv,
     }
     if llm.streams:
         nbytes, read_s, wait_s = reads
@@ -426,7 +429,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['model']}  threads {r['threads']}")
+        print(f"{r['model']}  threads {r['threads']}, kv {r['kv']}")
         print(f"  prefill  {r['prompt_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
         print(f"  decode   {r['gen_tokens']} tokens: {r['decode_tok_s']:.1f} tok/s, "
               f"{r['decode_weight_GB_s']:.2f} GB/s of weights ({r['weight_bytes_per_token'] / 2**20:.0f} MiB per token)")
@@ -464,7 +467,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     mb = _human
     print(f"{args.model}  ({store.path})")
     print(f"  budget            {mb(plan.budget)}  (process baseline {mb(plan.baseline)}, KV cache {mb(plan.kv_bytes)} "
-          f"for ctx {plan.ctx} x batch {plan.batch}, activations {mb(plan.act_bytes)})")
+          f"{plan.kv} for ctx {plan.ctx} x batch {plan.batch}, activations {mb(plan.act_bytes)})")
     print(f"  model             {mb(plan.store_bytes)} in {store.n_layers} layers")
     if not plan.streams:
         print("  plan              everything in RAM (memory-mapped store), nothing streams")

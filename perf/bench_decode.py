@@ -158,7 +158,7 @@ def test_decode_qwen05(benchmark):
     import flashlm
 
     with flashlm.load("qwen2.5-coder-0.5b", threads=2, ctx=256) as llm:
-        cache = llm.model.make_cache(256)
+        cache = llm.model.make_cache(256, kv=llm.kv)
         llm.model.forward(np.arange(8), None, cache)
 
         def step():

@@ -16,7 +16,8 @@ uses them). An attention
 task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, HKV,
 T_MAX, N_PAST and is split over query heads. A batched one-token attention task (FMT =
 ATTENTION_BATCH) holds Q_ADDR, B * HQ, CACHES_ADDR (kernels.ops.attention_batch's (B, 4) int64
-table), B, HQ, D, OUT_ADDR, HKV and is split over (sequence, head) pairs.
+table), B, HQ, D, OUT_ADDR, HKV and is split over (sequence, head) pairs. Both attention rows
+hold the KV caches' dtype in column KV_DTYPE (11): 0 float32, 1 f16 (uint16 arrays of half bits).
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
 
@@ -43,6 +44,7 @@ from flashlm.kernels.ops import _attention, _attention_batch, _ptr
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR, KERNEL = range(9)
 ATTENTION = 20
 ATTENTION_BATCH = 21
+KV_DTYPE = 11  # column of an attention row: 0 float32 caches, 1 f16 (uint16)
 ROW = 12
 MAX_TASKS = 16
 
@@ -277,15 +279,20 @@ def run_chunks(tab, ntasks, part, parts):
             q = carray(_ptr(tab[t, 1], types.float32), (nb, hq, d))
             caches = carray(_ptr(tab[t, 3], types.int64), (nb, 4))
             o = carray(_ptr(tab[t, 7], types.float32), (nb, hq, d))
-            _attention_batch(q, caches, hkv, o, r0, r1)
+            _attention_batch(q, caches, hkv, tab[t, KV_DTYPE] == 1, o, r0, r1)
             continue
         if fmt == ATTENTION:
             n, d, hkv, tmax = tab[t, 5], tab[t, 6], tab[t, 8], tab[t, 9]
             q = carray(_ptr(tab[t, 1], types.float32), (n, rows, d))
-            k = carray(_ptr(tab[t, 3], types.float32), (hkv, tmax, d))
-            v = carray(_ptr(tab[t, 4], types.float32), (hkv, tmax, d))
             o = carray(_ptr(tab[t, 7], types.float32), (n, rows, d))
-            _attention(q, k, v, tab[t, 10], o, r0, r1)
+            if tab[t, KV_DTYPE] == 1:
+                k16 = carray(_ptr(tab[t, 3], types.uint16), (hkv, tmax, d))
+                v16 = carray(_ptr(tab[t, 4], types.uint16), (hkv, tmax, d))
+                _attention(q, k16, v16, tab[t, 10], o, r0, r1)
+            else:
+                k = carray(_ptr(tab[t, 3], types.float32), (hkv, tmax, d))
+                v = carray(_ptr(tab[t, 4], types.float32), (hkv, tmax, d))
+                _attention(q, k, v, tab[t, 10], o, r0, r1)
             continue
         _call_task(tab[t, KERNEL], tab[t, W_ADDR], rows, tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N], tab[t, COLS],
                    tab[t, OUT_ADDR], r0, r1)
@@ -335,20 +342,23 @@ def fill(tab: np.ndarray, t: int, fmt: str, data: np.ndarray, x: np.ndarray, out
 
 def fill_attention(tab: np.ndarray, t: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int,
                    out: np.ndarray) -> int:
-    """Describe causal attention (kernels.ops.attention's arrays, all C-contiguous) in row ``t``."""
+    """Describe causal attention (kernels.ops.attention's arrays, all C-contiguous; k and v float32,
+    or uint16 for an f16 cache) in row ``t``."""
     n, hq, d = q.shape
     hkv, tmax, _ = k.shape
     tab[t, :11] = (ATTENTION, q.ctypes.data, hq, k.ctypes.data, v.ctypes.data, n, d, out.ctypes.data, hkv, tmax,
                    n_past)
+    tab[t, KV_DTYPE] = int(k.dtype == np.uint16)
     return t + 1
 
 
 def fill_attention_batch(tab: np.ndarray, t: int, q: np.ndarray, caches: np.ndarray, hkv: int,
-                         out: np.ndarray) -> int:
-    """Describe kernels.ops.attention_batch's arrays (q, out C-contiguous; ``caches`` its int64 table)
-    in row ``t``."""
+                         out: np.ndarray, *, f16: bool = False) -> int:
+    """Describe kernels.ops.attention_batch's arrays (q, out C-contiguous; ``caches`` its int64 table,
+    of f16 caches when ``f16``) in row ``t``."""
     nb, hq, d = q.shape
     tab[t, :9] = (ATTENTION_BATCH, q.ctypes.data, nb * hq, caches.ctypes.data, nb, hq, d, out.ctypes.data, hkv)
+    tab[t, KV_DTYPE] = int(f16)
     return t + 1
 
 

@@ -2,10 +2,11 @@
 softmax, attention over a KV cache, and the KV-cache write.
 
 Every op is a private compiled ``_kernel`` plus a public wrapper that checks dtype,
-contiguity and shape. All arrays are float32. Numerics follow Hugging Face
-transformers (the reference the tests compare against): rmsnorm is
-``x * rsqrt(mean(x^2) + eps) * weight``, rope uses HF's float32 ``inv_freq`` and
-cos/sin tables, attention is ``softmax(q k^T / sqrt(D) + causal mask) v``.
+contiguity and shape. All arrays are float32, except KV caches, which may also be f16:
+uint16 arrays of IEEE half bits (``runtime.kvcache``), converted as they are read and
+written. Numerics follow Hugging Face transformers (the reference the tests compare
+against): rmsnorm is ``x * rsqrt(mean(x^2) + eps) * weight``, rope uses HF's float32
+``inv_freq`` and cos/sin tables, attention is ``softmax(q k^T / sqrt(D) + causal mask) v``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from numba import types
 from numba.core import cgutils
 
 from flashlm.errors import UnsupportedError
-from flashlm.kernels.config import CACHE, intrinsic, jit
+from flashlm.kernels.config import CACHE, intrinsic, jit, jit_exact
+from flashlm.kernels.simd import HAVE_SIMD
 
 __all__ = ["rmsnorm", "rope", "silu_mul", "softmax", "attention", "attention_batch", "kv_write", "kv_write_batch",
            "rope_inv_freq"]
@@ -47,6 +49,17 @@ def _out(name: str, out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarra
 
 
 @intrinsic
+def _f32_to_bits(typingctx, x):
+    """The bits of a float32 as a uint32."""
+    sig = types.uint32(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return sig, codegen
+
+
+@intrinsic
 def _bits_to_f32(typingctx, x):
     """Reinterpret the bits of an int32 as a float32 (vectorizes, unlike a view)."""
     sig = types.float32(types.int32)
@@ -55,6 +68,88 @@ def _bits_to_f32(typingctx, x):
         return builder.bitcast(args[0], ir.FloatType())
 
     return sig, codegen
+
+
+# ---- f16 KV-cache elements ----
+# An f16 KV cache is a uint16 array of IEEE half bits (Numba has no float16 arrays). With F16C
+# (``simd.HAVE_SIMD``) the conversions are LLVM's fpext / fptrunc of half, one vcvtph2ps /
+# vcvtps2ph per 8 elements; without it (an old CPU, NUMBA_CPU_NAME=generic, FLASHLM_NO_SIMD)
+# LLVM would call a runtime function the JIT does not link, so the same conversions are done
+# with integer operations (exact, the same bits).
+
+_HALF_TO_F32_SUBNORMAL = 2.0 ** -24
+
+
+def _half_to_f32(b, h, f32):
+    """IR: IEEE halves ``h`` (i16 or <n x i16>) to float32 (``f32``: float or <n x float>), exact."""
+    if HAVE_SIMD:
+        return b.fpext(b.bitcast(h, ir.VectorType(ir.HalfType(), h.type.count) if isinstance(h.type, ir.VectorType)
+                                 else ir.HalfType()), f32)
+    i32 = ir.VectorType(ir.IntType(32), h.type.count) if isinstance(h.type, ir.VectorType) else ir.IntType(32)
+
+    def c(x):
+        return ir.Constant(i32, [x] * i32.count) if isinstance(i32, ir.VectorType) else ir.Constant(i32, x)
+
+    w = b.zext(h, i32)
+    sign = b.shl(b.and_(w, c(0x8000)), c(16))
+    em = b.and_(w, c(0x7FFF))  # exponent and mantissa
+    normal = b.add(b.shl(em, c(13)), c(0x38000000))  # exponent rebased by 127 - 15
+    infnan = b.or_(b.shl(em, c(13)), c(0x7F800000))
+    sub = b.bitcast(b.fmul(b.uitofp(em, f32), ir.Constant(f32, [_HALF_TO_F32_SUBNORMAL] * f32.count)
+                           if isinstance(f32, ir.VectorType) else ir.Constant(f32, _HALF_TO_F32_SUBNORMAL)), i32)
+    bits = b.select(b.icmp_unsigned("<", em, c(0x400)), sub,
+                    b.select(b.icmp_unsigned(">=", em, c(0x7C00)), infnan, normal))
+    return b.bitcast(b.or_(bits, sign), f32)
+
+
+@intrinsic
+def _f32(typingctx, x):
+    """A KV-cache element as float32: a float32 as it is, a uint16 as the IEEE half whose bits
+    it holds (exact)."""
+    if x == types.float32:
+        return types.float32(x), lambda context, builder, signature, args: args[0]
+    if x != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return _half_to_f32(builder, args[0], ir.FloatType())
+
+    return types.float32(x), codegen
+
+
+@intrinsic
+def _f16_bits_hw(typingctx, x):
+    """float32 -> IEEE half bits by LLVM's fptrunc (vcvtps2ph: round to nearest even)."""
+    sig = types.uint16(types.float32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(builder.fptrunc(args[0], ir.HalfType()), ir.IntType(16))
+
+    return sig, codegen
+
+
+@jit_exact
+def _f16_bits_sw(x):
+    """float32 -> IEEE half bits with integer operations, as numpy's ``astype(np.float16)``:
+    round to nearest even, inf past the largest half, a nan keeps the top of its payload."""
+    u = _f32_to_bits(x)
+    sign = (u >> np.uint32(16)) & np.uint32(0x8000)
+    a = u & np.uint32(0x7FFFFFFF)
+    if a >= np.uint32(0x7F800000):  # inf or nan (numpy: payload >> 13, at least 1 for a nan)
+        m = (a & np.uint32(0x7FFFFF)) >> np.uint32(13)
+        if a > np.uint32(0x7F800000) and m == 0:
+            m = np.uint32(1)
+        return np.uint16(sign | np.uint32(0x7C00) | m)
+    if a >= np.uint32(0x47800000):  # >= 65536: overflow
+        return np.uint16(sign | np.uint32(0x7C00))
+    if a < np.uint32(0x38800000):  # below the smallest normal half: round at 2**-24 by adding 0.5
+        f = _bits_to_f32(np.int32(a)) + np.float32(0.5)  # (a float add rounds to nearest even)
+        return np.uint16(sign | (_f32_to_bits(f) - np.uint32(0x3F000000)))
+    odd = (a >> np.uint32(13)) & np.uint32(1)  # to nearest even; a carry may reach inf, as it should
+    return np.uint16(sign | ((a - np.uint32(0x38000000) + np.uint32(0xFFF) + odd) >> np.uint32(13)))
+
+
+_f16_bits = _f16_bits_hw if HAVE_SIMD else _f16_bits_sw
 
 
 # Deliberately not `jit`: `reassoc` would let LLVM fold the two-step (Cody-Waite)
@@ -332,6 +427,7 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, layout: str = "neox
 
 _CONTRACT = {"contract": True}
 _V8F = ir.VectorType(ir.FloatType(), 8)
+_V8I16 = ir.VectorType(ir.IntType(16), 8)
 
 
 def _hsum8(b, v):
@@ -347,7 +443,13 @@ def _hsum8(b, v):
 def _qk4x2(typingctx, qs, r0, k, kvh, t, t2, s):
     """s[r0 + i, t] = qs[r0 + i] . k[kvh, t] and s[r0 + i, t2] = qs[r0 + i] . k[kvh, t2], i < 4:
     8 lanes of products summed over d in order (FMA), then ``_hsum8``, then the last D % 8
-    products in order. qs (R, D), k (Hkv, T, D), s (R, T') float32 with contiguous rows."""
+    products in order. qs (R, D), s (R, T') float32, k (Hkv, T, D) float32 or uint16 (f16 bits:
+    8 keys load as <8 x i16>, bitcast to <8 x half>, fpext to <8 x float>: ``_half_to_f32``),
+    contiguous rows."""
+    f16 = k.dtype == types.uint16
+    if not f16 and k.dtype != types.float32:
+        return None
+
     def gen(context, b, sig, args):
         qs, r0, k, kvh, t, t2, s = args
         i8p = ir.IntType(8).as_pointer()
@@ -370,7 +472,12 @@ def _qk4x2(typingctx, qs, r0, k, kvh, t, t2, s):
         n8 = b.sdiv(dd, dd.type(8))
         with cgutils.for_range(b, n8) as loop:
             off = b.mul(loop.index, loop.index.type(32))
-            kv = [b.load(b.bitcast(b.gep(kk, [off]), _V8F.as_pointer()), align=4) for kk in keys]
+            if f16:
+                koff = b.mul(loop.index, loop.index.type(16))
+                kv = [_half_to_f32(b, b.load(b.bitcast(b.gep(kk, [koff]), _V8I16.as_pointer()), align=2), _V8F)
+                      for kk in keys]
+            else:
+                kv = [b.load(b.bitcast(b.gep(kk, [off]), _V8F.as_pointer()), align=4) for kk in keys]
             for i in range(4):
                 qv = b.load(b.bitcast(b.gep(rows[i], [off]), _V8F.as_pointer()), align=4)
                 for c in range(2):
@@ -378,7 +485,12 @@ def _qk4x2(typingctx, qs, r0, k, kvh, t, t2, s):
         res = [[cgutils.alloca_once_value(b, _hsum8(b, b.load(acc[i][c]))) for c in range(2)] for i in range(4)]
         with cgutils.for_range(b, dd, start=b.mul(n8, dd.type(8))) as loop:
             off = b.mul(loop.index, loop.index.type(4))
-            kv = [b.load(b.bitcast(b.gep(kk, [off]), f32.as_pointer())) for kk in keys]
+            if f16:
+                koff = b.mul(loop.index, loop.index.type(2))
+                kv = [_half_to_f32(b, b.load(b.bitcast(b.gep(kk, [koff]), ir.IntType(16).as_pointer())), f32)
+                      for kk in keys]
+            else:
+                kv = [b.load(b.bitcast(b.gep(kk, [off]), f32.as_pointer())) for kk in keys]
             for i in range(4):
                 qv = b.load(b.bitcast(b.gep(rows[i], [off]), f32.as_pointer()))
                 for c in range(2):
@@ -425,7 +537,8 @@ def _scores4(qs, k, kvh, r0, t0, t1, s):
 @jit(fastmath=_CONTRACT)
 def _pv4(s, v, kvh, r0, t0, t1, o, lims):
     # o[r] += s[r, t] * v[kvh, t] for rows r0..r0+3 and keys t0 <= t < min(t1, lims[r]), in key
-    # order (one FMA per key and element); s (R, T), v (Hkv, T, D), o (R, D), lims (R,).
+    # order (one FMA per key and element); s (R, T), v (Hkv, T, D) float32 or uint16 (f16 bits),
+    # o (R, D), lims (R,).
     # Four keys per step while every row of the tile may use them, so each o row is loaded and
     # stored once per four keys; then key by key, each row up to its own limit.
     dd = o.shape[1]
@@ -437,10 +550,10 @@ def _pv4(s, v, kvh, r0, t0, t1, o, lims):
         c0, c1, c2, c3 = s[r0 + 2, t], s[r0 + 2, t + 1], s[r0 + 2, t + 2], s[r0 + 2, t + 3]
         e0, e1, e2, e3 = s[r0 + 3, t], s[r0 + 3, t + 1], s[r0 + 3, t + 2], s[r0 + 3, t + 3]
         for d in range(dd):
-            v0 = v[kvh, t, d]
-            v1 = v[kvh, t + 1, d]
-            v2 = v[kvh, t + 2, d]
-            v3 = v[kvh, t + 3, d]
+            v0 = _f32(v[kvh, t, d])
+            v1 = _f32(v[kvh, t + 1, d])
+            v2 = _f32(v[kvh, t + 2, d])
+            v3 = _f32(v[kvh, t + 3, d])
             o[r0, d] = (((o[r0, d] + a0 * v0) + a1 * v1) + a2 * v2) + a3 * v3
             o[r0 + 1, d] = (((o[r0 + 1, d] + b0 * v0) + b1 * v1) + b2 * v2) + b3 * v3
             o[r0 + 2, d] = (((o[r0 + 2, d] + c0 * v0) + c1 * v1) + c2 * v2) + c3 * v3
@@ -451,13 +564,14 @@ def _pv4(s, v, kvh, r0, t0, t1, o, lims):
             if t < lims[r]:
                 p = s[r, t]
                 for d in range(dd):
-                    o[r, d] = o[r, d] + p * v[kvh, t, d]
+                    o[r, d] = o[r, d] + p * _f32(v[kvh, t, d])
         t += 1
 
 
 @jit(fastmath=_CONTRACT)
 def _attention(q, k, v, n_past, out, h0, h1):
-    # q (n, Hq, D), k/v (Hkv, T_max, D), out (n, Hq, D); query heads h0..h1-1.
+    # q (n, Hq, D), k/v (Hkv, T_max, D) float32, or uint16 holding f16 bits (a specialization of
+    # its own: keys and values become float32 as they load), out (n, Hq, D); query heads h0..h1-1.
     # Per kv head, rows = (query token, query head of the group), 4 rows per tile;
     # keys in blocks that stay in L1 while every row tile uses them.
     n, hq, dd = q.shape
@@ -527,11 +641,12 @@ def _ptr(typingctx, addr, ty):
 
 
 @jit(fastmath=_CONTRACT)
-def _attention_batch(q, caches, hkv, out, w0, w1):
+def _attention_batch(q, caches, hkv, f16, out, w0, w1):
     # q (B, Hq, D): one query token per sequence; caches (B, 4) int64: address of the sequence's
-    # k and v caches (Hkv, T_max, D) float32, its n_past, T_max; out (B, Hq, D). Work items
-    # w = b * Hq + h for w0 <= w < w1: each sequence's heads run through _attention with n = 1,
-    # the very code of a one-sequence call, so every row has the bits it has alone.
+    # k and v caches (Hkv, T_max, D), its n_past, T_max; the caches are float32, or uint16 (f16
+    # bits) when f16; out (B, Hq, D). Work items w = b * Hq + h for w0 <= w < w1: each sequence's
+    # heads run through _attention with n = 1, the very code of a one-sequence call, so every
+    # row has the bits it has alone.
     nb, hq, dd = q.shape
     if w1 <= w0:
         return
@@ -539,9 +654,38 @@ def _attention_batch(q, caches, hkv, out, w0, w1):
         h0 = max(w0 - b * hq, 0)
         h1 = min(w1 - b * hq, hq)
         tmax = caches[b, 3]
-        k = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
-        v = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
-        _attention(q[b:b + 1], k, v, caches[b, 2], out[b:b + 1], h0, h1)
+        if f16:
+            k16 = numba.carray(_ptr(caches[b, 0], types.uint16), (hkv, tmax, dd))
+            v16 = numba.carray(_ptr(caches[b, 1], types.uint16), (hkv, tmax, dd))
+            _attention(q[b:b + 1], k16, v16, caches[b, 2], out[b:b + 1], h0, h1)
+        else:
+            k = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
+            v = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
+            _attention(q[b:b + 1], k, v, caches[b, 2], out[b:b + 1], h0, h1)
+
+
+KV_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))  # a KV cache's arrays: f32, or f16 as its bits
+
+
+def _check_cache(name: str, a: np.ndarray) -> None:
+    if not isinstance(a, np.ndarray) or a.dtype not in KV_DTYPES:
+        raise TypeError(f"{name}: expected a float32 or uint16 (f16 bits) numpy array, got "
+                        f"{getattr(a, 'dtype', type(a))}")
+    if a.ndim != 3:
+        raise ValueError(f"{name}: expected 3 dimensions, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name}: array must be C-contiguous (use np.ascontiguousarray)")
+
+
+def _check_caches(name: str, k_cache: np.ndarray, v_cache: np.ndarray) -> bool:
+    """Check a k/v cache pair (same dtype, shape); True when they hold f16 bits (uint16)."""
+    _check_cache(f"{name} k_cache", k_cache)
+    _check_cache(f"{name} v_cache", v_cache)
+    if v_cache.dtype != k_cache.dtype:
+        raise TypeError(f"{name}: k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"{name}: v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
+    return k_cache.dtype == np.uint16
 
 
 def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: int,
@@ -553,8 +697,10 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
 
     Args:
         q: (n, Hq, D) float32 queries (rope applied).
-        k_cache: (Hkv, T_max, D) float32, positions 0 .. n_past + n - 1 filled.
-        v_cache: (Hkv, T_max, D) float32, same.
+        k_cache: (Hkv, T_max, D) float32, or uint16 holding IEEE half bits (an f16 cache: keys
+            become float32 as they load, the arithmetic is float32 either way), positions
+            0 .. n_past + n - 1 filled.
+        v_cache: (Hkv, T_max, D), same dtype and shape as k_cache.
         n_past: number of cached positions before the new tokens.
         out: optional (n, Hq, D) float32 result buffer (not q).
         pool: optional thread pool with ``.run(fn, n, *args)`` that calls
@@ -564,12 +710,9 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
         out, (n, Hq, D).
     """
     _check("attention q", q, 3)
-    _check("attention k_cache", k_cache, 3)
-    _check("attention v_cache", v_cache, 3)
+    _check_caches("attention", k_cache, v_cache)
     n, hq, d = q.shape
     hkv, tmax, dk = k_cache.shape
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"attention: v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
     if dk != d or hkv == 0 or hq % hkv:
         raise ValueError(f"attention: q shape {q.shape} does not fit cache shape {k_cache.shape} "
                          "(head_dim must match and Hq must be a multiple of Hkv)")
@@ -599,8 +742,9 @@ def attention_batch(q: np.ndarray, k_caches: list, v_caches: list, n_past: list,
 
     Args:
         q: (B, Hq, D) float32 queries (rope applied), row b for sequence b.
-        k_caches, v_caches: B float32 arrays (Hkv, T_max_b, D), C-contiguous, positions
-            0 .. n_past[b] filled (the new token's k/v written).
+        k_caches, v_caches: B arrays (Hkv, T_max_b, D), C-contiguous, all float32 or all uint16
+            (f16 bits, as for :func:`attention`), positions 0 .. n_past[b] filled (the new token's
+            k/v written).
         n_past: B cached positions before each new token.
         out: optional (B, Hq, D) float32 result buffer (not q).
         pool: as for :func:`attention`; the B * Hq (sequence, head) pairs are split across it.
@@ -620,15 +764,15 @@ def attention_batch(q: np.ndarray, k_caches: list, v_caches: list, n_past: list,
     hkv = k_caches[0].shape[0]
     if hq % hkv:
         raise ValueError(f"attention_batch: {hq} query heads over {hkv} kv heads")
-    caches = _cache_table("attention_batch", k_caches, v_caches, n_past, hkv, d)
+    caches, f16 = _cache_table("attention_batch", k_caches, v_caches, n_past, hkv, d)
     if pool is None:
-        _attention_batch(q, caches, hkv, out, 0, nb * hq)
+        _attention_batch(q, caches, hkv, f16, out, 0, nb * hq)
     elif hasattr(pool, "run_table"):  # on the pool without the GIL (kernels.executor)
         from flashlm.kernels import executor
 
-        pool.run_table(lambda tab: executor.fill_attention_batch(tab, 0, q, caches, hkv, out))
+        pool.run_table(lambda tab: executor.fill_attention_batch(tab, 0, q, caches, hkv, out, f16=f16))
     else:
-        pool.run(_attention_batch, nb * hq, q, caches, hkv, out)
+        pool.run(_attention_batch, nb * hq, q, caches, hkv, f16, out)
     return out  # (the caches stay alive: the caller holds them)
 
 
@@ -637,49 +781,76 @@ def kv_write(k_cache: np.ndarray, v_cache: np.ndarray, k: np.ndarray, v: np.ndar
     """Write k, v for n new tokens into the caches at positions pos .. pos + n - 1.
 
     Args:
-        k_cache, v_cache: (Hkv, T_max, D) float32, written in place.
+        k_cache, v_cache: (Hkv, T_max, D) float32, or uint16 for an f16 cache (k, v rounded to
+            half as numpy's ``astype(np.float16)`` does: to nearest even, inf past 65504),
+            written in place.
         k, v: (n, Hkv, D) float32.
         pos: first position to write.
     """
-    _check("kv_write k_cache", k_cache, 3)
-    _check("kv_write v_cache", v_cache, 3)
-    if k.dtype != np.float32 or v.dtype != np.float32:
-        raise TypeError(f"kv_write: k and v must be float32, got {k.dtype} and {v.dtype}")
+    f16 = _check_caches("kv_write", k_cache, v_cache)
+    if not (isinstance(k, np.ndarray) and isinstance(v, np.ndarray)) or k.dtype != np.float32 \
+            or v.dtype != np.float32:
+        raise TypeError(f"kv_write: k and v must be float32, got {getattr(k, 'dtype', type(k))} and "
+                        f"{getattr(v, 'dtype', type(v))}")
     if k.ndim != 3 or k.shape != v.shape or k.shape[1:] != (k_cache.shape[0], k_cache.shape[2]):
         raise ValueError(f"kv_write: k {k.shape} / v {v.shape} do not fit cache {k_cache.shape}")
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"kv_write: v_cache shape {v_cache.shape} != k_cache shape {k_cache.shape}")
     n = k.shape[0]
     if pos < 0 or pos + n > k_cache.shape[1]:
         raise ValueError(f"kv_write: positions {pos}..{pos + n - 1} exceed the cache ({k_cache.shape[1]})")
-    k_cache[:, pos:pos + n] = k.transpose(1, 0, 2)
-    v_cache[:, pos:pos + n] = v.transpose(1, 0, 2)
+    if f16:
+        _kv_write_f16(k_cache, v_cache, k, v, pos)
+    else:
+        k_cache[:, pos:pos + n] = k.transpose(1, 0, 2)
+        v_cache[:, pos:pos + n] = v.transpose(1, 0, 2)
 
 
 @jit
-def _kv_write_batch(caches, k, v):
-    # caches (B, 4) int64 as attention_batch's; k, v (B, Hkv, D): row b written at position
-    # caches[b, 2] of sequence b's caches
+def _kv_write_f16(kc, vc, k, v, pos):
+    # kc, vc (Hkv, T_max, D) uint16 (f16 bits); k, v (n, Hkv, D) float32 -> positions pos..pos+n-1
+    n, hkv, dd = k.shape
+    for h in range(hkv):
+        for i in range(n):
+            for d in range(dd):
+                kc[h, pos + i, d] = _f16_bits(k[i, h, d])
+                vc[h, pos + i, d] = _f16_bits(v[i, h, d])
+
+
+@jit
+def _kv_write_batch(caches, f16, k, v):
+    # caches (B, 4) int64 as attention_batch's (float32 caches, or uint16 f16 bits when f16);
+    # k, v (B, Hkv, D): row b written at position caches[b, 2] of sequence b's caches
     nb, hkv, dd = k.shape
     for b in range(nb):
         tmax = caches[b, 3]
-        kc = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
-        vc = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
         p = caches[b, 2]
-        for h in range(hkv):
-            for d in range(dd):
-                kc[h, p, d] = k[b, h, d]
-                vc[h, p, d] = v[b, h, d]
+        if f16:
+            kh = numba.carray(_ptr(caches[b, 0], types.uint16), (hkv, tmax, dd))
+            vh = numba.carray(_ptr(caches[b, 1], types.uint16), (hkv, tmax, dd))
+            for h in range(hkv):
+                for d in range(dd):
+                    kh[h, p, d] = _f16_bits(k[b, h, d])
+                    vh[h, p, d] = _f16_bits(v[b, h, d])
+        else:
+            kc = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
+            vc = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
+            for h in range(hkv):
+                for d in range(dd):
+                    kc[h, p, d] = k[b, h, d]
+                    vc[h, p, d] = v[b, h, d]
 
 
-def _cache_table(name: str, k_caches: list, v_caches: list, n_past: list, hkv: int, d: int) -> np.ndarray:
-    """(B, 4) int64: k cache address, v cache address, n_past, T_max of each sequence (checked)."""
+def _cache_table(name: str, k_caches: list, v_caches: list, n_past: list, hkv: int, d: int) -> tuple[np.ndarray, bool]:
+    """(B, 4) int64: k cache address, v cache address, n_past, T_max of each sequence (checked),
+    and True when the caches are f16 (uint16; every one of them, or an error)."""
     caches = np.empty((len(k_caches), 4), np.int64)
+    dtype = None
     for b, (kc, vc, p) in enumerate(zip(k_caches, v_caches, n_past)):
-        if not (isinstance(kc, np.ndarray) and isinstance(vc, np.ndarray) and kc.dtype == vc.dtype == np.float32
-                and kc.flags.c_contiguous and vc.flags.c_contiguous and kc.ndim == 3):
-            _check(f"{name} k_cache", kc, 3)
-            _check(f"{name} v_cache", vc, 3)
+        if not (isinstance(kc, np.ndarray) and isinstance(vc, np.ndarray) and kc.dtype == vc.dtype
+                and kc.dtype in KV_DTYPES and kc.flags.c_contiguous and vc.flags.c_contiguous and kc.ndim == 3):
+            _check_caches(f"{name} (sequence {b})", kc, vc)
+        dtype = kc.dtype if dtype is None else dtype
+        if kc.dtype != dtype:
+            raise TypeError(f"{name}: cache {b} is {kc.dtype} but cache 0 is {dtype}: one dtype for all")
         if vc.shape != kc.shape or kc.shape[0] != hkv or kc.shape[2] != d:
             raise ValueError(f"{name}: cache {b} shapes {kc.shape} / {vc.shape} do not fit (Hkv, T, D) = "
                              f"({hkv}, T, {d})")
@@ -687,7 +858,7 @@ def _cache_table(name: str, k_caches: list, v_caches: list, n_past: list, hkv: i
         if p < 0 or p + 1 > kc.shape[1]:
             raise ValueError(f"{name}: position {p} of sequence {b} exceeds its cache ({kc.shape[1]})")
         caches[b] = (kc.ctypes.data, vc.ctypes.data, p, kc.shape[1])
-    return caches
+    return caches, dtype == np.uint16
 
 
 def kv_write_batch(k_caches: list, v_caches: list, k: np.ndarray, v: np.ndarray, n_past: list) -> None:
@@ -695,7 +866,8 @@ def kv_write_batch(k_caches: list, v_caches: list, k: np.ndarray, v: np.ndarray,
     sequence b's caches (Hkv, T_max_b, D), in one call (as ``kv_write`` of each).
 
     Args:
-        k_caches, v_caches: B float32 arrays, C-contiguous, written in place.
+        k_caches, v_caches: B arrays, C-contiguous, all float32 or all uint16 (f16 bits, rounded
+            as :func:`kv_write` does), written in place.
         k, v: (B, Hkv, D) float32.
         n_past: B positions.
     """
@@ -705,4 +877,5 @@ def kv_write_batch(k_caches: list, v_caches: list, k: np.ndarray, v: np.ndarray,
         raise ValueError(f"kv_write_batch: k {k.shape} / v {v.shape} for {len(k_caches)} k caches, "
                          f"{len(v_caches)} v caches, {len(n_past)} positions")
     if k.shape[0]:
-        _kv_write_batch(_cache_table("kv_write_batch", k_caches, v_caches, n_past, k.shape[1], k.shape[2]), k, v)
+        caches, f16 = _cache_table("kv_write_batch", k_caches, v_caches, n_past, k.shape[1], k.shape[2])
+        _kv_write_batch(caches, f16, k, v)

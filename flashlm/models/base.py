@@ -150,9 +150,10 @@ class Decoder:
     def __init__(self, config, weights, backend) -> None:
         self.config, self.weights, self.backend = config, weights, backend
 
-    def make_cache(self, max_ctx: int) -> KVCache:
-        """An empty KV cache for one sequence of up to ``max_ctx`` positions."""
-        return KVCache.for_config(self.config, max_ctx)
+    def make_cache(self, max_ctx: int, *, kv: str = "f32") -> KVCache:
+        """An empty KV cache for one sequence of up to ``max_ctx`` positions, of element type
+        ``kv`` ("f32" or "f16"; ``flashlm.load`` chooses the user's default)."""
+        return KVCache.for_config(self.config, max_ctx, dtype=kv)
 
     def block(self, i: int, x: np.ndarray, batch: Batch) -> np.ndarray:
         raise NotImplementedError

@@ -287,10 +287,10 @@ def activation_bytes(config, rows: int, *, logits_rows: int = 1, ctx: int = 0) -
     return total
 
 
-def kv_bytes(config, ctx: int, batch: int = 1) -> int:
+def kv_bytes(config, ctx: int, batch: int = 1, kv: str = "f32") -> int:
     from flashlm.runtime.kvcache import KVCache
 
-    return KVCache.bytes_for(config, ctx) * batch
+    return KVCache.bytes_for(config, ctx, kv=kv) * batch
 
 
 # ---- the plan ----
@@ -321,6 +321,7 @@ class Plan:
     expert_slots: int = 0  # the expert cache of a mixture-of-experts model
     expert_slot_bytes: int = 0
     expert_read_per_token: int = 0  # expected, with routing spread evenly over the experts
+    kv: str = "f32"  # the KV cache's element type (kv_bytes counts it)
 
     @property
     def streamed_layers(self) -> tuple[int, ...]:
@@ -373,7 +374,7 @@ class Plan:
                 "n_slots": self.n_slots, "slot_bytes": self.slot_bytes, "small_bytes": self.small_bytes,
                 "streamed_bytes_per_token": self.streamed_bytes_per_token, "planned_bytes": self.planned_bytes,
                 "expert_slots": self.expert_slots, "expert_slot_bytes": self.expert_slot_bytes,
-                "expert_read_per_token": self.expert_read_per_token, "notes": list(self.notes)}
+                "expert_read_per_token": self.expert_read_per_token, "kv": self.kv, "notes": list(self.notes)}
 
 
 def spread(n: int, k: int) -> tuple[int, ...]:
@@ -386,7 +387,8 @@ def spread(n: int, k: int) -> tuple[int, ...]:
 
 
 def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | None = None, batch: int = 1,
-              draft: int = 0, prefill_rows: int = DEFAULT_PREFILL, n_slots: int = 2, force_stream: bool = False) -> Plan:
+              draft: int = 0, prefill_rows: int = DEFAULT_PREFILL, n_slots: int = 2, force_stream: bool = False,
+              kv: str = "f32") -> Plan:
     """Plan a run of ``config``/``layout`` inside ``budget`` bytes.
 
     Args:
@@ -400,6 +402,7 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
         prefill_rows: rows per prefill step wanted (lowered to MIN_PREFILL if needed).
         n_slots: streaming buffers.
         force_stream: plan streaming even when everything fits (tests, benchmarks).
+        kv: the KV cache's element type, "f32" (4 bytes per element) or "f16" (2).
 
     Raises:
         BudgetError: even the smallest plan does not fit; names the minimum.
@@ -422,16 +425,16 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
         return min(layout.n_experts, max(r, decode_rows) * layout.top_k) if layout.moe_layers else 0
 
     def fixed(c: int, r: int) -> int:
-        return (baseline + kv_bytes(config, c, batch) + act(r, c) + layout.small_bytes
+        return (baseline + kv_bytes(config, c, batch, kv) + act(r, c) + layout.small_bytes
                 + min_experts(r) * layout.expert_bytes)
 
     # 1. everything in RAM (memory-mapped store)?
     if not force_stream:
         for c in ctxs:
             if fixed(c, steps[0]) + layout.store_bytes <= budget:
-                return Plan(budget, baseline, kv_bytes(config, c, batch), act(steps[0], c), c, batch, steps[0], False,
+                return Plan(budget, baseline, kv_bytes(config, c, batch, kv), act(steps[0], c), c, batch, steps[0], False,
                             layout.store_bytes, layout.n_layers, tuple(range(layout.n_layers)), True,
-                            resident_bytes=layout.store_bytes)
+                            resident_bytes=layout.store_bytes, kv=kv)
     # 2. stream: the smallest ctx / step that leaves room for the window
     slot = _round_up(max(layout.layer_bytes) if layout.layer_bytes else layout.head_bytes)
     window = n_slots * slot
@@ -448,7 +451,7 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
         need = fixed(c_min, MIN_PREFILL) + window
         raise BudgetError(
             f"--ram {budget / MiB:.0f} MiB is too small for this model: it needs at least {need / MiB:.0f} MiB "
-            f"({baseline / MiB:.0f} MiB for the process itself, {kv_bytes(config, c_min, batch) / MiB:.0f} MiB of "
+            f"({baseline / MiB:.0f} MiB for the process itself, {kv_bytes(config, c_min, batch, kv) / MiB:.0f} MiB of "
             f"KV cache for ctx {c_min}{f' x batch {batch}' if batch > 1 else ''}, {n_slots} streaming buffers of "
             f"{slot / MiB:.0f} MiB"
             + (f", {min_experts(MIN_PREFILL)} expert slots of {layout.expert_bytes / MiB:.1f} MiB" if layout.moe_layers
@@ -457,7 +460,7 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
             + (f" or lower --ctx (now {c_min})" if c_min > MIN_CTX else ""))
     c, _ = choice
     if not ctx_given:  # streaming: a KV cache of at most KV_SHARE of the budget, so weights keep the rest
-        c = next((x for x in ctxs if x <= c and kv_bytes(config, x, batch) <= KV_SHARE * budget
+        c = next((x for x in ctxs if x <= c and kv_bytes(config, x, batch, kv) <= KV_SHARE * budget
                   and fixed(x, steps[-1]) + window <= budget), ctxs[-1])
     n = layout.n_layers
     lb = max(layout.layer_bytes) if layout.layer_bytes else 0
@@ -506,8 +509,8 @@ def make_plan(layout: Layout, config, *, budget: int, baseline: int, ctx: int | 
         notes.append(f"ctx {c}, not {ctxs[0]}: a longer context would take RAM from the weights (--ctx sets it)")
     if r != prefill_rows:
         notes.append(f"prefill in steps of {r} tokens")
-    return Plan(budget, baseline, kv_bytes(config, c, batch), act(r, c), c, batch, r, True, layout.store_bytes, n,
+    return Plan(budget, baseline, kv_bytes(config, c, batch, kv), act(r, c), c, batch, r, True, layout.store_bytes, n,
                 resident, head_res, n_slots, slot, layout.small_bytes, res_bytes, streamed, tuple(notes),
-                slots, layout.expert_bytes if slots else 0, expert_read)
+                slots, layout.expert_bytes if slots else 0, expert_read, kv)
 
 

@@ -11,6 +11,7 @@ activations and QTensor weights:
     rope(x, positions, theta, layout, scaling=None)   in place on (n, H, D)
     silu_mul(g, u)               silu(g) * u                    -> (n, F)
     attention(q, k_cache, v_cache, n_past)   causal, GQA        -> (n, Hq, D)
+        (KV caches float32, or uint16 holding f16 bits: ``runtime.kvcache``)
     attention_batch(q, k_caches, v_caches, n_pasts)   one token per sequence, B caches -> (B, Hq, D)
     kv_write_batch(k_caches, v_caches, k, v, n_pasts) one position per sequence, k/v (B, Hkv, D)
     kv_write(k_cache, v_cache, k, v, pos)    caches (Hkv, T, D), k/v (n, Hkv, D)
@@ -181,6 +182,9 @@ class NumpyBackend:
 
     def kv_write(self, k_cache, v_cache, k: np.ndarray, v: np.ndarray, pos: int) -> None:
         n = k.shape[0]
+        if k_cache.dtype == np.uint16:  # an f16 cache: half bits (runtime.kvcache); inf past 65504, as the kernels
+            with np.errstate(over="ignore"):
+                k, v = k.astype(np.float16).view(np.uint16), v.astype(np.float16).view(np.uint16)
         k_cache[:, pos : pos + n] = k.transpose(1, 0, 2)  # (n, Hkv, D) -> (Hkv, n, D)
         v_cache[:, pos : pos + n] = v.transpose(1, 0, 2)
 
@@ -198,6 +202,8 @@ class NumpyBackend:
         g = hq // hkv
         t = n_past + n
         k, v = k_cache[:, :t], v_cache[:, :t]  # (Hkv, t, D)
+        if k.dtype == np.uint16:  # an f16 cache (half bits): float32 for the arithmetic
+            k, v = k.view(np.float16).astype(np.float32), v.view(np.float16).astype(np.float32)
         out = np.empty((n, hq, d), np.float32)
         for s in range(0, n, chunk):  # bound the (Hkv, rows, t) score matrix
             e = min(n, s + chunk)
@@ -248,7 +254,7 @@ class KernelBackend:
         self.pool = pool
         self._vec: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
-    def warm_up(self, weights, config, *, room: int | None = None) -> None:
+    def warm_up(self, weights, config, *, room: int | None = None, kv: str = "f32") -> None:
         """Load the kernels a model uses (compiling them on a fresh install) on tiny zero
         tensors of its formats and row lengths, so that their memory is part of the baseline
         the RAM planner measures and the first token does not wait for them.
@@ -260,9 +266,11 @@ class KernelBackend:
             weights: a Store (``tensor_info``) or anything with ``tensor_info``-like metadata.
             config: the ModelConfig (head sizes for rope and attention).
             room: bytes the process may still grow by (for the compile workers); None: no limit.
+            kv: the KV caches' element type ("f32" or "f16") the attention kernels are loaded for.
         """
         from flashlm.kernels import executor, precompile
         from flashlm.kernels.formats import FLOAT_DTYPES, row_nbytes
+        from flashlm.runtime.kvcache import KV_DTYPES
 
         shapes = {(t["format"], int(t["shape"][-1])) for t in weights.tensor_info.values() if len(t["shape"]) == 2}
         job = precompile.start(sorted({f for f, _ in shapes}), room=room)
@@ -274,7 +282,7 @@ class KernelBackend:
         q, k = np.ones((1, hq, hd), np.float32), np.ones((1, hkv, hd), np.float32)
         for t in (q, k):
             self.rope(t, np.array([0]), c.rope_theta, c.rope_layout, c.rope_scaling)
-        kc, vc = np.zeros((hkv, 4, hd), np.float32), np.zeros((hkv, 4, hd), np.float32)
+        kc, vc = np.zeros((hkv, 4, hd), KV_DTYPES[kv]), np.zeros((hkv, 4, hd), KV_DTYPES[kv])
         self.kv_write(kc, vc, k, k, 0)
         self.attention(q, kc, vc, 0)
         executor.warm_up()  # the table runner and the pool's worker loop

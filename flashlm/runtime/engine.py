@@ -31,6 +31,7 @@ import psutil
 
 from flashlm.errors import InputError
 from flashlm.runtime.draft import lookup
+from flashlm.runtime.kvcache import check_kv
 from flashlm.runtime.sampler import SamplingParams, verify_draft
 from flashlm.runtime.tokenizer import StopChecker, Tokenizer
 
@@ -147,9 +148,11 @@ class Engine:
         draft_max: draft tokens (prompt lookup, ``runtime.draft``) verified per decode step
             and sequence; 0 = off. Greedy output is the same either way; sampled output
             keeps the model's distribution (``sampler.verify_draft``).
+        kv: the KV caches' element type, "f32" or "f16" (``runtime.kvcache``).
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096, prefill_rows: int = 512, draft_max: int = 0):
+    def __init__(self, model, tokenizer: Tokenizer, *, ctx: int = 4096, prefill_rows: int = 512, draft_max: int = 0,
+                 kv: str = "f32"):
         if ctx < 2:
             raise InputError(f"--ctx {ctx} is too small: use at least 2")
         if prefill_rows < 1:
@@ -159,6 +162,7 @@ class Engine:
         if draft_max < 0:
             raise InputError(f"--draft-max {draft_max} is invalid: use 0 or more")
         self.draft_max = int(draft_max)
+        self.kv = check_kv(kv)
         self.stats = Stats()
         self.on_decode = None  # called when the first decode step starts (offload statistics)
         self._cancel = threading.Event()
@@ -192,7 +196,7 @@ class Engine:
         ids = self._check_prompt(ids, index)
         params = SamplingParams.greedy() if params is None else params
         if cache is None:
-            cache = self.model.make_cache(self.ctx)
+            cache = self.model.make_cache(self.ctx, kv=self.kv)
         else:
             cache.reset()
         return Seq(index, ids, params, cache, params.make_sampler(), params.make_logits_processors(),

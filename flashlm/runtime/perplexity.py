@@ -35,7 +35,8 @@ def chunk_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return lse - x[np.arange(len(targets)), targets]
 
 
-def perplexity(model, ids: list[int], *, ctx: int, chunks: int | None = None, on_chunk=None) -> PerplexityResult:
+def perplexity(model, ids: list[int], *, ctx: int, chunks: int | None = None, on_chunk=None,
+               kv: str = "f32") -> PerplexityResult:
     """Perplexity of token ids under ``model`` (see the module docstring).
 
     Args:
@@ -44,6 +45,7 @@ def perplexity(model, ids: list[int], *, ctx: int, chunks: int | None = None, on
         ctx: tokens per chunk.
         chunks: score only the first N chunks (default: all).
         on_chunk: called with (chunk index, running perplexity) after each chunk.
+        kv: the KV cache's element type, "f32" or "f16".
     """
     if ctx < 2:
         raise InputError(f"--ctx {ctx} is too small for perplexity: use at least 2")
@@ -55,7 +57,7 @@ def perplexity(model, ids: list[int], *, ctx: int, chunks: int | None = None, on
     if n_chunks == 0:
         raise InputError(f"the text has {len(ids)} tokens, fewer than one chunk of --ctx {ctx}")
     total, count = 0.0, 0
-    cache = model.make_cache(ctx)
+    cache = model.make_cache(ctx, kv=kv)
     for c in range(n_chunks):
         chunk = np.asarray(ids[c * ctx : (c + 1) * ctx], dtype=np.int64)
         cache.reset()

@@ -77,6 +77,32 @@ def test_run_bad_input(tiny_store, args, message):
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+@pytest.mark.parametrize("cmd", ["run", "chat", "perplexity", "bench", "plan", "serve"])
+def test_bad_kv_is_refused_before_the_model_is_looked_up(flashlm_home, tmp_path, cmd):
+    (tmp_path / "t.txt").write_text("some text")
+    extra = {"run": ["hi"], "perplexity": [str(tmp_path / "t.txt")], "serve": ["--port", "0"]}.get(cmd, [])
+    r = run_cli(cmd, "no-such-model", *extra, "--kv", "bogus")
+    assert r.returncode == 2 and "--kv 'bogus' is invalid: use f16 or f32" in r.stderr, r.stderr
+    assert "unknown model" not in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kv_choice_reaches_the_cache_and_the_plan(tiny_store, tmp_path, capsys):
+    f = tmp_path / "t.txt"
+    f.write_text("hello world " * 40)
+    ppl = {}
+    for kv in ("f32", "f16"):
+        assert main(["perplexity", tiny_store, str(f), "--ctx", "16", "--chunks", "2", "--json", "--kv", kv]) == 0
+        ppl[kv] = json.loads(capsys.readouterr().out)["perplexity"]
+        assert main(["plan", tiny_store, "--ctx", "64", "--json", "--kv", kv]) == 0
+        p = json.loads(capsys.readouterr().out)
+        assert p["kv"] == kv and p["kv_bytes"] > 0
+        ppl[kv + "_bytes"] = p["kv_bytes"]
+        assert main(["bench", tiny_store, "-p", "8", "-n", "2", "--json", "--kv", kv]) == 0
+        assert json.loads(capsys.readouterr().out)["kv"] == kv
+    assert ppl["f32_bytes"] == 2 * ppl["f16_bytes"]
+    assert ppl["f16"] != ppl["f32"] and abs(ppl["f16"] / ppl["f32"] - 1) < 0.01
+
+
 def test_run_unknown_model(flashlm_home):
     r = run_cli("run", "no-such-model", "hi")
     assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and "Traceback" not in r.stderr

@@ -165,6 +165,21 @@ def test_kernels_agree_with_numpy(arch, fmt):
     assert nerr(a, b) < 1e-5
 
 
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_kernels_agree_with_numpy_on_f16_caches(arch):
+    """An f16 KV cache in both backends: the same half values, float32 arithmetic; and close to
+    the f32 cache (the rounding to half moves the logits by about 1e-3 of their size)."""
+    cfg = tiny_config(arch)
+    weights = random_weights(cfg, "Q8_0")
+    kern = build_model(cfg, weights, backend_of("kernels"))
+    ref = build_model(cfg, weights, NumpyBackend())
+    ids = np.random.default_rng(4).integers(0, VOCAB, 11)
+    a = kern.forward(ids, None, kern.make_cache(11, kv="f16"), all_logits=True)
+    b = ref.forward(ids, None, ref.make_cache(11, kv="f16"), all_logits=True)
+    assert nerr(a, b) < 1e-5
+    assert 0 < nerr(a, kern.forward(ids, None, kern.make_cache(11), all_logits=True)) < 1e-2
+
+
 # Bit identity on the kernel backend: the small-n kernels give every row the GEMV's bits, and
 # every other op of a step (norms, rope, silu, attention) computes a row the same way whatever
 # else is in the batch, so batching and draft verification cannot change a greedy choice.
@@ -186,12 +201,14 @@ def _kernel_model(arch: str, fmt: str, pool=None):
     return build_model(cfg, random_weights(cfg, fmt, seed=5), KernelBackend(pool))
 
 
+@pytest.mark.parametrize("kv", ["f32", "f16"])
 @pytest.mark.parametrize("use_pool", [False, True], ids=["serial", "pool"])
 @pytest.mark.parametrize("b", [2, 8])
 @pytest.mark.parametrize("arch,fmt", IDENTITY, ids=lambda p: p)
-def test_forward_batch_of_one_token_sequences_is_bit_identical(arch, fmt, b, use_pool, pool2, monkeypatch):
+def test_forward_batch_of_one_token_sequences_is_bit_identical(arch, fmt, b, use_pool, kv, pool2, monkeypatch):
     """B sequences with different cache lengths, one new token each, in one forward_batch:
-    every row of logits equals that sequence's own one-token forward, bit for bit (two steps)."""
+    every row of logits equals that sequence's own one-token forward, bit for bit (two steps),
+    with f32 and with f16 KV caches."""
     from flashlm.kernels import matmul as mm
     from flashlm.runtime import backend as bk
 
@@ -201,7 +218,7 @@ def test_forward_batch_of_one_token_sequences_is_bit_identical(arch, fmt, b, use
     model = _kernel_model(arch, fmt, pool2 if use_pool else None)
     rng = np.random.default_rng(7)
     prompts = [rng.integers(0, VOCAB, 1 + 3 * j) for j in range(b)]
-    batched, alone = [model.make_cache(40) for _ in prompts], [model.make_cache(40) for _ in prompts]
+    batched, alone = [model.make_cache(40, kv=kv) for _ in prompts], [model.make_cache(40, kv=kv) for _ in prompts]
     for p, c1, c2 in zip(prompts, batched, alone):
         model.forward(p, None, c1)
         model.forward(p, None, c2)

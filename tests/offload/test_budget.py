@@ -131,6 +131,21 @@ def test_batch_and_draft_count():
         plan(GiB, batch=0)
 
 
+def test_f16_kv_cache_is_counted_at_half_the_bytes():
+    f32, f16 = plan(4 * GiB, ctx=4096), plan(4 * GiB, ctx=4096, kv="f16")
+    assert f32.kv == "f32" and f16.kv == "f16" and f16.as_dict()["kv"] == "f16"
+    assert f16.kv_bytes * 2 == f32.kv_bytes == kv_bytes(CFG, 4096)
+    assert f16.kv_bytes == kv_bytes(CFG, 4096, 1, "f16") == 2 * 28 * 2 * 4096 * 128 * 2
+    assert f16.planned_bytes == f32.planned_bytes - f16.kv_bytes
+    # streaming, with ctx chosen by the planner: the KV cache's share of the budget allows a
+    # longer context at 2 bytes per element, and what it does not take goes to resident weights
+    s32, s16 = plan(600 * MiB), plan(600 * MiB, kv="f16")
+    assert s16.streams and s32.streams and s16.kv_bytes == kv_bytes(CFG, s16.ctx, 1, "f16")
+    assert s16.ctx >= s32.ctx and s16.planned_bytes <= s16.budget
+    with pytest.raises(InputError, match="--kv 'f8' is invalid"):
+        plan(4 * GiB, kv="f8")
+
+
 def test_activation_estimate_covers_blas_tiles():
     small, big = activation_bytes(CFG, 63), activation_bytes(CFG, 64)
     assert big - small > 30 * MiB  # the f32 tile of 1024 x 8960 weights

@@ -126,3 +126,32 @@ def test_kernel_backend_ops_agree():
     assert np.array_equal(kv[0], kv[2]) and np.array_equal(kv[1], kv[3])
     kv[0][:, :2] = kv[2][:, :2] = 1.0
     np.testing.assert_allclose(kb.attention(q, kv[0], kv[1], 2), nb.attention(q, kv[2], kv[3], 2), atol=1e-5)
+
+
+@pytest.mark.skipif(not kernels_available(), reason="flashlm.kernels.matmul/ops do not import yet")
+def test_backends_agree_on_f16_caches():
+    """An f16 KV cache (uint16 half bits, runtime.kvcache) in either backend: the same bits written
+    (numpy's rounding), attention on the same half values, one token per sequence or batched."""
+    from close import assert_close
+
+    from flashlm.runtime.kvcache import KVCache
+
+    r = np.random.default_rng(4)
+    kb, nb = KernelBackend(), NumpyBackend()
+    caches = {be: [KVCache(1, 2, 16, 12, dtype="f16") for _ in range(2)] for be in (kb, nb)}
+    k, v = (3 * r.standard_normal((2, 9, 2, 16))).astype(np.float32)
+    q = r.standard_normal((9, 4, 16)).astype(np.float32)
+    out = {}
+    for be, cs in caches.items():
+        be.kv_write(cs[0].k[0], cs[0].v[0], k, v, 0)
+        be.kv_write(cs[1].k[0], cs[1].v[0], k[:5], v[:5], 0)
+        out[be] = be.attention(q, cs[0].k[0], cs[0].v[0], 0)
+        ks, vs = [c.k[0] for c in cs], [c.v[0] for c in cs]
+        be.kv_write_batch(ks, vs, k[7:], v[7:], [9, 5])
+        out[be, "batch"] = be.attention_batch(q[:2], ks, vs, [9, 5])
+    for i in range(2):
+        np.testing.assert_array_equal(caches[kb][i].k[0], caches[nb][i].k[0])
+        np.testing.assert_array_equal(caches[kb][i].v[0], caches[nb][i].v[0])
+    np.testing.assert_array_equal(caches[nb][0].k[0][:, :9], k.transpose(1, 0, 2).astype(np.float16).view(np.uint16))
+    assert_close(out[kb], out[nb], rel=1e-5)
+    assert_close(out[kb, "batch"], out[nb, "batch"], rel=1e-5)

@@ -68,8 +68,8 @@ class CycleModel:
     def __init__(self):
         self.rows, self.steps = [], 0
 
-    def make_cache(self, n):
-        return KVCache(1, 1, 2, n)
+    def make_cache(self, n, *, kv="f32"):
+        return KVCache(1, 1, 2, n, dtype=kv)
 
     def forward_batch(self, seqs, *, all_logits=False):
         out = []
@@ -105,7 +105,7 @@ def run_engine(draft_max, prompt, **kw):
     eng = Engine(m, ToyTokenizer(), ctx=kw.pop("ctx", 64), draft_max=draft_max)
     caches = []
     orig = m.make_cache
-    m.make_cache = lambda n: caches.append(orig(n)) or caches[-1]
+    m.make_cache = lambda n, kv="f32": caches.append(orig(n, kv=kv)) or caches[-1]
     toks = [ev.token for ev in eng.generate([prompt], SamplingParams.greedy(**kw)) if ev.token is not None]
     return toks, eng.stats, m, caches[0]
 

@@ -1,4 +1,4 @@
-"""KVCache: preallocated size, offset bookkeeping, trim/reset, overflow error."""
+"""KVCache: preallocated size (f32 and f16), offset bookkeeping, trim/reset, overflow error."""
 from __future__ import annotations
 
 import numpy as np
@@ -47,3 +47,19 @@ def test_overflow_names_the_limit():
 def test_bad_size():
     with pytest.raises(InputError):
         KVCache(1, 1, 4, max_ctx=0)
+
+
+def test_f16_cache_takes_two_bytes_per_element():
+    c = KVCache.for_config(CFG, max_ctx=100, dtype="f16")
+    assert c.dtype == "f16" and c.k[0].dtype == np.uint16 and c.v[2].shape == (2, 100, 16)
+    assert c.nbytes == 2 * 3 * 2 * 100 * 16 * 2 == KVCache.bytes_for(CFG, 100, kv="f16")
+    assert KVCache.bytes_for(CFG, 100, kv="f32") == 2 * c.nbytes == KVCache.for_config(CFG, 100).nbytes
+    assert "f16" in repr(c)
+
+
+@pytest.mark.parametrize("bad", ["f8", "F16", "float16", None, 16])
+def test_bad_kv_type(bad):
+    with pytest.raises(InputError, match="use f16 or f32"):
+        KVCache(1, 1, 4, max_ctx=4, dtype=bad)
+    with pytest.raises(InputError, match="use f16 or f32"):
+        KVCache.bytes_for(CFG, 4, kv=bad)
