@@ -286,8 +286,9 @@ class KernelBackend:
         self.kv_write(kc, vc, k, k, 0)
         self.attention(q, kc, vc, 0)
         executor.warm_up()  # the table runner and the pool's worker loop
-        job.wait()
-        for fmt, cols in sorted(shapes):
+        for fmt, cols in sorted(shapes, key=lambda s: (s[0] in job.formats, s)):  # ours first, then the workers'
+            if fmt in job.formats:
+                job.wait()
             if fmt in FLOAT_DTYPES:
                 data = np.zeros((2, cols), FLOAT_DTYPES[fmt])
             else:

@@ -139,3 +139,22 @@ def test_load_says_which_formats_compile_on_a_first_run(tmp_path, monkeypatch, c
     llm.close()
     err = capsys.readouterr().err
     assert ("compiling kernels for Q8_0S (first run only" in err) == bool(missing)
+
+
+def test_workers_take_the_formats_the_longest_first_to_the_least_loaded(monkeypatch) -> None:
+    started = []
+
+    class FakeProc:
+        def __init__(self, args, **kw):
+            started.append(args[3:])  # python -m flashlm.kernels.precompile FMT ...
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(executor, "missing_formats", lambda fmts: list(fmts))
+    monkeypatch.setattr(precompile.subprocess, "Popen", FakeProc)
+    job = precompile.start(["Q8_0S", "Q4_1R", "Q6_KR"], room=None, workers=1)
+    assert started == [["Q4_1R", "Q8_0S", "Q6_KR"]] and job.formats == ["Q4_1R", "Q8_0S", "Q6_KR"]
+    started.clear()
+    job = precompile.start(["Q8_0S", "Q4_1R", "Q6_KR"], room=None, workers=2)
+    assert started == [["Q4_1R"], ["Q8_0S", "Q6_KR"]] and sorted(job.formats) == ["Q4_1R", "Q6_KR", "Q8_0S"]
