@@ -97,9 +97,10 @@ TASK_SIG = types.void(*([types.int64] * 9))
 
 
 @njit(nogil=True, inline="always")
-def _q(gemv, gemm, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):
+def _task(gemv, gemm, dt, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):
+    """The table row's product with the format's kernels; ``dt`` is the weight array's element type."""
     nx = max(n, 1)
-    w = carray(_ptr(w_addr, types.uint8), (rows, rowlen))
+    w = carray(_ptr(w_addr, dt), (rows, rowlen))
     xs = carray(_ptr(x_addr, types.float32), (nx, cols))
     out = carray(_ptr(out_addr, types.float32), (nx, rows))
     if n == 0:
@@ -109,26 +110,17 @@ def _q(gemv, gemm, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):
 
 
 @njit(nogil=True, inline="always")
+def _q(gemv, gemm, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):  # quantized blocks (bytes)
+    _task(gemv, gemm, types.uint8, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1)
+
+
+@njit(nogil=True, inline="always")
 def _h(gemv, gemm, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1):  # F16 / BF16 bits
-    nx = max(n, 1)
-    w = carray(_ptr(w_addr, types.uint16), (rows, rowlen))
-    xs = carray(_ptr(x_addr, types.float32), (nx, cols))
-    out = carray(_ptr(out_addr, types.float32), (nx, rows))
-    if n == 0:
-        gemv(w, xs[0], out[0], r0, r1)
-    else:
-        gemm(w, xs, out, r0, r1)
+    _task(gemv, gemm, types.uint16, w_addr, rows, rowlen, x_addr, n, cols, out_addr, r0, r1)
 
 
 def _t_f32(w, rows, rowlen, x, n, cols, out, r0, r1):
-    nx = max(n, 1)
-    w32 = carray(_ptr(w, types.float32), (rows, rowlen))
-    xs = carray(_ptr(x, types.float32), (nx, cols))
-    o = carray(_ptr(out, types.float32), (nx, rows))
-    if n == 0:
-        _gv_f32(w32, xs[0], o[0], r0, r1)
-    else:
-        _gm_f32(w32, xs, o, r0, r1)
+    _task(_gv_f32, _gm_f32, types.float32, w, rows, rowlen, x, n, cols, out, r0, r1)
 
 
 def _t_f16(w, rows, rowlen, x, n, cols, out, r0, r1):

@@ -286,9 +286,8 @@ class KernelBackend:
         self.kv_write(kc, vc, k, k, 0)
         self.attention(q, kc, vc, 0)
         executor.warm_up()  # the table runner and the pool's worker loop
-        for fmt, cols in sorted(shapes, key=lambda s: (s[0] in job.formats, s)):  # ours first, then the workers'
-            if fmt in job.formats:
-                job.wait()
+        job.wait()  # the formats' kernels are in the cache now (a format a worker failed on compiles here)
+        for fmt, cols in sorted(shapes):
             if fmt in FLOAT_DTYPES:
                 data = np.zeros((2, cols), FLOAT_DTYPES[fmt])
             else:
