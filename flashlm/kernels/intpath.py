@@ -41,8 +41,9 @@ from flashlm.kernels.repacked import dequant_q4_kr_simd
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _data_ptr, _hsum, _load, _prefetch,
                                   _splat)
 
-XQ_BYTES = 336  # prepared activation bytes per 256-weight super-block
-_XSUM, _DX = 256, 320  # byte offsets of the -X_j floats and of dx in a prepared super-block
+XQ_BYTES = 640  # prepared activation bytes per 256-weight super-block
+_XSUM, _DX = 512, 576  # byte offsets of the -X_j floats and of the per-lane dx in a prepared super-block
+_QB = 32  # activations per int8 scale
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _V32I8 = ir.VectorType(_I8, 32)
@@ -53,42 +54,53 @@ _V8I32 = ir.VectorType(_I32, 8)
 # ---- activations: int8 per super-block, in the weights' byte order ----
 
 @jit_exact
-def _quantize_block(x, o, q):
-    """q[0:256] = rint(x[o:o + 256] / dx) as int64; returns dx (float32, 0 for a zero block)."""
-    amax = np.float32(0.0)
-    for i in range(_QKK):
-        amax = max(amax, abs(x[o + i]))
-    if amax == 0:
-        for i in range(_QKK):
-            q[i] = 0
-        return np.float32(0.0)
-    inv = np.float32(127.0) / amax
-    for i in range(_QKK):
-        q[i] = np.int64(np.rint(x[o + i] * inv))
-    return amax / np.float32(127.0)
+def _quantize_block(x, o, q, dx):
+    """Activations x[o:o + 256] as two int8 parts per value: with t = x * 127 / max|x| over its
+    32-value block, q[i] = rint(t) and q[256 + i] = rint((t - rint(t)) * 128) (|.| <= 64), so
+    x = dx[i // 32] * (128 q[i] + q[256 + i]) to 1/256 of a step; dx = max|x| / 127 / 128
+    (float32; 0 for a zero block)."""
+    for b in range(_QKK // _QB):
+        amax = np.float32(0.0)
+        for i in range(_QB * b, _QB * b + _QB):
+            amax = max(amax, abs(x[o + i]))
+        if amax == 0:
+            for i in range(_QB * b, _QB * b + _QB):
+                q[i] = 0
+                q[_QKK + i] = 0
+            dx[b] = np.float32(0.0)
+            continue
+        inv = np.float32(127.0) / amax
+        for i in range(_QB * b, _QB * b + _QB):
+            t = x[o + i] * inv
+            r = np.rint(t)
+            q[i] = np.int64(r)
+            q[_QKK + i] = np.int64(np.rint((t - r) * np.float32(128.0)))
+        dx[b] = amax / np.float32(127.0) / np.float32(128.0)
 
 
 @jit_exact
 def _prep_q4kr(x, xq, nb):
     """x (nb * 256,) float32 -> xq (nb * XQ_BYTES,) uint8 as the module docstring lays out."""
     xf = xq.view(np.float32)
-    q = np.empty(_QKK, np.int64)
+    q = np.empty(2 * _QKK, np.int64)
+    dx = np.empty(_QKK // _QB, np.float32)
     for g in range(nb):
         o = g * _QKK
         base = g * XQ_BYTES
-        dx = _quantize_block(x, o, q)
+        _quantize_block(x, o, q, dx)
         for j in range(16):
             s = np.float32(0.0)
             for k in range(16):
                 s += x[o + 16 * j + k]
             xf[(base + _XSUM) // 4 + j] = -s
+            xf[(base + _DX) // 4 + j] = dx[j // 2]  # lane j: weights 16j..16j+15, block j // 2
             for m in range(2):
                 for t in range(4):
                     for h in range(2):
-                        xq[base + 128 * m + 64 * h + 4 * j + t] = np.uint8(q[16 * j + 8 * m + 2 * t + h] & 255)
-        xf[(base + _DX) // 4] = dx
-        for u in range(_DX + 4, XQ_BYTES):
-            xq[base + u] = 0
+                        i = 16 * j + 8 * m + 2 * t + h
+                        at = base + 128 * m + 64 * h + 4 * j + t
+                        xq[at] = np.uint8(q[i] & 255)
+                        xq[at + _QKK] = np.uint8(q[_QKK + i] & 255)
 
 
 # ---- the dot: vpmaddubsw / vpmaddwd (AVX2) ----
@@ -102,8 +114,8 @@ def _maddubs(b, u8, s8):  # 32 unsigned x signed bytes -> 16 int16 sums of adjac
     return _x86(b, "llvm.x86.avx2.pmadd.ub.sw", _V16I16, u8, s8)
 
 
-def _madd_ones(b, v16):  # 16 int16 -> 8 int32 sums of adjacent pairs
-    return _x86(b, "llvm.x86.avx2.pmadd.wd", _V8I32, v16, ir.Constant(_V16I16, [1] * 16))
+def _madd(b, v16, k):  # 16 int16 -> 8 int32: k times the sums of adjacent pairs
+    return _x86(b, "llvm.x86.avx2.pmadd.wd", _V8I32, v16, ir.Constant(_V16I16, [k] * 16))
 
 
 def _nibble_bytes(b, p, off):
@@ -136,15 +148,18 @@ def _q4kr_int_body(b, wp, xps, n):
             xb = b.gep(xp, [b.mul(g, g.type(XQ_BYTES))])
             s32 = []
             for half in range(2):
-                s16 = None
-                for m in range(2):
-                    for h in range(2):
-                        xv = _load(b, xb, 128 * m + 64 * h + 32 * half, _V32I8)
-                        t = _maddubs(b, q[m, h, half], xv)
-                        s16 = t if s16 is None else b.add(s16, t)
-                s32.append(_madd_ones(b, s16))
+                part = []
+                for lo in (0, _QKK):  # the coarse part, then the fine part of the activations
+                    s16 = None
+                    for m in range(2):
+                        for h in range(2):
+                            xv = _load(b, xb, lo + 128 * m + 64 * h + 32 * half, _V32I8)
+                            t = _maddubs(b, q[m, h, half], xv)
+                            s16 = t if s16 is None else b.add(s16, t)
+                    part.append(_madd(b, s16, 128 if lo == 0 else 1))
+                s32.append(b.add(part[0], part[1]))
             s = b.sitofp(b.shuffle_vector(s32[0], s32[1], ir.Constant(_V16I32, list(range(16)))), _V16F)
-            dx = _splat(b, _load(b, xb, _DX, _F32), _V16F)
+            dx = _load(b, xb, _DX, _V16F)
             a = b.fadd(b.load(acc[r]), b.fmul(s, b.fmul(sv, dx), flags=_FLAGS), flags=_FLAGS)
             a = b.fadd(a, b.fmul(mv, _load(b, xb, _XSUM, _V16F), flags=_FLAGS), flags=_FLAGS)
             b.store(a, acc[r])
@@ -232,9 +247,12 @@ INT_KERNELS: dict[str, tuple] = {
 # ---- references (tests) ----
 
 def quantize_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values (nb, 256), float32 dx (nb,)) of x as the kernels quantize it."""
-    xb = np.asarray(x, np.float32).reshape(-1, _QKK)
+    """(values 128 q + q' (nb, 32) int64, float32 dx (nb,)) of x as the kernels quantize it, per
+    32 values (``_quantize_block``): x ~ dx * values."""
+    xb = np.asarray(x, np.float32).reshape(-1, _QB)
     amax = np.abs(xb).max(axis=1)
     inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
-    q = np.rint(xb * inv[:, None]).astype(np.int64)
-    return q, (amax / np.float32(127.0)).astype(np.float32)
+    t = (xb * inv[:, None]).astype(np.float32)
+    r = np.rint(t)
+    q = r.astype(np.int64) * 128 + np.rint((t - r) * np.float32(128.0)).astype(np.int64)
+    return q, (amax / np.float32(127.0) / np.float32(128.0)).astype(np.float32)

@@ -96,10 +96,11 @@ def _compile(fmt: str) -> None:
     from flashlm.kernels import executor, matmul
     from flashlm.kernels.formats import FLOAT_DTYPES, QTensor, row_nbytes
 
-    executor.kernel_address(fmt)
+    executor.kernel_address(fmt)  # a task key: a format, or "FMT/i8" for its integer kernels
+    base = fmt.split("/")[0]
     cols = 256 * 3  # any width that whole blocks fill: the compiled code does not depend on it
-    if fmt not in FLOAT_DTYPES:
-        w = QTensor(np.zeros((2, row_nbytes(fmt, cols)), np.uint8), fmt, (2, cols))
+    if base not in FLOAT_DTYPES:
+        w = QTensor(np.zeros((2, row_nbytes(base, cols)), np.uint8), base, (2, cols))
         matmul.dequantize(w, rows=np.array([1]))  # the embedding lookup's kernel
 
 

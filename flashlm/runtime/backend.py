@@ -268,12 +268,12 @@ class KernelBackend:
             room: bytes the process may still grow by (for the compile workers); None: no limit.
             kv: the KV caches' element type ("f32" or "f16") the attention kernels are loaded for.
         """
-        from flashlm.kernels import executor, precompile
+        from flashlm.kernels import executor, matmul, precompile
         from flashlm.kernels.formats import FLOAT_DTYPES, row_nbytes
         from flashlm.runtime.kvcache import KV_DTYPES
 
         shapes = {(t["format"], int(t["shape"][-1])) for t in weights.tensor_info.values() if len(t["shape"]) == 2}
-        job = precompile.start(sorted({f for f, _ in shapes}), room=room)
+        job = precompile.start(sorted({matmul.task_key(f) for f, _ in shapes}), room=room)
         c = config
         d, hd, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         x = np.ones((1, d), np.float32)

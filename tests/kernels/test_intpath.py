@@ -43,7 +43,7 @@ def _reference(aq: np.ndarray, b: np.ndarray, x: np.ndarray) -> tuple[np.ndarray
     outs, scales = [], []
     for row in x:
         q, dx = intpath.quantize_ref(row)
-        xq = (q * dx[:, None].astype(np.float64)).reshape(-1)
+        xq = (q * dx[:, None].astype(np.float64)).reshape(-1)  # the kernels' integer values, scaled
         outs.append(aq @ xq - b @ row.astype(np.float64))
         scales.append(np.abs(aq) @ np.abs(xq) + np.abs(b) @ np.abs(row.astype(np.float64)))
     return np.array(outs), np.array(scales)
@@ -107,10 +107,16 @@ def test_close_to_the_exact_f32_kernels(fmt: str) -> None:
     assert np.max(np.abs(fast - exact) / mag) < 4e-3
 
 
-def test_quantize_ref_rounds_to_nearest_even_with_a_block_scale() -> None:
-    x = np.zeros(512, np.float32)
-    x[0], x[1], x[2] = 127.0, 0.5, -1.5  # block 0: dx = 1, ties go to even
+def test_quantize_ref_keeps_a_fine_part_below_the_int8_step() -> None:
+    """Per 32 values: t = x * 127 / max|x|, value = 128 rint(t) + rint(128 (t - rint(t)))."""
+    x = np.zeros(64, np.float32)
+    x[0], x[1], x[2], x[3] = 127.0, 0.5, -1.5, 0.3  # block 0: t = x
     q, dx = intpath.quantize_ref(x)
-    assert dx[0] == 1.0 and dx[1] == 0.0
-    assert q[0, :3].tolist() == [127, 0, -2]
+    assert dx[0] == 1.0 / 128 and dx[1] == 0.0
+    assert q[0, :4].tolist() == [127 * 128, 64, -2 * 128 + 64, 38]
     assert not q[1].any()
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(4096) * rng.choice([1.0, 100.0], 4096, p=[0.97, 0.03])).astype(np.float32)
+    q, dx = intpath.quantize_ref(x)
+    step = np.abs(x.reshape(-1, 32)).max(axis=1) / 127
+    assert np.all(np.abs(q * dx[:, None] - x.reshape(-1, 32)) <= step[:, None] / 256 * 1.01)

@@ -4,8 +4,9 @@ The golden "hf" value was computed on transformers' own tokenization of the text
 flashlm tokenizes like llama.cpp (tests/tokenizer), and for smollm2 the two differ
 (llama.cpp's smollm pre-tokenizer keeps "\\n\\n  " + "0" where transformers gives
 "\\n\\n " + " " + "0"), so where they differ the model is scored on the reference's
-ids: this test is about the forward pass; the tokenizer has its own tests. It runs on an
-f32 KV cache (the exact path); an f16 cache is checked against it (within 0.1 %).
+ids: this test is about the forward pass; the tokenizer has its own tests. It runs on the
+exact path (f32 activations, f32 KV cache); an f16 cache is checked against it (within 0.1 %).
+The integer path has its own tests (test_intpath_fidelity.py).
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def reference_ids(name: str, text: str) -> list[int]:
 def test_perplexity_matches_hf(name):
     g = golden(name)["perplexity"]
     text = (GOLDEN / g["text_file"]).read_text(encoding="utf-8")
-    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f32") as llm:
+    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f32", exact=True) as llm:
         ours = llm.tokenizer.encode(text, add_special=False, parse_special=False)
         ref = reference_ids(name, text)
         res = perplexity(llm.model, ref, ctx=g["ctx"], chunks=g["chunks"], kv="f32")
@@ -46,7 +47,7 @@ def test_perplexity_matches_hf(name):
 def test_kv_f16_perplexity_is_within_0_1_percent_of_f32(name):
     g = golden(name)["perplexity"]
     text = (GOLDEN / g["text_file"]).read_text(encoding="utf-8")
-    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f16") as llm:
+    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f16", exact=True) as llm:
         ids = llm.tokenizer.encode(text, add_special=False, parse_special=False)
         f16 = perplexity(llm.model, ids, ctx=g["ctx"], chunks=g["chunks"], kv="f16")
         f32 = perplexity(llm.model, ids, ctx=g["ctx"], chunks=g["chunks"], kv="f32")
