@@ -11,21 +11,13 @@ The integer path has its own tests (test_intpath_fidelity.py).
 from __future__ import annotations
 
 import pytest
-from realmodels import GOLDEN, golden, real_store_path
+from realmodels import GOLDEN, golden, real_store_path, reference_ids
 
 import flashlm
-from flashlm.models.pull import gguf_path
 from flashlm.runtime.perplexity import perplexity
 
 REL_TOL = 0.002  # 0.2 %
 KV_F16_REL_TOL = 0.001  # an f16 KV cache: perplexity within 0.1 % of f32 (issue 18)
-
-
-def reference_ids(name: str, text: str) -> list[int]:
-    transformers = pytest.importorskip("transformers", reason="the parity extra (transformers) gives the reference ids")
-    path = gguf_path(name)
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return tok(text, add_special_tokens=False)["input_ids"]
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
