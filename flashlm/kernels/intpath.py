@@ -37,8 +37,9 @@ from numba.core import cgutils
 from flashlm.kernels import simd
 from flashlm.kernels.config import intrinsic, jit_exact
 from flashlm.kernels.repacked import _BB4, _QKK, _q4_block, _slabbed
-from flashlm.kernels.repacked import dequant_q4_kr_simd
-from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _data_ptr, _hsum, _load, _prefetch,
+from flashlm.kernels.repacked import _ROW_MAJOR, dequant_q4_1r_simd, dequant_q4_kr_simd
+from flashlm.kernels.formats import GROUPED
+from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _const_vec, _data_ptr, _hsum, _load, _prefetch,
                                   _splat)
 
 XQ_BYTES = 336  # prepared activation bytes per 256-weight super-block
@@ -48,22 +49,23 @@ _I16 = ir.IntType(16)
 _V32I8 = ir.VectorType(_I8, 32)
 _V16I16 = ir.VectorType(_I16, 16)
 _V8I32 = ir.VectorType(_I32, 8)
+_V32I32 = ir.VectorType(_I32, 32)
 
 
 # ---- activations: int8 per super-block, in the weights' byte order ----
 
 @jit_exact
-def _quantize_block(x, o, q):
-    """q[0:256] = rint(x[o:o + 256] / dx) as int64; returns dx (float32, 0 for a zero block)."""
+def _quantize_block(x, o, q, bs):
+    """q[0:bs] = rint(x[o:o + bs] / dx) as int64; returns dx (float32, 0 for a zero block)."""
     amax = np.float32(0.0)
-    for i in range(_QKK):
+    for i in range(bs):
         amax = max(amax, abs(x[o + i]))
     if amax == 0:
-        for i in range(_QKK):
+        for i in range(bs):
             q[i] = 0
         return np.float32(0.0)
     inv = np.float32(127.0) / amax
-    for i in range(_QKK):
+    for i in range(bs):
         q[i] = np.int64(np.rint(x[o + i] * inv))
     return amax / np.float32(127.0)
 
@@ -76,7 +78,7 @@ def _prep_q4kr(x, xq, nb):
     for g in range(nb):
         o = g * _QKK
         base = g * XQ_BYTES
-        dx = _quantize_block(x, o, q)
+        dx = _quantize_block(x, o, q, _QKK)
         for j in range(16):
             s = np.float32(0.0)
             for k in range(16):
@@ -179,22 +181,19 @@ def _make_rows(body, nr: int):
     return dot_rows
 
 
-ROWS = 4  # activation rows per decoded super-block in the small-n product
-_dot_q4kr = _make_dot(_q4kr_int_body)
-_rows_q4kr = _make_rows(_q4kr_int_body, ROWS)
 _TILE = simd.TILE
 
 
-def _int_kernels(prep, d1, dn):
-    """(gemv, gemm) on row-major rows of a 256-weight super-block layout: the activations are
-    prepared once per call (``prep``), then one dot per weight row; the GEMM runs ``dn`` on
-    ROWS activation rows at a time (the last rows one by one with ``d1``) over simd.TILE weight
-    rows, each super-block decoded once for the ROWS rows."""
+def _int_kernels(prep, d1, dn, unit: int, xbytes: int, nr: int):
+    """(gemv, gemm) on row-major weight rows: the activations are prepared once per call
+    (``prep``: ``xbytes`` bytes per ``unit`` weights), then one dot per weight row; the GEMM runs
+    ``dn`` on ``nr`` activation rows at a time (the last rows one by one with ``d1``) over
+    simd.TILE weight rows, each unit of weights decoded once for the ``nr`` rows."""
 
     @jit_exact
     def gemv(w, x, out, r0, r1):
-        nb = x.shape[0] // _QKK
-        xq = np.empty(nb * XQ_BYTES, np.uint8)
+        nb = x.shape[0] // unit
+        xq = np.empty(nb * xbytes, np.uint8)
         prep(x, xq, nb)
         rb = w.strides[0]
         for r in range(r0, r1):
@@ -203,15 +202,15 @@ def _int_kernels(prep, d1, dn):
     @jit_exact
     def gemm(w, X, out, r0, r1):
         n, cols = X.shape
-        nb = cols // _QKK
-        XQ = np.empty((n, nb * XQ_BYTES), np.uint8)
+        nb = cols // unit
+        XQ = np.empty((n, nb * xbytes), np.uint8)
         for i in range(n):
             prep(X[i], XQ[i], nb)
         rb = w.strides[0]
-        full = n - n % ROWS
+        full = n - n % nr
         for ra in range(r0, r1, _TILE):
             rz = min(r1, ra + _TILE)
-            for i in range(0, full, ROWS):
+            for i in range(0, full, nr):
                 for r in range(ra, rz):
                     dn(w, r * rb, XQ, i, nb, out, r)
             for i in range(full, n):
@@ -221,19 +220,200 @@ def _int_kernels(prep, d1, dn):
     return gemv, gemm
 
 
-_gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _dot_q4kr, _rows_q4kr)
+ROWS = 4  # activation rows per decoded super-block in the Q4_KR small-n product
+_gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _make_dot(_q4kr_int_body), _make_rows(_q4kr_int_body, ROWS),
+                                      _QKK, XQ_BYTES, ROWS)
+
+# ---- Q4_1R: groups of 4 Q4_1 blocks (128 weights), activations int8 per 32-weight block ----
+#
+# Q4_1R (see ``repacked``): lane j of a group's 16 dwords holds the quants of weights
+# 8j..8j + 7 at bits 4i; read as bytes, byte 4j + t holds weights 8j + 2t (low nibble) and
+# 8j + 2t + 1 (high nibble). The two 32-byte halves v = 0, 1 of the 64 quant bytes split
+# into low and high nibbles are 4 x 32 quants, and the activations are laid out to match
+# (``_prep_q4_1r``: chunk (v, h) byte 4j' + t = xq[64v + 8j' + 2t + h]); the int32 lane j'
+# of ``vpmaddwd(vpmaddubsw(lo_v, x_v0) + vpmaddubsw(hi_v, x_v1), 1)`` is then the exact
+# integer dot of lane 8v + j', 8 weights of block 2v + j' // 4. A block's sum is
+# ``d dx S + m X`` with X the float32 sum of x over the block (the min term keeps the float
+# path's precision): per group and row 4 vpmaddubsw, 2 vpaddw, 2 vpmaddwd, 2 converts, 2
+# multiplies (d dx per lane) and 3 FMA, the quant split shared by the rows.
+# Activations: int8 per 32-weight block (llama.cpp's Q8_1 without its sums), dx = max|x| / 127.
+# Per prepared group (``_XG1`` = 224 bytes): 128 int8 activations, 16 float32 dx (lane j:
+# block j // 4), 4 float32 X and 4 zeros; per tail block (a GGUF Q4_1 block, ``_XT1`` = 56
+# bytes, 40 used): 32 int8 in weight order, dx, X. A tail block's quants are its 16 bytes'
+# low nibbles then high nibbles (weights 0..15, 16..31), the GGUF order.
+
+_G1, _GB1, _TB1 = GROUPED["Q4_1R"]  # 4 blocks, 80 bytes per group, 20 per tail block
+_XG1, _XT1 = 224, 56  # prepared bytes per group, per tail block (= per block: _XG1 / 4)
+_V8F = ir.VectorType(_F32, 8)
+
+
+@jit_exact
+def _block_sum(x, o, n):
+    s = np.float32(0.0)
+    for i in range(n):
+        s += x[o + i]
+    return s
+
+
+@jit_exact
+def _prep_q4_1r(x, xq, nb):
+    """x (nb * 32,) float32 -> xq (nb * _XT1,) uint8 as the section comment lays out."""
+    xf = xq.view(np.float32)
+    ng = nb // _G1
+    q = np.empty(32, np.int64)
+    for g in range(ng):
+        base = _XG1 * g
+        for bi in range(_G1):
+            o = 128 * g + 32 * bi
+            dx = _quantize_block(x, o, q, 32)
+            for i in range(32):
+                wi = 32 * bi + i  # weight of the group: v = wi // 64, j' = wi % 64 // 8, t = wi % 8 // 2, h = wi % 2
+                xq[base + 64 * (wi // 64) + 32 * (wi % 2) + 4 * (wi % 64 // 8) + wi % 8 // 2] = np.uint8(q[i] & 255)
+            for l in range(4):
+                xf[(base + 128) // 4 + 4 * bi + l] = dx
+            xf[(base + 192) // 4 + bi] = _block_sum(x, o, 32)
+            xf[(base + 208) // 4 + bi] = 0.0
+    for t in range(nb - _G1 * ng):
+        base = _XG1 * ng + _XT1 * t
+        o = 128 * ng + 32 * t
+        dx = _quantize_block(x, o, q, 32)
+        for i in range(32):
+            xq[base + i] = np.uint8(q[i] & 255)
+        xf[(base + 32) // 4] = dx
+        xf[(base + 36) // 4] = _block_sum(x, o, 32)
+        for u in range(40, _XT1):
+            xq[base + u] = 0
+
+
+def _q4_1r_int_body(b, wp, xps, nb):
+    """[float32 per row]: the ``nb`` Q4_1 blocks (groups, then tail blocks) of the Q4_1R row at
+    i8* ``wp`` dotted with each row's prepared activations (i8* ``xps[t]``), each group's quants
+    split into bytes once, every row then the one-row dot's operations in its order."""
+    ng = b.udiv(nb, nb.type(_G1))
+    nt = b.sub(nb, b.mul(ng, nb.type(_G1)))
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    acc = [[cgutils.alloca_once_value(b, zero8) for _ in range(3)] for _ in xps]  # lanes v = 0, 1; min term
+    tm = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in xps]  # min term of the tail blocks
+    with cgutils.for_range(b, ng) as loop:
+        g = loop.index
+        p = b.gep(wp, [b.mul(g, g.type(_GB1))])
+        _prefetch(b, p, simd.PREFETCH, _GB1)
+        q = [_nibble_bytes(b, p, 32 * v) for v in range(2)]  # (low, high) of half v
+        hm = b.fpext(_load(b, p, 64, ir.VectorType(ir.HalfType(), 8)), _V8F)  # d0..d3, m0..m3
+        dv = [b.shuffle_vector(hm, hm, _const_vec(_V8I32, [2 * v + k // 4 for k in range(8)])) for v in range(2)]
+        mv = b.shuffle_vector(hm, zero8, _const_vec(_V8I32, [4, 5, 6, 7, 8, 8, 8, 8]))
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(g, g.type(_XG1))])
+            for v in range(2):
+                s16 = b.add(_maddubs(b, q[v][0], _load(b, xb, 64 * v, _V32I8)),
+                            _maddubs(b, q[v][1], _load(b, xb, 64 * v + 32, _V32I8)))
+                s = b.sitofp(_madd_ones(b, s16), _V8F)
+                sc = b.fmul(dv[v], _load(b, xb, 128 + 32 * v, _V8F), flags=_FLAGS)
+                b.store(b.fadd(b.load(acc[r][v]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][v])
+            b.store(b.fadd(b.load(acc[r][2]), b.fmul(mv, _load(b, xb, 192, _V8F), flags=_FLAGS), flags=_FLAGS),
+                    acc[r][2])
+    wt = b.gep(wp, [b.mul(ng, ng.type(_GB1))])
+    xts = [b.gep(xp, [b.mul(ng, ng.type(_XG1))]) for xp in xps]
+    with cgutils.for_range(b, nt) as loop:
+        t = loop.index
+        p = b.gep(wt, [b.mul(t, t.type(_TB1))])
+        qs = _load(b, p, 4, ir.VectorType(_I8, 16))
+        lo = b.and_(qs, _const_vec(ir.VectorType(_I8, 16), 15))
+        hi = b.lshr(qs, _const_vec(ir.VectorType(_I8, 16), 4))
+        q32 = b.shuffle_vector(lo, hi, _const_vec(_V32I32, list(range(32))))
+        d = b.fpext(_load(b, p, 0, ir.HalfType()), _F32)
+        m = b.fpext(_load(b, p, 2, ir.HalfType()), _F32)
+        for r, xt in enumerate(xts):
+            xb = b.gep(xt, [b.mul(t, t.type(_XT1))])
+            s = b.sitofp(_madd_ones(b, _maddubs(b, q32, _load(b, xb, 0, _V32I8))), _V8F)
+            sc = _splat(b, b.fmul(d, _load(b, xb, 32, _F32), flags=_FLAGS), _V8F)
+            b.store(b.fadd(b.load(acc[r][0]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][0])
+            b.store(b.fadd(b.load(tm[r]), b.fmul(m, _load(b, xb, 36, _F32), flags=_FLAGS), flags=_FLAGS), tm[r])
+    out = []
+    for r in range(len(xps)):
+        a = b.fadd(b.fadd(b.load(acc[r][0]), b.load(acc[r][1]), flags=_FLAGS), b.load(acc[r][2]), flags=_FLAGS)
+        out.append(b.fadd(_hsum(b, a), b.load(tm[r]), flags=_FLAGS))
+    return out
+
+
+ROWS_Q4_1R = 4
+_gemv_q4_1r, _gemm_q4_1r = _int_kernels(_prep_q4_1r, _make_dot(_q4_1r_int_body),
+                                        _make_rows(_q4_1r_int_body, ROWS_Q4_1R), 32, _XT1, ROWS_Q4_1R)
+
+
+# ---- Q8_0S: GGUF Q8_0 blocks (34 bytes: half d, 32 int8), activations int8 per block ----
+#
+# weight = d q, q int8: ``vpmaddubsw`` needs one unsigned operand, so the weights give
+# |q| (``vpabsb``, 0..128, once per block) and the activations take q's sign (``vpsignb``
+# per row; 0 where q is 0): |q| sign(q) x = q x, pairs of products |.| <= 2 * 128 * 127 =
+# 32512 < 32767. Then ``vpmaddwd`` with ones, a convert and an FMA by d dx per block.
+# Per prepared block (``_XB8`` = 36 bytes): 32 int8 activations, float32 dx. Two accumulators
+# (even and odd blocks) keep the GEMV off the FMA latency.
+
+_BB8, _XB8 = 34, 36
+
+
+@jit_exact
+def _prep_q8_0(x, xq, nb):
+    xf = xq.view(np.float32)
+    q = np.empty(32, np.int64)
+    for k in range(nb):
+        dx = _quantize_block(x, 32 * k, q, 32)
+        for i in range(32):
+            xq[_XB8 * k + i] = np.uint8(q[i] & 255)
+        xf[(_XB8 * k + 32) // 4] = dx
+
+
+def _psign(b, a, s):  # a * sign(s) per byte (0 where s is 0)
+    return _x86(b, "llvm.x86.avx2.psign.b", _V32I8, a, s)
+
+
+def _q8_0_int_body(b, wp, xps, nb):
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    acc = [[cgutils.alloca_once_value(b, zero8) for _ in range(2)] for _ in xps]
+
+    def block(k, par):
+        p = b.gep(wp, [b.mul(k, k.type(_BB8))])
+        _prefetch(b, p, simd.PREFETCH, _BB8)
+        wq = _load(b, p, 2, _V32I8)
+        neg = b.icmp_signed("<", wq, ir.Constant(_V32I8, [0] * 32))
+        aw = b.select(neg, b.sub(ir.Constant(_V32I8, [0] * 32), wq), wq)  # |q| (vpabsb; -128 -> 128 unsigned)
+        d = _splat(b, b.fpext(_load(b, p, 0, ir.HalfType()), _F32), _V8F)
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(k, k.type(_XB8))])
+            s = b.sitofp(_madd_ones(b, _maddubs(b, aw, _psign(b, _load(b, xb, 0, _V32I8), wq))), _V8F)
+            sc = b.fmul(d, _splat(b, _load(b, xb, 32, _F32), _V8F), flags=_FLAGS)
+            b.store(b.fadd(b.load(acc[r][par]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][par])
+
+    half = b.lshr(nb, nb.type(1))
+    with cgutils.for_range(b, half) as loop:
+        k = b.shl(loop.index, loop.index.type(1))
+        block(k, 0)
+        block(b.add(k, k.type(1)), 1)
+    with cgutils.if_unlikely(b, b.icmp_unsigned("!=", b.shl(half, half.type(1)), nb)):
+        block(b.sub(nb, nb.type(1)), 0)
+    return [_hsum(b, b.fadd(b.load(a[0]), b.load(a[1]), flags=_FLAGS)) for a in acc]
+
+
+ROWS_Q8_0 = 4
+_gemv_q8_0, _gemm_q8_0 = _int_kernels(_prep_q8_0, _make_dot(_q8_0_int_body), _make_rows(_q8_0_int_body, ROWS_Q8_0),
+                                      32, _XB8, ROWS_Q8_0)
 
 # the public kernels, in column slabs like the exact ones: (gemv, gemm) per store format
 INT_KERNELS: dict[str, tuple] = {
     "Q4_KR": _slabbed("Q4_KR", (_gemv_q4kr, _gemm_q4kr, dequant_q4_kr_simd))[:2],
+    "Q4_1R": _slabbed("Q4_1R", (_gemv_q4_1r, _gemm_q4_1r, dequant_q4_1r_simd))[:2],
+    "Q8_0S": _slabbed("Q8_0S", (_gemv_q8_0, _gemm_q8_0, _ROW_MAJOR["simd"]["Q8_0S"][2]))[:2],
 }
-
+# weights per activation scale (``quantize_ref``'s block) of each format's integer path
+INT_BLOCK = {"Q4_KR": _QKK, "Q4_1R": 32, "Q8_0S": 32}
 
 # ---- references (tests) ----
 
-def quantize_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(int8 values (nb, 256), float32 dx (nb,)) of x as the kernels quantize it."""
-    xb = np.asarray(x, np.float32).reshape(-1, _QKK)
+def quantize_ref(x: np.ndarray, block: int = _QKK) -> tuple[np.ndarray, np.ndarray]:
+    """(int8 values (nb, block), float32 dx (nb,)) of x as the kernels quantize it, one scale
+    per ``block`` weights (``INT_BLOCK[fmt]``)."""
+    xb = np.asarray(x, np.float32).reshape(-1, block)
     amax = np.abs(xb).max(axis=1)
     inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(xb * inv[:, None]).astype(np.int64)

@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from _blocks import random_weights
+from _blocks import random_weights, valid_cols
 from flashlm.kernels import intpath
 from flashlm.kernels.matmul import KERNELS
 from flashlm.kernels.repacked import GGUF_OF, unpack
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not HAVE_SIMD, reason="the integer path needs AV
 
 INT_FMTS = sorted(intpath.INT_KERNELS)
 # quant bytes of a GGUF block (zeroed for the B part), after its scale fields
-_QUANT_BYTES = {"Q4_K": (144, 16, 144)}
+_QUANT_BYTES = {"Q4_K": (144, 16, 144), "Q4_1": (20, 4, 20), "Q8_0": (34, 2, 34), "Q5_0": (22, 2, 22)}
 
 
 def _split_ref(w: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,11 +38,12 @@ def _split_ref(w: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarra
     return wd + b, b
 
 
-def _reference(aq: np.ndarray, b: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(product, scale of its terms) of the kernels' arithmetic for activations x (n, cols)."""
+def _reference(aq: np.ndarray, b: np.ndarray, x: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """(product, scale of its terms) of the kernels' arithmetic for activations x (n, cols)
+    quantized per ``block`` weights."""
     outs, scales = [], []
     for row in x:
-        q, dx = intpath.quantize_ref(row)
+        q, dx = intpath.quantize_ref(row, block)
         xq = (q * dx[:, None].astype(np.float64)).reshape(-1)
         outs.append(aq @ xq - b @ row.astype(np.float64))
         scales.append(np.abs(aq) @ np.abs(xq) + np.abs(b) @ np.abs(row.astype(np.float64)))
@@ -50,9 +51,12 @@ def _reference(aq: np.ndarray, b: np.ndarray, x: np.ndarray) -> tuple[np.ndarray
 
 
 @pytest.mark.parametrize("fmt", INT_FMTS)
-@pytest.mark.parametrize("shape", [(37, 256), (64, 1536), (33, 4096), (8, 9216)])  # one / several slabs
+# one / several slabs; for the grouped layouts (Q4_1R: 4 blocks) rows with tail blocks, in the last slab
+@pytest.mark.parametrize("shape", [(37, 256), (64, 1536), (33, 4096), (8, 9216), (29, 1568), (9, 3232), (5, 96)])
 def test_gemv_and_rows_match_the_integer_reference(fmt: str, shape: tuple[int, int]) -> None:
     rows, cols = shape
+    if not valid_cols(fmt, cols) or cols % intpath.INT_BLOCK[fmt]:
+        pytest.skip(f"{fmt} rows are not {cols} long")
     rng = np.random.default_rng(rows * 7 + cols)
     w = random_weights(fmt, rows, cols, rng, extreme=False)
     aq, b = _split_ref(w, fmt, rows, cols)
@@ -60,7 +64,7 @@ def test_gemv_and_rows_match_the_integer_reference(fmt: str, shape: tuple[int, i
     X = rng.standard_normal((17, cols)).astype(np.float32)
     X[3] *= 1e-4  # small and large activation rows: per-block scales
     X[4, : cols // 2] = 0.0  # zero blocks: dx = 0
-    ref, scale = _reference(aq, b, X)
+    ref, scale = _reference(aq, b, X, intpath.INT_BLOCK[fmt])
     for n in (1, 2, 3, 5, 8, 17):
         out = np.empty((n, rows), np.float32)
         if n == 1:
