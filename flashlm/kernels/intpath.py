@@ -184,11 +184,13 @@ def _make_rows(body, nr: int):
 _TILE = simd.TILE
 
 
-def _int_kernels(prep, d1, dn, unit: int, xbytes: int, nr: int):
-    """(gemv, gemm) on row-major weight rows: the activations are prepared once per call
-    (``prep``: ``xbytes`` bytes per ``unit`` weights), then one dot per weight row; the GEMM runs
-    ``dn`` on ``nr`` activation rows at a time (the last rows one by one with ``d1``) over
-    simd.TILE weight rows, each unit of weights decoded once for the ``nr`` rows."""
+def _int_kernels(prep, body, unit: int, xbytes: int, nr: int):
+    """(gemv, gemm) on row-major weight rows from the dot ``body``: the activations are
+    prepared once per call (``prep``: ``xbytes`` bytes per ``unit`` weights), then one dot per
+    weight row; the GEMM runs the ``nr``-row dot on ``nr`` activation rows at a time, then the
+    two-row dot on a remaining pair and the one-row dot on a last row, over simd.TILE weight
+    rows, each unit of weights decoded once for the rows of a dot."""
+    d1, d2, dn = _make_dot(body), _make_rows(body, 2), _make_rows(body, nr)
 
     @jit_exact
     def gemv(w, x, out, r0, r1):
@@ -208,21 +210,24 @@ def _int_kernels(prep, d1, dn, unit: int, xbytes: int, nr: int):
             prep(X[i], XQ[i], nb)
         rb = w.strides[0]
         full = n - n % nr
+        pair = full + (n - full) // 2 * 2
         for ra in range(r0, r1, _TILE):
             rz = min(r1, ra + _TILE)
             for i in range(0, full, nr):
                 for r in range(ra, rz):
                     dn(w, r * rb, XQ, i, nb, out, r)
-            for i in range(full, n):
+            for i in range(full, pair, 2):
                 for r in range(ra, rz):
-                    out[i, r] = d1(w, r * rb, XQ[i], nb)
+                    d2(w, r * rb, XQ, i, nb, out, r)
+            if pair < n:
+                for r in range(ra, rz):
+                    out[n - 1, r] = d1(w, r * rb, XQ[n - 1], nb)
 
     return gemv, gemm
 
 
 ROWS = 4  # activation rows per decoded super-block in the Q4_KR small-n product
-_gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _make_dot(_q4kr_int_body), _make_rows(_q4kr_int_body, ROWS),
-                                      _QKK, XQ_BYTES, ROWS)
+_gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _q4kr_int_body, _QKK, XQ_BYTES, ROWS)
 
 # ---- Q4_1R: groups of 4 Q4_1 blocks (128 weights), activations int8 per 32-weight block ----
 #
@@ -337,8 +342,7 @@ def _q4_1r_int_body(b, wp, xps, nb):
 
 
 ROWS_Q4_1R = 4
-_gemv_q4_1r, _gemm_q4_1r = _int_kernels(_prep_q4_1r, _make_dot(_q4_1r_int_body),
-                                        _make_rows(_q4_1r_int_body, ROWS_Q4_1R), 32, _XT1, ROWS_Q4_1R)
+_gemv_q4_1r, _gemm_q4_1r = _int_kernels(_prep_q4_1r, _q4_1r_int_body, 32, _XT1, ROWS_Q4_1R)
 
 
 # ---- Q8_0S: GGUF Q8_0 blocks (34 bytes: half d, 32 int8), activations int8 per block ----
@@ -396,8 +400,7 @@ def _q8_0_int_body(b, wp, xps, nb):
 
 
 ROWS_Q8_0 = 4
-_gemv_q8_0, _gemm_q8_0 = _int_kernels(_prep_q8_0, _make_dot(_q8_0_int_body), _make_rows(_q8_0_int_body, ROWS_Q8_0),
-                                      32, _XB8, ROWS_Q8_0)
+_gemv_q8_0, _gemm_q8_0 = _int_kernels(_prep_q8_0, _q8_0_int_body, 32, _XB8, ROWS_Q8_0)
 
 # the public kernels, in column slabs like the exact ones: (gemv, gemm) per store format
 INT_KERNELS: dict[str, tuple] = {
@@ -418,3 +421,4 @@ def quantize_ref(x: np.ndarray, block: int = _QKK) -> tuple[np.ndarray, np.ndarr
     inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
     q = np.rint(xb * inv[:, None]).astype(np.int64)
     return q, (amax / np.float32(127.0)).astype(np.float32)
+
