@@ -246,6 +246,19 @@ _gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _q4kr_int_body, _QKK, XQ_BYTES
 # block j // 4), 4 float32 X and 4 zeros; per tail block (a GGUF Q4_1 block, ``_XT1`` = 56
 # bytes, 40 used): 32 int8 in weight order, dx, X. A tail block's quants are its 16 bytes'
 # low nibbles then high nibbles (weights 0..15, 16..31), the GGUF order.
+# Measured on the 2-core AVX2 EPYC (Zen 3), shared with other jobs, one thread, int / exact
+# (repacked's Q4_1R kernels) time, medians of interleaved calls (``env -u OPENBLAS_CORETYPE -u
+# OPENBLAS_L2_SIZE python perf/bench_intpath.py --formats Q4_1R``), GEMV; n = 2, 4, 8, 16, 32, 64:
+#   1536x576    0.57;  0.48 0.68 0.61 0.62 0.24 0.76
+#   576x1536    0.56;  0.58 0.84 0.85 0.82 0.91 0.94
+#   49152x576   0.25;  0.69 0.68 0.61 0.58 0.53 0.59
+#   4864x896    0.51;  0.50 0.67 0.30 0.90 0.87 0.85
+#   151936x896  0.61;  0.51 0.77 0.72 0.83 0.91 0.70
+# (single figures swing by 0.2 between runs on this VM: 0.24 and 0.30 are the exact kernel's bad
+# luck; in L2, 512x1536, n = 4 / 8 / 16 ran 0.12 / 0.23 / 0.35 ms.) The GEMV is 1.6-2x faster;
+# per extra activation row the integer dot costs about as much as the float one (15 ops per
+# 128 weights per row against 16 FMAs), so the small-n gain is the shared quant split and
+# shrinks with n. Rows per dot: 4 beat 2 and 3 by 1.02-1.1x.
 
 _G1, _GB1, _TB1 = GROUPED["Q4_1R"]  # 4 blocks, 80 bytes per group, 20 per tail block
 _XG1, _XT1 = 224, 56  # prepared bytes per group, per tail block (= per block: _XG1 / 4)
@@ -353,6 +366,17 @@ _gemv_q4_1r, _gemm_q4_1r = _int_kernels(_prep_q4_1r, _q4_1r_int_body, 32, _XT1, 
 # 32512 < 32767. Then ``vpmaddwd`` with ones, a convert and an FMA by d dx per block.
 # Per prepared block (``_XB8`` = 36 bytes): 32 int8 activations, float32 dx. Two accumulators
 # (even and odd blocks) keep the GEMV off the FMA latency.
+# Measured as for Q4_1R (``perf/bench_intpath.py --formats Q8_0S``), int / exact time, GEMV;
+# n = 2, 4, 8, 16, 32, 64:
+#   1536x576    0.68;  0.77 0.63 0.58 0.59 0.56 0.77
+#   576x1536    0.75;  0.87 0.69 0.71 0.72 0.72 0.78
+#   49152x576   0.90;  0.89 0.58 0.56 0.59 0.59 0.62
+#   4864x896    0.64;  0.72 0.62 0.59 0.40 0.72 0.58
+#   151936x896  0.81;  0.85 0.70 0.64 0.66 0.64 0.70
+# The big GEMVs read 1.06 bytes per weight from memory (10-11 GB/s on one core for both), so
+# they gain least. Tried and dropped: 4 blocks per step, the 4 int32 sums reduced by 3
+# ``vphaddd`` to one vector, one convert and one FMA (dx as 8 floats per 4 blocks): 0.89-1.13x
+# of this kernel's time, no better.
 
 _BB8, _XB8 = 34, 36
 
