@@ -37,7 +37,7 @@ from numba.core import cgutils
 from flashlm.kernels import simd
 from flashlm.kernels.config import intrinsic, jit_exact
 from flashlm.kernels.repacked import _BB4, _QKK, _q4_block, _slabbed
-from flashlm.kernels.repacked import _ROW_MAJOR, dequant_q4_1r_simd, dequant_q4_kr_simd
+from flashlm.kernels.repacked import _ROW_MAJOR, _scales, dequant_q4_1r_simd, dequant_q4_kr_simd, dequant_q5_0r_simd
 from flashlm.kernels.formats import GROUPED
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _const_vec, _data_ptr, _hsum, _load, _prefetch,
                                   _splat)
@@ -426,14 +426,130 @@ def _q8_0_int_body(b, wp, xps, nb):
 ROWS_Q8_0 = 4
 _gemv_q8_0, _gemm_q8_0 = _int_kernels(_prep_q8_0, _q8_0_int_body, 32, _XB8, ROWS_Q8_0)
 
+
+# ---- Q5_0R: groups of 3 Q5_0 blocks (96 weights) in 5-bit fields, activations int8 per block ----
+#
+# Q5_0R (see ``repacked``): bits 5k..5k+4 of lane j of a group's 16 dwords hold the quant of
+# weight 16k + j (k = 0..5, block k // 2), weight = d (q - 16). Block b's two fields go to
+# bytes: per 8-lane half v, ``(dw >> 10b) & 31 | (dw >> (10b - 3)) & (31 << 8)`` puts fields
+# 2b, 2b + 1 of each lane into its low two bytes, and one ``vpackusdw`` of the two halves
+# makes the block's 32 quants one byte vector (word w: lane L(w) = 8 [w % 8 > 3] + 4 (w // 8)
+# + w % 4, bytes fields 2b, 2b + 1); the activations are laid out to match (``_prep_q5_0r``).
+# Per row and block: ``vpmaddubsw`` (0..31 x int8), ``vpmaddwd`` with ones, a convert and an
+# FMA by d dx; the -16 d X term (X the float32 sum of x over the block) one FMA per group.
+# Per prepared group (``_XG5`` = 144 bytes): 96 int8 activations, 3 float32 dx, 3 float32 X
+# and 5 zeros; per tail block (a GGUF Q5_0 block, ``_XT5`` = 48 bytes, 40 used): 32 int8 in
+# weight order, dx, X.
+
+_G5, _GB5, _TB5 = GROUPED["Q5_0R"]  # 3 blocks, 70 bytes per group, 22 per tail block
+_XG5, _XT5 = 144, 48
+
+
+@jit_exact
+def _prep_q5_0r(x, xq, nb):
+    """x (nb * 32,) float32 -> xq (nb * _XT5,) uint8 as the section comment lays out."""
+    xf = xq.view(np.float32)
+    ng = nb // _G5
+    q = np.empty(32, np.int64)
+    for g in range(ng):
+        base = _XG5 * g
+        for bi in range(_G5):
+            o = 96 * g + 32 * bi
+            dx = _quantize_block(x, o, q, 32)
+            for wd in range(16):
+                lane = 8 * (wd % 8 > 3) + 4 * (wd // 8) + wd % 4
+                for e in range(2):
+                    xq[base + 32 * bi + 2 * wd + e] = np.uint8(q[16 * e + lane] & 255)
+            xf[(base + 96) // 4 + bi] = dx
+            xf[(base + 108) // 4 + bi] = _block_sum(x, o, 32)
+        for u in range(5):
+            xf[(base + 120) // 4 + u] = 0.0
+    for t in range(nb - _G5 * ng):
+        base = _XG5 * ng + _XT5 * t
+        o = 96 * ng + 32 * t
+        dx = _quantize_block(x, o, q, 32)
+        for i in range(32):
+            xq[base + i] = np.uint8(q[i] & 255)
+        xf[(base + 32) // 4] = dx
+        xf[(base + 36) // 4] = _block_sum(x, o, 32)
+        for u in range(40, _XT5):
+            xq[base + u] = 0
+
+
+def _packus(b, a, c):  # <8 x i32> x 2 -> <16 x i16>, per 128-bit half: a's 4 dwords then c's
+    return _x86(b, "llvm.x86.avx2.packusdw", _V16I16, a, c)
+
+
+def _q5_0r_int_body(b, wp, xps, nb):
+    """[float32 per row]: the ``nb`` Q5_0 blocks (groups, then tail blocks) of the Q5_0R row at
+    i8* ``wp`` dotted with each row's prepared activations, each group's quants made bytes once."""
+    ng = b.udiv(nb, nb.type(_G5))
+    nt = b.sub(nb, b.mul(ng, nb.type(_G5)))
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    acc = [[cgutils.alloca_once_value(b, zero8) for _ in range(2)] for _ in xps]
+    tm = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in xps]
+    v4 = ir.VectorType(_F32, 4)
+    with cgutils.for_range(b, ng) as loop:
+        g = loop.index
+        p = b.gep(wp, [b.mul(g, g.type(_GB5))])
+        _prefetch(b, p, simd.PREFETCH, _GB5)
+        dw = [_load(b, p, 32 * v, _V8I32) for v in range(2)]
+        qb = []
+        for bi in range(_G5):
+            t = []
+            for v in range(2):
+                lo = dw[v] if bi == 0 else b.lshr(dw[v], _const_vec(_V8I32, 10 * bi))
+                hi = b.shl(dw[v], _const_vec(_V8I32, 3)) if bi == 0 else b.lshr(dw[v], _const_vec(_V8I32, 10 * bi - 3))
+                t.append(b.or_(b.and_(lo, _const_vec(_V8I32, 31)), b.and_(hi, _const_vec(_V8I32, 31 << 8))))
+            qb.append(b.bitcast(_packus(b, t[0], t[1]), _V32I8))
+        d4 = _scales(b, p)  # lanes 1..3: d of blocks 0..2
+        ds = [b.shuffle_vector(d4, d4, _const_vec(_V8I32, [bi + 1] * 8)) for bi in range(_G5)]
+        m8 = b.shuffle_vector(b.fmul(d4, ir.Constant(v4, [-16.0] * 4)), ir.Constant(v4, [0.0] * 4),
+                              _const_vec(_V8I32, [1, 2, 3, 4, 4, 4, 4, 4]))  # -16 d per block, zeros
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(g, g.type(_XG5))])
+            for bi in range(_G5):
+                s = b.sitofp(_madd_ones(b, _maddubs(b, qb[bi], _load(b, xb, 32 * bi, _V32I8))), _V8F)
+                sc = b.fmul(ds[bi], _splat(b, _load(b, xb, 96 + 4 * bi, _F32), _V8F), flags=_FLAGS)
+                a = acc[r][bi % 2]
+                b.store(b.fadd(b.load(a), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), a)
+            b.store(b.fadd(b.load(acc[r][1]), b.fmul(m8, _load(b, xb, 108, _V8F), flags=_FLAGS), flags=_FLAGS),
+                    acc[r][1])
+    wt = b.gep(wp, [b.mul(ng, ng.type(_GB5))])
+    xts = [b.gep(xp, [b.mul(ng, ng.type(_XG5))]) for xp in xps]
+    v16i8 = ir.VectorType(_I8, 16)
+    with cgutils.for_range(b, nt) as loop:
+        t = loop.index
+        p = b.gep(wt, [b.mul(t, t.type(_TB5))])
+        lo, hi = simd._nibbles(b, p, 6)
+        h0, h1 = simd._fifth_bits(b, p, 2)
+        zero, sixteen = _const_vec(v16i8, 0), _const_vec(v16i8, 16)
+        q32 = b.shuffle_vector(b.or_(lo, b.select(h0, sixteen, zero)), b.or_(hi, b.select(h1, sixteen, zero)),
+                               _const_vec(_V32I32, list(range(32))))
+        d = b.fpext(_load(b, p, 0, ir.HalfType()), _F32)
+        m = b.fmul(d, ir.Constant(_F32, -16.0))
+        for r, xt in enumerate(xts):
+            xb = b.gep(xt, [b.mul(t, t.type(_XT5))])
+            s = b.sitofp(_madd_ones(b, _maddubs(b, q32, _load(b, xb, 0, _V32I8))), _V8F)
+            sc = _splat(b, b.fmul(d, _load(b, xb, 32, _F32), flags=_FLAGS), _V8F)
+            b.store(b.fadd(b.load(acc[r][0]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][0])
+            b.store(b.fadd(b.load(tm[r]), b.fmul(m, _load(b, xb, 36, _F32), flags=_FLAGS), flags=_FLAGS), tm[r])
+    return [b.fadd(_hsum(b, b.fadd(b.load(a[0]), b.load(a[1]), flags=_FLAGS)), b.load(c), flags=_FLAGS)
+            for a, c in zip(acc, tm)]
+
+
+ROWS_Q5_0R = 4
+_gemv_q5_0r, _gemm_q5_0r = _int_kernels(_prep_q5_0r, _q5_0r_int_body, 32, _XT5, ROWS_Q5_0R)
+
 # the public kernels, in column slabs like the exact ones: (gemv, gemm) per store format
 INT_KERNELS: dict[str, tuple] = {
     "Q4_KR": _slabbed("Q4_KR", (_gemv_q4kr, _gemm_q4kr, dequant_q4_kr_simd))[:2],
     "Q4_1R": _slabbed("Q4_1R", (_gemv_q4_1r, _gemm_q4_1r, dequant_q4_1r_simd))[:2],
     "Q8_0S": _slabbed("Q8_0S", (_gemv_q8_0, _gemm_q8_0, _ROW_MAJOR["simd"]["Q8_0S"][2]))[:2],
+    "Q5_0R": _slabbed("Q5_0R", (_gemv_q5_0r, _gemm_q5_0r, dequant_q5_0r_simd))[:2],
 }
 # weights per activation scale (``quantize_ref``'s block) of each format's integer path
-INT_BLOCK = {"Q4_KR": _QKK, "Q4_1R": 32, "Q8_0S": 32}
+INT_BLOCK = {"Q4_KR": _QKK, "Q4_1R": 32, "Q8_0S": 32, "Q5_0R": 32}
 
 # ---- references (tests) ----
 
