@@ -495,12 +495,14 @@ def _q5_0r_int_body(b, wp, xps, nb):
         _prefetch(b, p, simd.PREFETCH, _GB5)
         dw = [_load(b, p, 32 * v, _V8I32) for v in range(2)]
         qb = []
+        sel = _const_vec(ir.VectorType(ir.IntType(1), 32), [k % 4 == 0 for k in range(32)])
         for bi in range(_G5):
             t = []
             for v in range(2):
                 lo = dw[v] if bi == 0 else b.lshr(dw[v], _const_vec(_V8I32, 10 * bi))
                 hi = b.shl(dw[v], _const_vec(_V8I32, 3)) if bi == 0 else b.lshr(dw[v], _const_vec(_V8I32, 10 * bi - 3))
-                t.append(b.or_(b.and_(lo, _const_vec(_V8I32, 31)), b.and_(hi, _const_vec(_V8I32, 31 << 8))))
+                m = b.select(sel, b.bitcast(lo, _V32I8), b.bitcast(hi, _V32I8))  # byte 0 of lo, the others of hi
+                t.append(b.and_(b.bitcast(m, _V8I32), _const_vec(_V8I32, 31 | 31 << 8)))
             qb.append(b.bitcast(_packus(b, t[0], t[1]), _V32I8))
         d4 = _scales(b, p)  # lanes 1..3: d of blocks 0..2
         ds = [b.shuffle_vector(d4, d4, _const_vec(_V8I32, [bi + 1] * 8)) for bi in range(_G5)]
