@@ -22,6 +22,14 @@ term keeps the float path's precision).
 Per prepared super-block (``XQ_BYTES`` = 336): 256 int8 activations, 16 float32 ``-X_j``,
 float32 ``dx``, 12 bytes of padding.
 
+The 32-weight block formats (Q4_1R, Q8_0S, Q5_0R: sections below) quantize the activations
+per 32-weight block instead (llama.cpp's Q8_0 / Q8_1 activations; ``INT_BLOCK[fmt]`` is the
+block of each format, ``quantize_ref``'s ``block``): one scale per weight block, so a block's
+sum is ``d dx S + B X`` with S exact and X the float32 block sum of x where the format has
+an offset term (Q4_1 ``+ m``, Q5_0 ``- 16 d``). Each has its measured figures in its section.
+Every small-n product runs 4 activation rows per dot, then a pair, then one row; every row
+gets the GEMV's operations in its order (its bits, as for the exact kernels).
+
 Only the activations are rounded: against the exact f32 path a row's dot differs by about
 ``|w| |x| / 254 / sqrt(n)``; the model-level fidelity (perplexity, greedy) is tested in
 tests/models/test_intpath_fidelity.py. ``matmul.set_exact(True)`` (``--exact``) selects the
