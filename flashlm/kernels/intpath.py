@@ -448,6 +448,19 @@ _gemv_q8_0, _gemm_q8_0 = _int_kernels(_prep_q8_0, _q8_0_int_body, 32, _XB8, ROWS
 # Per prepared group (``_XG5`` = 144 bytes): 96 int8 activations, 3 float32 dx, 3 float32 X
 # and 5 zeros; per tail block (a GGUF Q5_0 block, ``_XT5`` = 48 bytes, 40 used): 32 int8 in
 # weight order, dx, X.
+# Measured as for Q4_1R (``perf/bench_intpath.py --formats Q5_0R``), int / exact time, GEMV;
+# n = 2, 4, 8, 16, 32, 64:
+#   1536x576    0.85;  0.91 0.74 0.71 0.74 0.73 0.71
+#   576x1536    0.85;  0.96 0.72 0.76 0.74 0.76 0.75
+#   49152x576   0.81;  0.84 0.64 0.63 0.69 0.69 0.65
+#   4864x896    0.80;  0.90 0.67 0.69 0.78 0.78 0.64
+#   151936x896  0.82;  0.86 0.64 0.65 0.69 0.67 0.68
+# The GEMV gains least of the three: making bytes of the 5-bit fields costs 25 vector ops per
+# 96 weights, shared by the rows (the exact kernel's shift, mask, convert and offset: ~46),
+# against 16 per row (the exact kernel's 18 FMAs). Before the byte blend (two masks and an or
+# per half) the GEMV and n = 2 took 1.05-1.07x this time. Not tried: the other layouts of the
+# fields (4 fields of 2 blocks per dword by two spreads: as many ops, counted, with byte
+# shuffles in place of the packs).
 
 _G5, _GB5, _TB5 = GROUPED["Q5_0R"]  # 3 blocks, 70 bytes per group, 22 per tail block
 _XG5, _XT5 = 144, 48
