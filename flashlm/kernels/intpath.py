@@ -257,16 +257,18 @@ _gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _q4kr_int_body, _QKK, XQ_BYTES
 # Measured on the 2-core AVX2 EPYC (Zen 3), shared with other jobs, one thread, int / exact
 # (repacked's Q4_1R kernels) time, medians of interleaved calls (``env -u OPENBLAS_CORETYPE -u
 # OPENBLAS_L2_SIZE python perf/bench_intpath.py --formats Q4_1R``), GEMV; n = 2, 4, 8, 16, 32, 64:
-#   1536x576    0.57;  0.48 0.68 0.61 0.62 0.24 0.76
-#   576x1536    0.56;  0.58 0.84 0.85 0.82 0.91 0.94
-#   49152x576   0.25;  0.69 0.68 0.61 0.58 0.53 0.59
-#   4864x896    0.51;  0.50 0.67 0.30 0.90 0.87 0.85
-#   151936x896  0.61;  0.51 0.77 0.72 0.83 0.91 0.70
-# (single figures swing by 0.2 between runs on this VM: 0.24 and 0.30 are the exact kernel's bad
-# luck; in L2, 512x1536, n = 4 / 8 / 16 ran 0.12 / 0.23 / 0.35 ms.) The GEMV is 1.6-2x faster;
-# per extra activation row the integer dot costs about as much as the float one (15 ops per
-# 128 weights per row against 16 FMAs), so the small-n gain is the shared quant split and
-# shrinks with n. Rows per dot: 4 beat 2 and 3 by 1.02-1.1x.
+#   1536x576    0.57;  0.50 0.44 0.44 0.45 0.44 0.44
+#   576x1536    0.58;  0.61 0.56 0.56 0.57 0.55 0.56
+#   49152x576   0.38;  0.35 0.41 0.44 0.46 0.52 0.41
+#   4864x896    0.51;  0.53 0.47 0.47 0.48 0.47 0.40
+#   151936x896  0.53;  0.58 0.43 0.45 0.38 0.47 0.45
+# (an earlier run with the machine busier, load 6: GEMV 0.25-0.61, n = 2 0.48-0.69, n >= 4
+# 0.24-0.94 (mostly 0.6-0.9), both kernels slowed by the other jobs; the integer 4-row
+# product there read 8-20 G weight-rows/s against 27-32 in this run and in L2, 512x1536,
+# n = 4 / 8 / 16 in 0.12 / 0.23 / 0.35 ms.) The GEMV is 1.6-2.6x faster. Per extra activation
+# row the integer dot has about as many ops as the float one (15 per 128 weights per row
+# against 16 FMAs) but reads 4x fewer activation bytes. Rows per dot: 4 beat 2 and 3 by
+# 1.02-1.1x.
 
 _G1, _GB1, _TB1 = GROUPED["Q4_1R"]  # 4 blocks, 80 bytes per group, 20 per tail block
 _XG1, _XT1 = 224, 56  # prepared bytes per group, per tail block (= per block: _XG1 / 4)
@@ -376,13 +378,14 @@ _gemv_q4_1r, _gemm_q4_1r = _int_kernels(_prep_q4_1r, _q4_1r_int_body, 32, _XT1, 
 # (even and odd blocks) keep the GEMV off the FMA latency.
 # Measured as for Q4_1R (``perf/bench_intpath.py --formats Q8_0S``), int / exact time, GEMV;
 # n = 2, 4, 8, 16, 32, 64:
-#   1536x576    0.68;  0.77 0.63 0.58 0.59 0.56 0.77
-#   576x1536    0.75;  0.87 0.69 0.71 0.72 0.72 0.78
-#   49152x576   0.90;  0.89 0.58 0.56 0.59 0.59 0.62
-#   4864x896    0.64;  0.72 0.62 0.59 0.40 0.72 0.58
-#   151936x896  0.81;  0.85 0.70 0.64 0.66 0.64 0.70
-# The big GEMVs read 1.06 bytes per weight from memory (10-11 GB/s on one core for both), so
-# they gain least. Tried and dropped: 4 blocks per step, the 4 int32 sums reduced by 3
+#   1536x576    0.68;  0.78 0.69 0.68 0.69 0.66 0.52
+#   576x1536    0.73;  0.80 0.75 0.76 0.83 0.64 0.76
+#   49152x576   0.89;  0.55 0.73 0.74 0.66 0.69 0.66
+#   4864x896    0.72;  0.82 0.81 0.71 0.38 0.87 0.75
+#   151936x896  0.84;  0.72 0.59 0.61 0.62 0.56 0.61
+# (the busier earlier run: GEMV 0.64-0.90, n >= 2 0.40-0.89; single figures swing by 0.2.)
+# The two big GEMVs (30 and 145 MB of weights, 1.06 bytes per weight) stream from memory at
+# 9-11 GB/s with this kernel, 7-10 with the exact one, so they gain least (0.81-0.90). Tried and dropped: 4 blocks per step, the 4 int32 sums reduced by 3
 # ``vphaddd`` to one vector, one convert and one FMA (dx as 8 floats per 4 blocks): 0.89-1.13x
 # of this kernel's time, no better.
 
