@@ -118,3 +118,6 @@ def test_quantize_ref_rounds_to_nearest_even_with_a_block_scale() -> None:
     assert dx[0] == 1.0 and dx[1] == 0.0
     assert q[0, :3].tolist() == [127, 0, -2]
     assert not q[1].any()
+    q, dx = intpath.quantize_ref(x, 32)  # per 32-weight block: block 0 as above, the others zero
+    assert q.shape == (16, 32) and dx[0] == 1.0 and not dx[1:].any()
+    assert q[0, :3].tolist() == [127, 0, -2] and not q[1:].any()
