@@ -8,7 +8,7 @@ activation row is quantized once per call, and a super-block's quants meet it as
 pairs (16 x int16), ``vpmaddwd`` sums those to int32 per lane; then one convert and one FMA
 per 16 weights.
 
-Activations (``_quantize_block``): per 32-value block, t = x * 127 / max|x|, a coarse int8
+Activations (``_quant32``): per 32-value block, t = x * 127 / max|x|, a coarse int8
 part rint(t) and a fine one rint(128 (t - rint(t))) (|.| <= 64), so x = dx (128 q + q') to
 1/256 of an int8 step, dx = max|x| / 127 / 128. A single int8 part per block (llama.cpp's
 Q8_K / Q8_0) was measured first: on qwen2.5-coder-1.5b the products moved by up to 7.5 %
@@ -30,6 +30,13 @@ term keeps the float path's precision).
 Per prepared super-block (``XQ_BYTES`` = 640): the coarse part (256 bytes), the fine part
 (256), 16 float32 ``-X_j``, 16 float32 dx per lane (lane j: block j // 2).
 
+The 32-weight block formats (Q4_1R, Q8_0S, Q5_0R: sections below) take the same activations
+per block: a block's sum is ``d dx S + B X`` with S exact and X the float32 block sum of x
+where the format has an offset term (Q4_1 ``+ m``, Q5_0 ``- 16 d``). Every small-n product
+runs 4 activation rows per dot, then a pair, then one row; every row gets the GEMV's operations
+in its order (its bits, as for the exact kernels). Each format has its measured figures in its
+section.
+
 ``matmul.set_exact(True)`` (``--exact``) selects the exact float32 kernels; the model-level
 fidelity (perplexity, greedy) is tested in tests/models/test_intpath_fidelity.py.
 """
@@ -43,45 +50,44 @@ from numba.core import cgutils
 from flashlm.kernels import simd
 from flashlm.kernels.config import intrinsic, jit_exact
 from flashlm.kernels.repacked import _BB4, _QKK, _q4_block, _slabbed
-from flashlm.kernels.repacked import dequant_q4_kr_simd
-from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _data_ptr, _hsum, _load, _prefetch,
+from flashlm.kernels.repacked import _ROW_MAJOR, _scales, dequant_q4_1r_simd, dequant_q4_kr_simd, dequant_q5_0r_simd
+from flashlm.kernels.formats import GROUPED
+from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _const_vec, _data_ptr, _hsum, _load, _prefetch,
                                   _splat)
 
 XQ_BYTES = 640  # prepared activation bytes per 256-weight super-block
 _XSUM, _DX = 512, 576  # byte offsets of the -X_j floats and of the per-lane dx in a prepared super-block
-_QB = 32  # activations per int8 scale
+_QB = 32  # activations per scale
 _I8 = ir.IntType(8)
 _I16 = ir.IntType(16)
 _V32I8 = ir.VectorType(_I8, 32)
 _V16I16 = ir.VectorType(_I16, 16)
 _V8I32 = ir.VectorType(_I32, 8)
+_V32I32 = ir.VectorType(_I32, 32)
 
 
-# ---- activations: int8 per super-block, in the weights' byte order ----
+# ---- activations: two int8 parts per 32-value block, in the weights' byte order ----
 
 @jit_exact
-def _quantize_block(x, o, q, dx):
-    """Activations x[o:o + 256] as two int8 parts per value: with t = x * 127 / max|x| over its
-    32-value block, q[i] = rint(t) and q[256 + i] = rint((t - rint(t)) * 128) (|.| <= 64), so
-    x = dx[i // 32] * (128 q[i] + q[256 + i]) to 1/256 of a step; dx = max|x| / 127 / 128
-    (float32; 0 for a zero block)."""
-    for b in range(_QKK // _QB):
-        amax = np.float32(0.0)
-        for i in range(_QB * b, _QB * b + _QB):
-            amax = max(amax, abs(x[o + i]))
-        if amax == 0:
-            for i in range(_QB * b, _QB * b + _QB):
-                q[i] = 0
-                q[_QKK + i] = 0
-            dx[b] = np.float32(0.0)
-            continue
-        inv = np.float32(127.0) / amax
-        for i in range(_QB * b, _QB * b + _QB):
-            t = x[o + i] * inv
-            r = np.rint(t)
-            q[i] = np.int64(r)
-            q[_QKK + i] = np.int64(np.rint((t - r) * np.float32(128.0)))
-        dx[b] = amax / np.float32(127.0) / np.float32(128.0)
+def _quant32(x, o, q, c, f):
+    """The 32 activations x[o:o + 32] as two int8 parts (module docstring): the coarse ones to
+    q[c:c + 32], the fine ones to q[f:f + 32] (int64); returns dx = max|x| / 127 / 128 (float32,
+    0 for a zero block)."""
+    amax = np.float32(0.0)
+    for i in range(_QB):
+        amax = max(amax, abs(x[o + i]))
+    if amax == 0:
+        for i in range(_QB):
+            q[c + i] = 0
+            q[f + i] = 0
+        return np.float32(0.0)
+    inv = np.float32(127.0) / amax
+    for i in range(_QB):
+        t = x[o + i] * inv
+        r = np.rint(t)
+        q[c + i] = np.int64(r)
+        q[f + i] = np.int64(np.rint((t - r) * np.float32(128.0)))
+    return amax / np.float32(127.0) / np.float32(128.0)
 
 
 @jit_exact
@@ -93,7 +99,8 @@ def _prep_q4kr(x, xq, nb):
     for g in range(nb):
         o = g * _QKK
         base = g * XQ_BYTES
-        _quantize_block(x, o, q, dx)
+        for k in range(_QKK // _QB):
+            dx[k] = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
         for j in range(16):
             s = np.float32(0.0)
             for k in range(16):
@@ -122,6 +129,12 @@ def _maddubs(b, u8, s8):  # 32 unsigned x signed bytes -> 16 int16 sums of adjac
 
 def _madd(b, v16, k):  # 16 int16 -> 8 int32: k times the sums of adjacent pairs
     return _x86(b, "llvm.x86.avx2.pmadd.wd", _V8I32, v16, ir.Constant(_V16I16, [k] * 16))
+
+
+def _madd2(b, coarse, fine):
+    """<8 x i32> 128 * (pair sums of ``coarse``) + (pair sums of ``fine``): the int16 partial
+    sums of the two activation parts made one integer dot."""
+    return b.add(_madd(b, coarse, 128), _madd(b, fine, 1))
 
 
 def _nibble_bytes(b, p, off):
@@ -200,22 +213,21 @@ def _make_rows(body, nr: int):
     return dot_rows
 
 
-ROWS = 4  # activation rows per decoded super-block in the small-n product
-_dot_q4kr = _make_dot(_q4kr_int_body)
-_rows_q4kr = _make_rows(_q4kr_int_body, ROWS)
 _TILE = simd.TILE
 
 
-def _int_kernels(prep, d1, dn):
-    """(gemv, gemm) on row-major rows of a 256-weight super-block layout: the activations are
-    prepared once per call (``prep``), then one dot per weight row; the GEMM runs ``dn`` on
-    ROWS activation rows at a time (the last rows one by one with ``d1``) over simd.TILE weight
-    rows, each super-block decoded once for the ROWS rows."""
+def _int_kernels(prep, body, unit: int, xbytes: int, nr: int):
+    """(gemv, gemm) on row-major weight rows from the dot ``body``: the activations are
+    prepared once per call (``prep``: ``xbytes`` bytes per ``unit`` weights), then one dot per
+    weight row; the GEMM runs the ``nr``-row dot on ``nr`` activation rows at a time, then the
+    two-row dot on a remaining pair and the one-row dot on a last row, over simd.TILE weight
+    rows, each unit of weights decoded once for the rows of a dot."""
+    d1, d2, dn = _make_dot(body), _make_rows(body, 2), _make_rows(body, nr)
 
     @jit_exact
     def gemv(w, x, out, r0, r1):
-        nb = x.shape[0] // _QKK
-        xq = np.empty(nb * XQ_BYTES, np.uint8)
+        nb = x.shape[0] // unit
+        xq = np.empty(nb * xbytes, np.uint8)
         prep(x, xq, nb)
         rb = w.strides[0]
         for r in range(r0, r1):
@@ -224,37 +236,378 @@ def _int_kernels(prep, d1, dn):
     @jit_exact
     def gemm(w, X, out, r0, r1):
         n, cols = X.shape
-        nb = cols // _QKK
-        XQ = np.empty((n, nb * XQ_BYTES), np.uint8)
+        nb = cols // unit
+        XQ = np.empty((n, nb * xbytes), np.uint8)
         for i in range(n):
             prep(X[i], XQ[i], nb)
         rb = w.strides[0]
-        full = n - n % ROWS
+        full = n - n % nr
+        pair = full + (n - full) // 2 * 2
         for ra in range(r0, r1, _TILE):
             rz = min(r1, ra + _TILE)
-            for i in range(0, full, ROWS):
+            for i in range(0, full, nr):
                 for r in range(ra, rz):
                     dn(w, r * rb, XQ, i, nb, out, r)
-            for i in range(full, n):
+            for i in range(full, pair, 2):
                 for r in range(ra, rz):
-                    out[i, r] = d1(w, r * rb, XQ[i], nb)
+                    d2(w, r * rb, XQ, i, nb, out, r)
+            if pair < n:
+                for r in range(ra, rz):
+                    out[n - 1, r] = d1(w, r * rb, XQ[n - 1], nb)
 
     return gemv, gemm
 
 
-_gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _dot_q4kr, _rows_q4kr)
+ROWS = 4  # activation rows per decoded super-block in the Q4_KR small-n product
+_gemv_q4kr, _gemm_q4kr = _int_kernels(_prep_q4kr, _q4kr_int_body, _QKK, XQ_BYTES, ROWS)
+
+# ---- Q4_1R: groups of 4 Q4_1 blocks (128 weights), activations int8 per 32-weight block ----
+#
+# Q4_1R (see ``repacked``): lane j of a group's 16 dwords holds the quants of weights
+# 8j..8j + 7 at bits 4i; read as bytes, byte 4j + t holds weights 8j + 2t (low nibble) and
+# 8j + 2t + 1 (high nibble). The two 32-byte halves v = 0, 1 of the 64 quant bytes split
+# into low and high nibbles are 4 x 32 quants, and the activations are laid out to match
+# (``_prep_q4_1r``: chunk (v, h) byte 4j' + t = xq[64v + 8j' + 2t + h]); the int32 lane j'
+# of ``vpmaddwd(vpmaddubsw(lo_v, x_v0) + vpmaddubsw(hi_v, x_v1), 1)`` is then the exact
+# integer dot of lane 8v + j', 8 weights of block 2v + j' // 4. A block's sum is
+# ``d dx S + m X`` with X the float32 sum of x over the block (the min term keeps the float
+# path's precision): per group and row 4 vpmaddubsw, 2 vpaddw, 2 vpmaddwd, 2 converts, 2
+# multiplies (d dx per lane) and 3 FMA, the quant split shared by the rows.
+# Per prepared group (``_XG1`` = 352 bytes): 128 coarse and 128 fine int8 activations, 16
+# float32 dx (lane j: block j // 4), 4 float32 X and 4 zeros; per tail block (a GGUF Q4_1
+# block, ``_XT1`` = 88 bytes, 72 used): 32 coarse and 32 fine int8 in weight order, dx, X. A tail block's quants are its 16 bytes'
+# low nibbles then high nibbles (weights 0..15, 16..31), the GGUF order.
+# Measured on the 2-core AVX2 EPYC (Zen 3), shared with other jobs, one thread, int / exact
+# (repacked's Q4_1R kernels) time, medians of interleaved calls (``env -u OPENBLAS_CORETYPE -u
+# OPENBLAS_L2_SIZE python perf/bench_intpath.py --formats Q4_1R``), GEMV; n = 2, 4, 8, 16, 32, 64:
+#   1536x576    0.57;  0.50 0.44 0.44 0.45 0.44 0.44
+#   576x1536    0.58;  0.61 0.56 0.56 0.57 0.55 0.56
+#   49152x576   0.38;  0.35 0.41 0.44 0.46 0.52 0.41
+#   4864x896    0.51;  0.53 0.47 0.47 0.48 0.47 0.40
+#   151936x896  0.53;  0.58 0.43 0.45 0.38 0.47 0.45
+# (an earlier run with the machine busier, load 6: GEMV 0.25-0.61, n = 2 0.48-0.69, n >= 4
+# 0.24-0.94 (mostly 0.6-0.9), both kernels slowed by the other jobs; the integer 4-row
+# product there read 8-20 G weight-rows/s against 27-32 in this run and in L2, 512x1536,
+# n = 4 / 8 / 16 in 0.12 / 0.23 / 0.35 ms.) The GEMV is 1.6-2.6x faster. Per extra activation
+# row the integer dot has about as many ops as the float one (15 per 128 weights per row
+# against 16 FMAs) but reads 4x fewer activation bytes. Rows per dot: 4 beat 2 and 3 by
+# 1.02-1.1x.
+
+_G1, _GB1, _TB1 = GROUPED["Q4_1R"]  # 4 blocks, 80 bytes per group, 20 per tail block
+_XG1, _XT1 = 352, 88  # prepared bytes per group, per tail block (= per block: _XG1 / 4)
+_V8F = ir.VectorType(_F32, 8)
+
+
+@jit_exact
+def _block_sum(x, o, n):
+    s = np.float32(0.0)
+    for i in range(n):
+        s += x[o + i]
+    return s
+
+
+@jit_exact
+def _prep_q4_1r(x, xq, nb):
+    """x (nb * 32,) float32 -> xq (nb * _XT1,) uint8 as the section comment lays out."""
+    xf = xq.view(np.float32)
+    ng = nb // _G1
+    q = np.empty(64, np.int64)
+    for g in range(ng):
+        base = _XG1 * g
+        for bi in range(_G1):
+            o = 128 * g + 32 * bi
+            dx = _quant32(x, o, q, 0, 32)
+            for i in range(32):
+                wi = 32 * bi + i  # weight of the group: v = wi // 64, j' = wi % 64 // 8, t = wi % 8 // 2, h = wi % 2
+                at = base + 64 * (wi // 64) + 32 * (wi % 2) + 4 * (wi % 64 // 8) + wi % 8 // 2
+                xq[at] = np.uint8(q[i] & 255)
+                xq[at + 128] = np.uint8(q[32 + i] & 255)
+            for l in range(4):
+                xf[(base + 256) // 4 + 4 * bi + l] = dx
+            xf[(base + 320) // 4 + bi] = _block_sum(x, o, 32)
+            xf[(base + 336) // 4 + bi] = 0.0
+    for t in range(nb - _G1 * ng):
+        base = _XG1 * ng + _XT1 * t
+        o = 128 * ng + 32 * t
+        dx = _quant32(x, o, q, 0, 32)
+        for i in range(64):
+            xq[base + i] = np.uint8(q[i] & 255)
+        xf[(base + 64) // 4] = dx
+        xf[(base + 68) // 4] = _block_sum(x, o, 32)
+        for u in range(72, _XT1):
+            xq[base + u] = 0
+
+
+def _q4_1r_int_body(b, wp, xps, nb):
+    """[float32 per row]: the ``nb`` Q4_1 blocks (groups, then tail blocks) of the Q4_1R row at
+    i8* ``wp`` dotted with each row's prepared activations (i8* ``xps[t]``), each group's quants
+    split into bytes once, every row then the one-row dot's operations in its order."""
+    ng = b.udiv(nb, nb.type(_G1))
+    nt = b.sub(nb, b.mul(ng, nb.type(_G1)))
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    acc = [[cgutils.alloca_once_value(b, zero8) for _ in range(3)] for _ in xps]  # lanes v = 0, 1; min term
+    tm = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in xps]  # min term of the tail blocks
+    with cgutils.for_range(b, ng) as loop:
+        g = loop.index
+        p = b.gep(wp, [b.mul(g, g.type(_GB1))])
+        _prefetch(b, p, simd.PREFETCH, _GB1)
+        q = [_nibble_bytes(b, p, 32 * v) for v in range(2)]  # (low, high) of half v
+        hm = b.fpext(_load(b, p, 64, ir.VectorType(ir.HalfType(), 8)), _V8F)  # d0..d3, m0..m3
+        dv = [b.shuffle_vector(hm, hm, _const_vec(_V8I32, [2 * v + k // 4 for k in range(8)])) for v in range(2)]
+        mv = b.shuffle_vector(hm, zero8, _const_vec(_V8I32, [4, 5, 6, 7, 8, 8, 8, 8]))
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(g, g.type(_XG1))])
+            for v in range(2):
+                s16 = [b.add(_maddubs(b, q[v][0], _load(b, xb, f + 64 * v, _V32I8)),
+                             _maddubs(b, q[v][1], _load(b, xb, f + 64 * v + 32, _V32I8))) for f in (0, 128)]
+                s = b.sitofp(_madd2(b, *s16), _V8F)
+                sc = b.fmul(dv[v], _load(b, xb, 256 + 32 * v, _V8F), flags=_FLAGS)
+                b.store(b.fadd(b.load(acc[r][v]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][v])
+            b.store(b.fadd(b.load(acc[r][2]), b.fmul(mv, _load(b, xb, 320, _V8F), flags=_FLAGS), flags=_FLAGS),
+                    acc[r][2])
+    wt = b.gep(wp, [b.mul(ng, ng.type(_GB1))])
+    xts = [b.gep(xp, [b.mul(ng, ng.type(_XG1))]) for xp in xps]
+    with cgutils.for_range(b, nt) as loop:
+        t = loop.index
+        p = b.gep(wt, [b.mul(t, t.type(_TB1))])
+        qs = _load(b, p, 4, ir.VectorType(_I8, 16))
+        lo = b.and_(qs, _const_vec(ir.VectorType(_I8, 16), 15))
+        hi = b.lshr(qs, _const_vec(ir.VectorType(_I8, 16), 4))
+        q32 = b.shuffle_vector(lo, hi, _const_vec(_V32I32, list(range(32))))
+        d = b.fpext(_load(b, p, 0, ir.HalfType()), _F32)
+        m = b.fpext(_load(b, p, 2, ir.HalfType()), _F32)
+        for r, xt in enumerate(xts):
+            xb = b.gep(xt, [b.mul(t, t.type(_XT1))])
+            s = b.sitofp(_madd2(b, *(_maddubs(b, q32, _load(b, xb, f, _V32I8)) for f in (0, 32))), _V8F)
+            sc = _splat(b, b.fmul(d, _load(b, xb, 64, _F32), flags=_FLAGS), _V8F)
+            b.store(b.fadd(b.load(acc[r][0]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][0])
+            b.store(b.fadd(b.load(tm[r]), b.fmul(m, _load(b, xb, 68, _F32), flags=_FLAGS), flags=_FLAGS), tm[r])
+    out = []
+    for r in range(len(xps)):
+        a = b.fadd(b.fadd(b.load(acc[r][0]), b.load(acc[r][1]), flags=_FLAGS), b.load(acc[r][2]), flags=_FLAGS)
+        out.append(b.fadd(_hsum(b, a), b.load(tm[r]), flags=_FLAGS))
+    return out
+
+
+ROWS_Q4_1R = 4
+_gemv_q4_1r, _gemm_q4_1r = _int_kernels(_prep_q4_1r, _q4_1r_int_body, 32, _XT1, ROWS_Q4_1R)
+
+
+# ---- Q8_0S: GGUF Q8_0 blocks (34 bytes: half d, 32 int8), activations int8 per block ----
+#
+# weight = d q, q int8: ``vpmaddubsw`` needs one unsigned operand, so the weights give
+# |q| (``vpabsb``, 0..128, once per block) and the activations take q's sign (``vpsignb``
+# per row; 0 where q is 0): |q| sign(q) x = q x, pairs of products |.| <= 2 * 128 * 127 =
+# 32512 < 32767. Then ``vpmaddwd`` with ones, a convert and an FMA by d dx per block.
+# Per prepared block (``_XB8`` = 68 bytes): 32 coarse and 32 fine int8 activations, float32 dx. Two accumulators
+# (even and odd blocks) keep the GEMV off the FMA latency.
+# Measured as for Q4_1R (``perf/bench_intpath.py --formats Q8_0S``), int / exact time, GEMV;
+# n = 2, 4, 8, 16, 32, 64:
+#   1536x576    0.68;  0.78 0.69 0.68 0.69 0.66 0.52
+#   576x1536    0.73;  0.80 0.75 0.76 0.83 0.64 0.76
+#   49152x576   0.89;  0.55 0.73 0.74 0.66 0.69 0.66
+#   4864x896    0.72;  0.82 0.81 0.71 0.38 0.87 0.75
+#   151936x896  0.84;  0.72 0.59 0.61 0.62 0.56 0.61
+# (the busier earlier run: GEMV 0.64-0.90, n >= 2 0.40-0.89; single figures swing by 0.2.)
+# The two big GEMVs (30 and 145 MB of weights, 1.06 bytes per weight) stream from memory at
+# 9-11 GB/s with this kernel, 7-10 with the exact one, so they gain least (0.81-0.90). Tried and dropped: 4 blocks per step, the 4 int32 sums reduced by 3
+# ``vphaddd`` to one vector, one convert and one FMA (dx as 8 floats per 4 blocks): 0.89-1.13x
+# of this kernel's time, no better.
+
+_BB8, _XB8 = 34, 68
+
+
+@jit_exact
+def _prep_q8_0(x, xq, nb):
+    xf = xq.view(np.float32)
+    q = np.empty(64, np.int64)
+    for k in range(nb):
+        dx = _quant32(x, 32 * k, q, 0, 32)
+        for i in range(64):
+            xq[_XB8 * k + i] = np.uint8(q[i] & 255)
+        xf[(_XB8 * k + 64) // 4] = dx
+
+
+def _psign(b, a, s):  # a * sign(s) per byte (0 where s is 0)
+    return _x86(b, "llvm.x86.avx2.psign.b", _V32I8, a, s)
+
+
+def _q8_0_int_body(b, wp, xps, nb):
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    acc = [[cgutils.alloca_once_value(b, zero8) for _ in range(2)] for _ in xps]
+
+    def block(k, par):
+        p = b.gep(wp, [b.mul(k, k.type(_BB8))])
+        _prefetch(b, p, simd.PREFETCH, _BB8)
+        wq = _load(b, p, 2, _V32I8)
+        neg = b.icmp_signed("<", wq, ir.Constant(_V32I8, [0] * 32))
+        aw = b.select(neg, b.sub(ir.Constant(_V32I8, [0] * 32), wq), wq)  # |q| (vpabsb; -128 -> 128 unsigned)
+        d = _splat(b, b.fpext(_load(b, p, 0, ir.HalfType()), _F32), _V8F)
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(k, k.type(_XB8))])
+            s16 = [_maddubs(b, aw, _psign(b, _load(b, xb, f, _V32I8), wq)) for f in (0, 32)]
+            s = b.sitofp(_madd2(b, *s16), _V8F)
+            sc = b.fmul(d, _splat(b, _load(b, xb, 64, _F32), _V8F), flags=_FLAGS)
+            b.store(b.fadd(b.load(acc[r][par]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][par])
+
+    half = b.lshr(nb, nb.type(1))
+    with cgutils.for_range(b, half) as loop:
+        k = b.shl(loop.index, loop.index.type(1))
+        block(k, 0)
+        block(b.add(k, k.type(1)), 1)
+    with cgutils.if_unlikely(b, b.icmp_unsigned("!=", b.shl(half, half.type(1)), nb)):
+        block(b.sub(nb, nb.type(1)), 0)
+    return [_hsum(b, b.fadd(b.load(a[0]), b.load(a[1]), flags=_FLAGS)) for a in acc]
+
+
+ROWS_Q8_0 = 4
+_gemv_q8_0, _gemm_q8_0 = _int_kernels(_prep_q8_0, _q8_0_int_body, 32, _XB8, ROWS_Q8_0)
+
+
+# ---- Q5_0R: groups of 3 Q5_0 blocks (96 weights) in 5-bit fields, activations int8 per block ----
+#
+# Q5_0R (see ``repacked``): bits 5k..5k+4 of lane j of a group's 16 dwords hold the quant of
+# weight 16k + j (k = 0..5, block k // 2), weight = d (q - 16). Block b's two fields go to
+# bytes: per 8-lane half v, ``(dw >> 10b) & 31 | (dw >> (10b - 3)) & (31 << 8)`` puts fields
+# 2b, 2b + 1 of each lane into its low two bytes, and one ``vpackusdw`` of the two halves
+# makes the block's 32 quants one byte vector (word w: lane L(w) = 8 [w % 8 > 3] + 4 (w // 8)
+# + w % 4, bytes fields 2b, 2b + 1); the activations are laid out to match (``_prep_q5_0r``).
+# Per row and block: ``vpmaddubsw`` (0..31 x int8), ``vpmaddwd`` with ones, a convert and an
+# FMA by d dx; the -16 d X term (X the float32 sum of x over the block) one FMA per group.
+# Per prepared group (``_XG5`` = 240 bytes): 96 coarse and 96 fine int8 activations, 3 float32
+# dx, 3 float32 X and 6 zeros; per tail block (a GGUF Q5_0 block, ``_XT5`` = 80 bytes, 72
+# used): 32 coarse and 32 fine int8 in weight order, dx, X.
+# Measured as for Q4_1R (``perf/bench_intpath.py --formats Q5_0R``), int / exact time, GEMV;
+# n = 2, 4, 8, 16, 32, 64:
+#   1536x576    0.85;  0.91 0.74 0.71 0.74 0.73 0.71
+#   576x1536    0.85;  0.96 0.72 0.76 0.74 0.76 0.75
+#   49152x576   0.81;  0.84 0.64 0.63 0.69 0.69 0.65
+#   4864x896    0.80;  0.90 0.67 0.69 0.78 0.78 0.64
+#   151936x896  0.82;  0.86 0.64 0.65 0.69 0.67 0.68
+# The GEMV gains least of the three: making bytes of the 5-bit fields costs 25 vector ops per
+# 96 weights, shared by the rows (the exact kernel's shift, mask, convert and offset: ~46),
+# against 16 per row (the exact kernel's 18 FMAs). Before the byte blend (two masks and an or
+# per half) the GEMV and n = 2 took 1.05-1.07x this time. Not tried: the other layouts of the
+# fields (4 fields of 2 blocks per dword by two spreads: as many ops, counted, with byte
+# shuffles in place of the packs).
+
+_G5, _GB5, _TB5 = GROUPED["Q5_0R"]  # 3 blocks, 70 bytes per group, 22 per tail block
+_XG5, _XT5 = 240, 80
+
+
+@jit_exact
+def _prep_q5_0r(x, xq, nb):
+    """x (nb * 32,) float32 -> xq (nb * _XT5,) uint8 as the section comment lays out."""
+    xf = xq.view(np.float32)
+    ng = nb // _G5
+    q = np.empty(64, np.int64)
+    for g in range(ng):
+        base = _XG5 * g
+        for bi in range(_G5):
+            o = 96 * g + 32 * bi
+            dx = _quant32(x, o, q, 0, 32)
+            for wd in range(16):
+                lane = 8 * (wd % 8 > 3) + 4 * (wd // 8) + wd % 4
+                for e in range(2):
+                    xq[base + 32 * bi + 2 * wd + e] = np.uint8(q[16 * e + lane] & 255)
+                    xq[base + 96 + 32 * bi + 2 * wd + e] = np.uint8(q[32 + 16 * e + lane] & 255)
+            xf[(base + 192) // 4 + bi] = dx
+            xf[(base + 204) // 4 + bi] = _block_sum(x, o, 32)
+        for u in range(6):
+            xf[(base + 216) // 4 + u] = 0.0
+    for t in range(nb - _G5 * ng):
+        base = _XG5 * ng + _XT5 * t
+        o = 96 * ng + 32 * t
+        dx = _quant32(x, o, q, 0, 32)
+        for i in range(64):
+            xq[base + i] = np.uint8(q[i] & 255)
+        xf[(base + 64) // 4] = dx
+        xf[(base + 68) // 4] = _block_sum(x, o, 32)
+        for u in range(72, _XT5):
+            xq[base + u] = 0
+
+
+def _packus(b, a, c):  # <8 x i32> x 2 -> <16 x i16>, per 128-bit half: a's 4 dwords then c's
+    return _x86(b, "llvm.x86.avx2.packusdw", _V16I16, a, c)
+
+
+def _q5_0r_int_body(b, wp, xps, nb):
+    """[float32 per row]: the ``nb`` Q5_0 blocks (groups, then tail blocks) of the Q5_0R row at
+    i8* ``wp`` dotted with each row's prepared activations, each group's quants made bytes once."""
+    ng = b.udiv(nb, nb.type(_G5))
+    nt = b.sub(nb, b.mul(ng, nb.type(_G5)))
+    zero8 = ir.Constant(_V8F, [0.0] * 8)
+    acc = [[cgutils.alloca_once_value(b, zero8) for _ in range(2)] for _ in xps]
+    tm = [cgutils.alloca_once_value(b, ir.Constant(_F32, 0.0)) for _ in xps]
+    v4 = ir.VectorType(_F32, 4)
+    with cgutils.for_range(b, ng) as loop:
+        g = loop.index
+        p = b.gep(wp, [b.mul(g, g.type(_GB5))])
+        _prefetch(b, p, simd.PREFETCH, _GB5)
+        dw = [_load(b, p, 32 * v, _V8I32) for v in range(2)]
+        qb = []
+        sel = _const_vec(ir.VectorType(ir.IntType(1), 32), [k % 4 == 0 for k in range(32)])
+        for bi in range(_G5):
+            t = []
+            for v in range(2):
+                lo = dw[v] if bi == 0 else b.lshr(dw[v], _const_vec(_V8I32, 10 * bi))
+                hi = b.shl(dw[v], _const_vec(_V8I32, 3)) if bi == 0 else b.lshr(dw[v], _const_vec(_V8I32, 10 * bi - 3))
+                m = b.select(sel, b.bitcast(lo, _V32I8), b.bitcast(hi, _V32I8))  # byte 0 of lo, the others of hi
+                t.append(b.and_(b.bitcast(m, _V8I32), _const_vec(_V8I32, 31 | 31 << 8)))
+            qb.append(b.bitcast(_packus(b, t[0], t[1]), _V32I8))
+        d4 = _scales(b, p)  # lanes 1..3: d of blocks 0..2
+        ds = [b.shuffle_vector(d4, d4, _const_vec(_V8I32, [bi + 1] * 8)) for bi in range(_G5)]
+        m8 = b.shuffle_vector(b.fmul(d4, ir.Constant(v4, [-16.0] * 4)), ir.Constant(v4, [0.0] * 4),
+                              _const_vec(_V8I32, [1, 2, 3, 4, 4, 4, 4, 4]))  # -16 d per block, zeros
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(g, g.type(_XG5))])
+            for bi in range(_G5):
+                s16 = [_maddubs(b, qb[bi], _load(b, xb, f + 32 * bi, _V32I8)) for f in (0, 96)]
+                s = b.sitofp(_madd2(b, *s16), _V8F)
+                sc = b.fmul(ds[bi], _splat(b, _load(b, xb, 192 + 4 * bi, _F32), _V8F), flags=_FLAGS)
+                a = acc[r][bi % 2]
+                b.store(b.fadd(b.load(a), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), a)
+            b.store(b.fadd(b.load(acc[r][1]), b.fmul(m8, _load(b, xb, 204, _V8F), flags=_FLAGS), flags=_FLAGS),
+                    acc[r][1])
+    wt = b.gep(wp, [b.mul(ng, ng.type(_GB5))])
+    xts = [b.gep(xp, [b.mul(ng, ng.type(_XG5))]) for xp in xps]
+    v16i8 = ir.VectorType(_I8, 16)
+    with cgutils.for_range(b, nt) as loop:
+        t = loop.index
+        p = b.gep(wt, [b.mul(t, t.type(_TB5))])
+        lo, hi = simd._nibbles(b, p, 6)
+        h0, h1 = simd._fifth_bits(b, p, 2)
+        zero, sixteen = _const_vec(v16i8, 0), _const_vec(v16i8, 16)
+        q32 = b.shuffle_vector(b.or_(lo, b.select(h0, sixteen, zero)), b.or_(hi, b.select(h1, sixteen, zero)),
+                               _const_vec(_V32I32, list(range(32))))
+        d = b.fpext(_load(b, p, 0, ir.HalfType()), _F32)
+        m = b.fmul(d, ir.Constant(_F32, -16.0))
+        for r, xt in enumerate(xts):
+            xb = b.gep(xt, [b.mul(t, t.type(_XT5))])
+            s = b.sitofp(_madd2(b, *(_maddubs(b, q32, _load(b, xb, f, _V32I8)) for f in (0, 32))), _V8F)
+            sc = _splat(b, b.fmul(d, _load(b, xb, 64, _F32), flags=_FLAGS), _V8F)
+            b.store(b.fadd(b.load(acc[r][0]), b.fmul(s, sc, flags=_FLAGS), flags=_FLAGS), acc[r][0])
+            b.store(b.fadd(b.load(tm[r]), b.fmul(m, _load(b, xb, 68, _F32), flags=_FLAGS), flags=_FLAGS), tm[r])
+    return [b.fadd(_hsum(b, b.fadd(b.load(a[0]), b.load(a[1]), flags=_FLAGS)), b.load(c), flags=_FLAGS)
+            for a, c in zip(acc, tm)]
+
+
+ROWS_Q5_0R = 4
+_gemv_q5_0r, _gemm_q5_0r = _int_kernels(_prep_q5_0r, _q5_0r_int_body, 32, _XT5, ROWS_Q5_0R)
 
 # the public kernels, in column slabs like the exact ones: (gemv, gemm) per store format
 INT_KERNELS: dict[str, tuple] = {
     "Q4_KR": _slabbed("Q4_KR", (_gemv_q4kr, _gemm_q4kr, dequant_q4_kr_simd))[:2],
+    "Q4_1R": _slabbed("Q4_1R", (_gemv_q4_1r, _gemm_q4_1r, dequant_q4_1r_simd))[:2],
+    "Q8_0S": _slabbed("Q8_0S", (_gemv_q8_0, _gemm_q8_0, _ROW_MAJOR["simd"]["Q8_0S"][2]))[:2],
+    "Q5_0R": _slabbed("Q5_0R", (_gemv_q5_0r, _gemm_q5_0r, dequant_q5_0r_simd))[:2],
 }
-
 
 # ---- references (tests) ----
 
 def quantize_ref(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(values 128 q + q' (nb, 32) int64, float32 dx (nb,)) of x as the kernels quantize it, per
-    32 values (``_quantize_block``): x ~ dx * values."""
+    32 values (``_quant32``): x ~ dx * values."""
     xb = np.asarray(x, np.float32).reshape(-1, _QB)
     amax = np.abs(xb).max(axis=1)
     inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
