@@ -50,10 +50,11 @@ from numba.core import cgutils
 from flashlm.kernels import simd
 from flashlm.kernels.config import intrinsic, jit_exact
 from flashlm.kernels.repacked import _BB4, _QKK, _q4_block, _slabbed
-from flashlm.kernels.repacked import _ROW_MAJOR, _scales, dequant_q4_1r_simd, dequant_q4_kr_simd, dequant_q5_0r_simd
+from flashlm.kernels.repacked import (_ROW_MAJOR, _scales, dequant_q4_1r_simd, dequant_q4_kr_simd, dequant_q5_0r_simd,
+                                      dequant_q6_kr_simd)
 from flashlm.kernels.formats import GROUPED
 from flashlm.kernels.simd import (_F32, _FLAGS, _I32, _V16F, _V16I32, _const_vec, _data_ptr, _hsum, _load, _prefetch,
-                                  _splat)
+                                  _ptr_at, _splat)
 
 XQ_BYTES = 640  # prepared activation bytes per 256-weight super-block
 _XSUM, _DX = 512, 576  # byte offsets of the -X_j floats and of the per-lane dx in a prepared super-block
@@ -595,12 +596,305 @@ def _q5_0r_int_body(b, wp, xps, nb):
 ROWS_Q5_0R = 4
 _gemv_q5_0r, _gemm_q5_0r = _int_kernels(_prep_q5_0r, _q5_0r_int_body, 32, _XT5, ROWS_Q5_0R)
 
+# ---- Q6_KR: 6-bit fields as int16 pairs, vpmaddwd ----
+#
+# Q6_KR (see ``repacked``): dword m (m = 0, 1, 2) of lane j holds quant 5m + i of sub-block j
+# at bits 6i..6i+5 (i = 0..4) and bits 2m..2m+1 of quant 15 at bits 30..31. The fields do not
+# sit on byte boundaries (and a 6-bit quant at place 4 would saturate vpmaddubsw's int16 pair
+# sums), so each dword is read as two int16 (lo = bits 0-15, hi = bits 16-31) and meets int16
+# activations in ``vpmaddwd`` (16 x int16 times 16 x int16, adjacent products summed to 8 x
+# int32: one int32 per lane). Three masks per dword vector put two fields in each pair:
+#
+#     A = dw & 0x00FC003F          lo: quant 5m (place 1),      hi: quant 5m + 3 (place 4)
+#     B = dw & 0x3F000FC0          lo: quant 5m + 1 (place 64), hi: quant 5m + 4 (place 256)
+#     C = dw' & 0x00C003F0         lo: quant 5m + 2 (place 16), hi: bits 2m..2m+1 of quant 15 (place 64)
+#
+# (dw' = the dwords loaded one byte further on, i.e. dw >> 8 within the lane: quant 5m + 2
+# straddles the two halves; the load replaces a shift, and the byte it takes from the next
+# lane or, for the last, the scales, is masked off). The activations make every product's
+# place 256 by exact powers of 2: pairs (lo, hi) A: (256 x[5m], 64 x[5m + 3]), B: (4 x[5m + 1],
+# x[5m + 4]), C: (16 x[5m + 2], 4 * 2^2m x[15]), so A + B + C summed over m is S_j = 256 *
+# sum_k q_k x_k for lane j exactly (the three pieces of quant 15 add to 256 q_15 x_15). The
+# int16 operands are at most 63 * 256 (weights) and 127 * 256 = 32512 (activations, |x| <=
+# 127), a vpmaddwd sum at most 2 * 256 * 63 * 127 = 4096512, |S_j| <= 256 * 16 * 63 * 127 =
+# 32772096 < 2^31; S_j is 256 times an integer below 2^17, so its float32 is exact. The -32
+# costs nothing per weight: a super-block adds (d / 256 * sc[j]) * (dx S_j - 8192 X_j) per lane,
+# X_j the float32 sum of x over sub-block j (prepared as -8192 X_j; d / 256 and -8192 X_j are
+# exact scalings, so d / 256 * sc[j] is gguf's d * sc[j] / 256 to the bit).
+#
+# The activations are the two int8 parts of every format here (module docstring), each in its
+# own chunks: the pair sums above are per part, S = 128 S_coarse + S_fine is made in float32
+# (128 S_coarse would overflow int32; both converts are exact, the sum rounds once).
+# Per prepared super-block (``XQ6_BYTES``): 18 chunks of 16 int16 of the coarse part, chunk
+# (m, pair, half) at byte 32 * (2 * (3m + pair) + half), int16 2t and 2t + 1 the (lo, hi)
+# activations of lane 8 half + t; the fine part's 18 at ``_FINE6``; then 16 float32 -8192 X_j
+# and 16 float32 dx (lane j: block j // 2).
+#
+# Measured on the 2-core Zen 3 (AVX2, no AVX-512), both paths compiled in one process, calls
+# alternating on one thread (``perf/bench_intpath.py --formats Q6_KR``; the VM was shared with
+# other jobs, load average 4-7 on the 2 cores, so the G weights/s are low and noisy; the ratios
+# are medians of int / exact over adjacent calls), time int / exact (KERNELS["Q6_KR"]) in two
+# runs, n >= 8 with the byte form below:
+#
+#     shape          n = 1       2          4          8          16         32         64
+#     8960x1536      0.65 0.62   0.72 0.75  0.50 0.63  0.50 0.48  0.43 0.40  0.37 0.37  0.36 0.35
+#     1536x8960      0.63 0.69   0.73 0.77  0.64 0.80  0.49 0.51  0.43 0.45  0.39 0.38  0.39 0.39
+#     151936x1536    0.74 0.80   0.78 0.74  0.54 0.60  0.49 0.43  0.41 0.39  0.39 0.36  0.33 0.34
+#
+# (measured with one int8 part; the fine part adds a vpmaddwd per pair and row.)
+# The GEMV is faster: 8960x1536 G weights/s exact -> int 13.6 -> 21.4, 11.3 -> 17.1, 8.8 ->
+# 12.7, 10.7 -> 16.1 in four runs; from memory (151936x1536, 191 MB on one thread) less, as
+# it is bandwidth-bound: 6.6 -> 7.5, 5.3 -> 6.5, 5.6 -> 7.5, 7.0 -> 8.8. With this word form
+# for every n (two earlier runs) n >= 8 took 0.39-0.68 of exact (mostly 0.52-0.63); before
+# the 2-row dot, n = 2 ran the GEMV twice: 0.96-0.99. The shifted form (A = dw & 0x00FC003F,
+# B = (dw >> 6) & same, C = (dw >> 12) & 0x000C003F, everything at place 4) gives bit-identical
+# results; in one process it took 1.08x the time of this one on the GEMV, the same at n = 4
+# and 8 (the masks do not bound the small-n product; the rows' 18 vpmaddwd and 17 vpaddd per
+# super-block likely do, hence the byte form).
+
+XQ6_BYTES = 1280  # prepared activation bytes per Q6_KR super-block (a multiple of 64)
+_FINE6, _XSUM6, _DX6 = 576, 1152, 1216  # byte offsets of the fine part's chunks, the -8192 X_j, the per-lane dx
+_BB6 = 210
+_PAIRS6 = ((0, 0x00FC003F), (0, 0x3F000FC0), (1, 0x00C003F0))  # pairs A, B, C: (byte offset of the dword load, mask)
+
+
+@jit_exact
+def _prep_q6kr(x, xq, nb):
+    """x (nb * 256,) float32 -> xq (nb * XQ6_BYTES,) uint8 as the Q6_KR section lays out."""
+    xf = xq.view(np.float32)
+    xh = xq.view(np.int16)
+    q = np.empty(2 * _QKK, np.int64)
+    dx = np.empty(_QKK // _QB, np.float32)
+    for g in range(nb):
+        o = g * _QKK
+        base = g * XQ6_BYTES
+        for k in range(_QKK // _QB):
+            dx[k] = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
+        for j in range(16):
+            s = np.float32(0.0)
+            for k in range(16):
+                s += x[o + 16 * j + k]
+            xf[(base + _XSUM6) // 4 + j] = np.float32(-8192.0) * s
+            xf[(base + _DX6) // 4 + j] = dx[j // 2]
+            for part in range(2):  # coarse, fine
+                c0 = (base + _FINE6 * part + 32 * (j // 8) + 4 * (j % 8)) // 2  # int16 index of lane j's pair in chunk 0
+                v = _QKK * part + 16 * j
+                for m in range(3):
+                    a = c0 + 32 * (3 * m)  # pair A, then B, C 16 int16 (one chunk) apart each
+                    xh[a] = np.int16(256 * q[v + 5 * m])
+                    xh[a + 1] = np.int16(64 * q[v + 5 * m + 3])
+                    xh[a + 32] = np.int16(4 * q[v + 5 * m + 1])
+                    xh[a + 33] = np.int16(q[v + 5 * m + 4])
+                    xh[a + 64] = np.int16(16 * q[v + 5 * m + 2])
+                    xh[a + 65] = np.int16((4 << (2 * m)) * q[v + 15])
+
+
+def _q6kr_scales(b, p):
+    """<16 x float> d / 256 * sc[j] of the Q6_KR super-block at i8* p (d / 256 is exact)."""
+    sc = b.sitofp(_load(b, p, 192, ir.VectorType(_I8, 16)), _V16F)
+    d = b.fmul(b.fpext(_load(b, p, 208, ir.HalfType()), _F32), ir.Constant(_F32, 1.0 / 256))
+    return b.fmul(_splat(b, d, _V16F), sc)
+
+
+def _madd_wd(b, w16, x16):  # 16 x int16 times 16 x int16 -> 8 int32 sums of adjacent products
+    return _x86(b, "llvm.x86.avx2.pmadd.wd", _V8I32, w16, x16)
+
+
+def _q6kr_int_body(b, wp, xps, n):
+    """[float32 per row]: the first n super-blocks of the Q6_KR row at i8* ``wp`` dotted with each
+    row's prepared activations (i8* ``xps[t]``). Each super-block's dwords are masked into int16
+    pairs once, each pair meeting every row in turn; every row gets the same operations (the
+    integer sums are exact in any order, the float ones in the same order): a row's result has
+    the bits of the one-row dot."""
+    nr = len(xps)
+    acc = [cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16)) for _ in range(nr)]
+    with cgutils.for_range(b, n) as loop:
+        g = loop.index
+        p = b.gep(wp, [b.mul(g, g.type(_BB6))])
+        _prefetch(b, p, simd.PREFETCH, _BB6)
+        sv = _q6kr_scales(b, p)
+        xbs = [b.gep(xp, [b.mul(g, g.type(XQ6_BYTES))]) for xp in xps]
+        s32 = [[[None, None], [None, None]] for _ in range(nr)]  # row, part (coarse, fine), half
+        for half in range(2):
+            for m in range(3):
+                for pr, (off, mask) in enumerate(_PAIRS6):
+                    wv = _load(b, p, 64 * m + 32 * half + off, _V8I32)
+                    wv = b.bitcast(b.and_(wv, ir.Constant(_V8I32, [mask] * 8)), _V16I16)
+                    for r in range(nr):
+                        for part in range(2):
+                            xv = _load(b, xbs[r], _FINE6 * part + 32 * (2 * (3 * m + pr) + half), _V16I16)
+                            t = _madd_wd(b, wv, xv)
+                            s = s32[r][part][half]
+                            s32[r][part][half] = t if s is None else b.add(s, t)
+        for r in range(nr):
+            sc, sf = (b.sitofp(b.shuffle_vector(s32[r][part][0], s32[r][part][1], ir.Constant(_V16I32, list(range(16)))),
+                               _V16F) for part in range(2))
+            s = b.fadd(b.fmul(sc, ir.Constant(_V16F, [128.0] * 16), flags=_FLAGS), sf, flags=_FLAGS)  # 128 S + S'
+            t = b.fadd(b.fmul(s, _load(b, xbs[r], _DX6, _V16F), flags=_FLAGS), _load(b, xbs[r], _XSUM6, _V16F),
+                       flags=_FLAGS)
+            b.store(b.fadd(b.load(acc[r]), b.fmul(sv, t, flags=_FLAGS), flags=_FLAGS), acc[r])
+    return [_hsum(b, b.load(c)) for c in acc]
+
+
+_gemv_q6kr, _gemm_q6kr_words = _int_kernels(_prep_q6kr, _q6kr_int_body, _QKK, XQ6_BYTES, ROWS)
+
+
+# ---- Q6_KR small-n from n = 8: the weights decoded to bytes once per tile, vpmaddubsw ----
+#
+# Decoding a super-block's quants into bytes costs ~35 shifts, masks and ors per 128 weights,
+# more than the masks above (6), but a byte vector meets the int8 activations in vpmaddubsw
+# (32 products per instruction, against 16 for vpmaddwd): per row and super-block 8
+# vpmaddubsw + 4 vpmaddwd instead of 18 vpmaddwd. So the GEMM from ``_BYTES_MIN`` rows decodes
+# each simd.TILE rows of weights once into a buffer (``_decode_q6kr_bytes``, per super-block
+# 4 x 64 quant bytes and the 16 float32 d / 256 * sc[j]) and runs the byte dot on every ROWS
+# activation rows. The bytes of lane j (4 per chunk; chunk c at 64c + 32 half, lane 8 half + t
+# at 4t) hold quants (5m, 5m + 1, 5m + 3, 5m + 4) of sub-block j in chunk m = 0, 1, 2:
+#
+#     dw & 0x3F00003F | (dw << 2) & 0x00003F00 | (dw >> 2) & 0x003F0000
+#
+# and (2, 7, 12, 15) in chunk 3 (the three pieces of quant 15 shifted into byte 3), each a
+# quant at place 1; the activations (``_prep_q6kr_bytes``, the Q4_KR layout: XQ_BYTES per
+# super-block, 256 int8, 16 float32 -8192 X_j, dx) in the same order. Two vpmaddubsw pair
+# sums add to at most 4 * 63 * 127 = 32004 < 32767 in int16 before vpmaddwd with ones widens
+# them. The integer sum is the same S_j / 256 (shifted back by 8, exact) and every float op
+# is the word dot's, so a row's result has the bits of the GEMV.
+# Measured against the word form in one process, calls alternating (medians of byte / word
+# time over adjacent calls): 8960x1536 n = 4 1.02x (1.36x before the decode had its
+# prefetch), 8 0.90x (0.97x), 16 0.70x (0.83x), 64 (0.64x); 1536x8960 before the prefetch n = 8
+# 0.85x, 12 0.61x, 16 0.66x, 32 0.58x. Below 8 rows the decode does not pay.
+
+_BYTES_MIN = 8  # activation rows from which the GEMM decodes the weights to bytes
+_DEC6 = 320  # decoded bytes per super-block: 256 quant bytes, 16 float32 d / 256 * sc[j]
+
+
+@jit_exact
+def _prep_q6kr_bytes(x, xq, nb):
+    """x (nb * 256,) float32 -> xq (nb * XQ_BYTES,) uint8 as the byte form lays out."""
+    xf = xq.view(np.float32)
+    q = np.empty(2 * _QKK, np.int64)
+    dx = np.empty(_QKK // _QB, np.float32)
+    for g in range(nb):
+        o = g * _QKK
+        base = g * XQ_BYTES
+        for k in range(_QKK // _QB):
+            dx[k] = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
+        for j in range(16):
+            s = np.float32(0.0)
+            for k in range(16):
+                s += x[o + 16 * j + k]
+            xf[(base + _XSUM) // 4 + j] = np.float32(-8192.0) * s
+            xf[(base + _DX) // 4 + j] = dx[j // 2]
+            c0 = base + 32 * (j // 8) + 4 * (j % 8)
+            for c in range(4):
+                for u in range(4):
+                    k = 5 * c + (0, 1, 3, 4)[u] if c < 3 else (2, 7, 12, 15)[u]
+                    xq[c0 + 64 * c + u] = np.uint8(q[16 * j + k] & 255)
+                    xq[c0 + _QKK + 64 * c + u] = np.uint8(q[_QKK + 16 * j + k] & 255)
+
+
+def _v8(v):
+    return ir.Constant(_V8I32, [v] * 8)
+
+
+@intrinsic
+def _decode_q6kr_bytes(typingctx, w, woff, nb, dst, doff):
+    """The ``nb`` Q6_KR super-blocks of the row at byte ``woff`` of ``w`` -> the byte form at byte
+    ``doff`` of ``dst`` (``_DEC6`` bytes per super-block)."""
+
+    def gen(context, b, sig, args):
+        w, woff, nb, dst, doff = args
+        wp = b.gep(_data_ptr(context, b, sig.args[0], w), [woff])
+        dp = b.gep(_data_ptr(context, b, sig.args[3], dst), [doff])
+        with cgutils.for_range(b, nb) as loop:
+            g = loop.index
+            p = b.gep(wp, [b.mul(g, g.type(_BB6))])
+            o = b.gep(dp, [b.mul(g, g.type(_DEC6))])
+            _prefetch(b, p, simd.PREFETCH, _BB6)
+            b.store(_q6kr_scales(b, p), _ptr_at(b, o, 256, _V16F), align=1)
+            for half in range(2):
+                dw = [_load(b, p, 64 * m + 32 * half, _V8I32) for m in range(3)]
+                for m in range(3):
+                    v = b.or_(b.and_(dw[m], _v8(0x3F00003F)), b.and_(b.shl(dw[m], _v8(2)), _v8(0x00003F00)))
+                    v = b.or_(v, b.and_(b.lshr(dw[m], _v8(2)), _v8(0x003F0000)))
+                    b.store(v, _ptr_at(b, o, 64 * m + 32 * half, _V8I32), align=1)
+                v = b.or_(b.and_(b.lshr(dw[0], _v8(12)), _v8(0x3F)), b.and_(b.lshr(dw[0], _v8(6)), _v8(0x03000000)))
+                v = b.or_(v, b.and_(b.lshr(dw[1], _v8(4)), _v8(0x0C003F00)))  # quant 7; bits 2-3 of quant 15
+                v = b.or_(v, b.and_(b.shl(dw[2], _v8(4)), _v8(0x003F0000)))
+                v = b.or_(v, b.and_(b.lshr(dw[2], _v8(2)), _v8(0x30000000)))
+                b.store(v, _ptr_at(b, o, 192 + 32 * half, _V8I32), align=1)
+        return context.get_dummy_value()
+
+    return types.void(w, types.intp, types.intp, dst, types.intp), gen
+
+
+def _q6kr_bytes_body(b, tp, xps, n):
+    """[float32 per row]: the first n decoded super-blocks at i8* ``tp`` dotted with each row's
+    prepared activations (byte form)."""
+    nr = len(xps)
+    acc = [cgutils.alloca_once_value(b, ir.Constant(_V16F, [0.0] * 16)) for _ in range(nr)]
+    with cgutils.for_range(b, n) as loop:
+        g = loop.index
+        q = b.gep(tp, [b.mul(g, g.type(_DEC6))])
+        sv = _load(b, q, 256, _V16F)
+        wv = {(c, h): _load(b, q, 64 * c + 32 * h, _V32I8) for c in range(4) for h in range(2)}
+        for r, xp in enumerate(xps):
+            xb = b.gep(xp, [b.mul(g, g.type(XQ_BYTES))])
+            parts = []
+            for lo in (0, _QKK):  # coarse, fine
+                s32 = []
+                for h in range(2):
+                    t = [_maddubs(b, wv[c, h], _load(b, xb, lo + 64 * c + 32 * h, _V32I8)) for c in range(4)]
+                    s32.append(b.add(_madd(b, b.add(t[0], t[1]), 1), _madd(b, b.add(t[2], t[3]), 1)))
+                parts.append(b.sitofp(b.shuffle_vector(s32[0], s32[1], ir.Constant(_V16I32, list(range(16)))), _V16F))
+            # the word dot's 128 S + S' at place 256: both products are exact, so the sum rounds alike
+            s = b.fadd(b.fmul(parts[0], ir.Constant(_V16F, [32768.0] * 16), flags=_FLAGS),
+                       b.fmul(parts[1], ir.Constant(_V16F, [256.0] * 16), flags=_FLAGS), flags=_FLAGS)
+            t = b.fadd(b.fmul(s, _load(b, xb, _DX, _V16F), flags=_FLAGS), _load(b, xb, _XSUM, _V16F), flags=_FLAGS)
+            b.store(b.fadd(b.load(acc[r]), b.fmul(sv, t, flags=_FLAGS), flags=_FLAGS), acc[r])
+    return [_hsum(b, b.load(c)) for c in acc]
+
+
+_d1b_q6kr = _make_dot(_q6kr_bytes_body)
+_d2b_q6kr = _make_rows(_q6kr_bytes_body, 2)
+_dnb_q6kr = _make_rows(_q6kr_bytes_body, ROWS)
+
+
+@jit_exact
+def _gemm_q6kr(w, X, out, r0, r1):
+    n, cols = X.shape
+    if n < _BYTES_MIN:
+        _gemm_q6kr_words(w, X, out, r0, r1)
+        return
+    nb = cols // _QKK
+    XQ = np.empty((n, nb * XQ_BYTES), np.uint8)
+    for i in range(n):
+        _prep_q6kr_bytes(X[i], XQ[i], nb)
+    rb = w.strides[0]
+    tb = nb * _DEC6
+    buf = np.empty(_TILE * tb, np.uint8)
+    full = n - n % ROWS
+    for ra in range(r0, r1, _TILE):
+        rz = min(r1, ra + _TILE)
+        for r in range(ra, rz):
+            _decode_q6kr_bytes(w, r * rb, nb, buf, (r - ra) * tb)
+        for i in range(0, full, ROWS):
+            for r in range(ra, rz):
+                _dnb_q6kr(buf, (r - ra) * tb, XQ, i, nb, out, r)
+        if n - full >= 2:
+            for r in range(ra, rz):
+                _d2b_q6kr(buf, (r - ra) * tb, XQ, full, nb, out, r)
+        if (n - full) % 2:
+            for r in range(ra, rz):
+                out[n - 1, r] = _d1b_q6kr(buf, (r - ra) * tb, XQ[n - 1], nb)
+
+
 # the public kernels, in column slabs like the exact ones: (gemv, gemm) per store format
 INT_KERNELS: dict[str, tuple] = {
     "Q4_KR": _slabbed("Q4_KR", (_gemv_q4kr, _gemm_q4kr, dequant_q4_kr_simd))[:2],
     "Q4_1R": _slabbed("Q4_1R", (_gemv_q4_1r, _gemm_q4_1r, dequant_q4_1r_simd))[:2],
     "Q8_0S": _slabbed("Q8_0S", (_gemv_q8_0, _gemm_q8_0, _ROW_MAJOR["simd"]["Q8_0S"][2]))[:2],
     "Q5_0R": _slabbed("Q5_0R", (_gemv_q5_0r, _gemm_q5_0r, dequant_q5_0r_simd))[:2],
+    "Q6_KR": _slabbed("Q6_KR", (_gemv_q6kr, _gemm_q6kr, dequant_q6_kr_simd))[:2],
 }
 
 # ---- references (tests) ----

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(not HAVE_SIMD, reason="the integer path needs AV
 
 INT_FMTS = sorted(intpath.INT_KERNELS)
 # quant bytes of a GGUF block (zeroed for the B part), after its scale fields
-_QUANT_BYTES = {"Q4_K": (144, 16, 144), "Q4_1": (20, 4, 20), "Q8_0": (34, 2, 34), "Q5_0": (22, 2, 22)}
+_QUANT_BYTES = {"Q4_K": (144, 16, 144), "Q4_1": (20, 4, 20), "Q8_0": (34, 2, 34), "Q5_0": (22, 2, 22),
+                "Q6_K": (210, 0, 192)}
 
 
 def _split_ref(w: np.ndarray, fmt: str, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -64,7 +65,7 @@ def test_gemv_and_rows_match_the_integer_reference(fmt: str, shape: tuple[int, i
     X[3] *= 1e-4  # small and large activation rows: per-block scales
     X[4, : cols // 2] = 0.0  # zero blocks: dx = 0
     ref, scale = _reference(aq, b, X)
-    for n in (1, 2, 3, 5, 8, 17):
+    for n in (1, 2, 3, 5, 8, 11, 17):
         out = np.empty((n, rows), np.float32)
         if n == 1:
             gemv(w, X[0], out[0], 0, rows)
@@ -85,13 +86,14 @@ def test_row_ranges(fmt: str) -> None:
     rng = np.random.default_rng(5)
     w = random_weights(fmt, rows, cols, rng, extreme=False)
     gemv, gemm = intpath.INT_KERNELS[fmt]
-    x = rng.standard_normal((6, cols)).astype(np.float32)
-    full = np.empty((6, rows), np.float32)
-    gemm(w, x, full, 0, rows)
-    part = np.full((6, rows), np.nan, np.float32)
-    for r0, r1 in ((0, 33), (33, 34), (34, 70)):
-        gemm(w, x, part, r0, r1)
-    np.testing.assert_array_equal(part, full)
+    for n in (6, 9):  # Q6_KR: below and from _BYTES_MIN rows
+        x = rng.standard_normal((n, cols)).astype(np.float32)
+        full = np.empty((n, rows), np.float32)
+        gemm(w, x, full, 0, rows)
+        part = np.full((n, rows), np.nan, np.float32)
+        for r0, r1 in ((0, 33), (33, 34), (34, 70)):
+            gemm(w, x, part, r0, r1)
+        np.testing.assert_array_equal(part, full)
 
 
 @pytest.mark.parametrize("fmt", INT_FMTS)
