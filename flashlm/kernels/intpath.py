@@ -92,22 +92,30 @@ def _quant32(x, o, q, c, f):
 
 
 @jit_exact
+def _superblock_head(x, o, q, xf, base, xsum_at, dx_at, sum_factor):
+    """Quantize the 256 activations x[o:o + 256] (coarse parts to q[0:256], fine to q[256:512])
+    and write per lane j (weights 16j..16j + 15) ``sum_factor`` times their float32 sum at float
+    (base + xsum_at) / 4 + j and the dx of their 32-value block at (base + dx_at) / 4 + j."""
+    for k in range(_QKK // _QB):
+        dx = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
+        xf[(base + dx_at) // 4 + 2 * k] = dx
+        xf[(base + dx_at) // 4 + 2 * k + 1] = dx
+    for j in range(16):
+        s = np.float32(0.0)
+        for k in range(16):
+            s += x[o + 16 * j + k]
+        xf[(base + xsum_at) // 4 + j] = sum_factor * s
+
+
+@jit_exact
 def _prep_q4kr(x, xq, nb):
     """x (nb * 256,) float32 -> xq (nb * XQ_BYTES,) uint8 as the module docstring lays out."""
     xf = xq.view(np.float32)
     q = np.empty(2 * _QKK, np.int64)
-    dx = np.empty(_QKK // _QB, np.float32)
     for g in range(nb):
-        o = g * _QKK
         base = g * XQ_BYTES
-        for k in range(_QKK // _QB):
-            dx[k] = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
+        _superblock_head(x, g * _QKK, q, xf, base, _XSUM, _DX, np.float32(-1.0))
         for j in range(16):
-            s = np.float32(0.0)
-            for k in range(16):
-                s += x[o + 16 * j + k]
-            xf[(base + _XSUM) // 4 + j] = -s
-            xf[(base + _DX) // 4 + j] = dx[j // 2]  # lane j: weights 16j..16j+15, block j // 2
             for m in range(2):
                 for t in range(4):
                     for h in range(2):
@@ -664,18 +672,10 @@ def _prep_q6kr(x, xq, nb):
     xf = xq.view(np.float32)
     xh = xq.view(np.int16)
     q = np.empty(2 * _QKK, np.int64)
-    dx = np.empty(_QKK // _QB, np.float32)
     for g in range(nb):
-        o = g * _QKK
         base = g * XQ6_BYTES
-        for k in range(_QKK // _QB):
-            dx[k] = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
+        _superblock_head(x, g * _QKK, q, xf, base, _XSUM6, _DX6, np.float32(-8192.0))
         for j in range(16):
-            s = np.float32(0.0)
-            for k in range(16):
-                s += x[o + 16 * j + k]
-            xf[(base + _XSUM6) // 4 + j] = np.float32(-8192.0) * s
-            xf[(base + _DX6) // 4 + j] = dx[j // 2]
             for part in range(2):  # coarse, fine
                 c0 = (base + _FINE6 * part + 32 * (j // 8) + 4 * (j % 8)) // 2  # int16 index of lane j's pair in chunk 0
                 v = _QKK * part + 16 * j
@@ -772,18 +772,10 @@ def _prep_q6kr_bytes(x, xq, nb):
     """x (nb * 256,) float32 -> xq (nb * XQ_BYTES,) uint8 as the byte form lays out."""
     xf = xq.view(np.float32)
     q = np.empty(2 * _QKK, np.int64)
-    dx = np.empty(_QKK // _QB, np.float32)
     for g in range(nb):
-        o = g * _QKK
         base = g * XQ_BYTES
-        for k in range(_QKK // _QB):
-            dx[k] = _quant32(x, o + _QB * k, q, _QB * k, _QKK + _QB * k)
+        _superblock_head(x, g * _QKK, q, xf, base, _XSUM, _DX, np.float32(-8192.0))
         for j in range(16):
-            s = np.float32(0.0)
-            for k in range(16):
-                s += x[o + 16 * j + k]
-            xf[(base + _XSUM) // 4 + j] = np.float32(-8192.0) * s
-            xf[(base + _DX) // 4 + j] = dx[j // 2]
             c0 = base + 32 * (j // 8) + 4 * (j % 8)
             for c in range(4):
                 for u in range(4):
