@@ -158,3 +158,30 @@ def test_workers_take_the_formats_the_longest_first_to_the_least_loaded(monkeypa
     started.clear()
     job = precompile.start(["Q8_0S", "Q4_1R", "Q6_KR"], room=None, workers=2)
     assert started == [["Q4_1R"], ["Q8_0S", "Q6_KR"]] and sorted(job.formats) == ["Q4_1R", "Q6_KR", "Q8_0S"]
+
+
+def test_this_process_takes_formats_when_it_has_less_to_compile(monkeypatch) -> None:
+    started = []
+
+    class FakeProc:
+        def __init__(self, args, **kw):
+            started.append(args[3:])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(executor, "missing_formats", lambda fmts: list(fmts))
+    monkeypatch.setattr(precompile.subprocess, "Popen", FakeProc)
+    # one worker: Q4_1R (the longest) to it, Q8_0S (with its dequantizer) here, where only 1 s waits
+    job = precompile.start(["Q8_0S", "Q4_1R"], room=None, workers=1, dequant=["Q8_0S"], here=1.0)
+    assert started == [["Q4_1R"]] and job.formats == ["Q4_1R"]
+    started.clear()
+    job = precompile.start(["Q8_0S", "Q4_1R"], room=None, workers=1, dequant=["Q4_1R"], here=100.0)
+    assert started == [["Q4_1R", "Q8_0S", "--dequant", "Q4_1R"]] and job.formats == ["Q4_1R", "Q8_0S"]
+
+
+def test_a_worker_compiles_the_dequantizer_only_when_asked(monkeypatch) -> None:
+    done = []
+    monkeypatch.setattr(precompile, "_compile", lambda fmt, dequant: done.append((fmt, dequant)))
+    assert precompile.main(["Q4_1R", "Q8_0S", "--dequant", "Q8_0S"]) == 0
+    assert done == [("Q4_1R", False), ("Q8_0S", True)]
