@@ -47,7 +47,7 @@ t_tok = time.perf_counter() - t0
 llm.close()
 import os, resource
 me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-print(json.dumps(dict(load=t_load, first_token=t_tok, cpu=me.ru_utime + me.ru_stime,
+print(json.dumps(dict(flashlm=flashlm.__file__, load=t_load, first_token=t_tok, cpu=me.ru_utime + me.ru_stime,
                       workers_cpu=kids.ru_utime + kids.ru_stime, loadavg=os.getloadavg()[0],
                       events=sorted(events, reverse=True)[:15])))
 """
@@ -55,7 +55,9 @@ print(json.dumps(dict(load=t_load, first_token=t_tok, cpu=me.ru_utime + me.ru_st
 
 def run(model: str, cache: str, events: bool) -> dict:
     env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-    out = subprocess.run([sys.executable, "-c", _CHILD.format(model=model, events=events)], env=env,
+    # in the cache's directory: ``python -c`` puts the working directory first on sys.path, so a
+    # checkout there would be imported instead of the one PYTHONPATH or the install names
+    out = subprocess.run([sys.executable, "-c", _CHILD.format(model=model, events=events)], env=env, cwd=cache,
                          check=True, stdout=subprocess.PIPE, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -68,6 +70,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flashlm-numba-") as cache:
         first = run(a.model, cache, a.events)
         later = run(a.model, cache, False)
+    print(first["flashlm"])
     print(f"{a.model}: first run {first['first_token']:.1f} s to the first token (load {first['load']:.1f} s; "
           f"CPU {first['cpu']:.1f} s here, {first['workers_cpu']:.1f} s in compile workers; load average "
           f"{first['loadavg']:.1f} at the end); later run {later['first_token']:.1f} s (load {later['load']:.1f} s)")
