@@ -41,9 +41,9 @@ COMPILE_FORMATS = "flashlm: compiling kernels for {} (first run only; then cache
 
 def _missing_kernels(store) -> list[str]:
     """The store's matmul formats whose kernels Numba's cache does not hold yet."""
-    from flashlm.kernels import executor
+    from flashlm.kernels import executor, matmul
 
-    return executor.missing_formats(sorted({t["format"] for t in store.tensor_info.values()
+    return executor.missing_formats(sorted({matmul.task_key(t["format"]) for t in store.tensor_info.values()
                                             if len(t["shape"]) == 2}))
 
 
@@ -79,7 +79,9 @@ class LLM:
     def __init__(self, store: Store, *, threads: int | None = None, ctx: int | None = None, backend: str = "auto",
                  ram: int | str | RamSpec | None = None, batch: int = 1, draft: str = "auto", draft_max: int = 8,
                  read_mode: str | None = None, readers: int = 2, stream: bool = False,
-                 prefill_rows: int | None = None, progress: bool = False, kv: str = DEFAULT_KV):
+                 prefill_rows: int | None = None, progress: bool = False, kv: str = DEFAULT_KV,
+                 exact: bool = False):
+        from flashlm.kernels import matmul
         from flashlm.runtime.backend import get_backend
 
         self.store = store
@@ -90,6 +92,8 @@ class LLM:
         check_ctx(ctx, self.config)
         check_draft(draft, draft_max)
         self.kv = check_kv(kv)
+        matmul.set_exact(exact)  # process-wide: the kernels every product runs from now on
+        self.exact = matmul.is_exact()
         spec = parse_ram(ram)
         self.pool = None
         self.weights = None
@@ -278,7 +282,7 @@ def check_ctx(ctx: int | None, config) -> None:
 def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str | None = None, ctx: int | None = None,
          backend: str = "auto", progress: bool = False, batch: int = 1, draft: str = "auto", draft_max: int = 8,
          read_mode: str | None = None, readers: int = 2, stream: bool = False,
-         prefill_rows: int | None = None, kv: str = DEFAULT_KV) -> LLM:
+         prefill_rows: int | None = None, kv: str = DEFAULT_KV, exact: bool = False) -> LLM:
     """Load a model for generation, planned into a RAM budget.
 
     Args:
@@ -302,6 +306,9 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
         stream: plan streaming even when the model fits (benchmarks, tests).
         prefill_rows: rows per prefill step (default 512, lowered to fit a tight budget).
         kv: the KV cache's element type: "f16" (half the memory of "f32"; the default) or "f32".
+        exact: multiply with float32 activations everywhere (the reference path) instead of the
+            integer path (int8 activations for the formats that have it: faster, perplexity within
+            a few tenths of a percent). Process-wide: it applies to every model of the process.
     Returns:
         An :class:`LLM` with generate(), stream(), tokenizer, config, plan.
     """
@@ -315,4 +322,4 @@ def load(model: str | os.PathLike, *, threads: int | None = None, ram: int | str
     store = Store(resolve(model, progress=progress))
     return LLM(store, threads=threads, ctx=ctx, backend=backend, ram=spec, batch=batch, draft=draft,
                draft_max=draft_max, read_mode=read_mode, readers=readers, stream=stream, prefill_rows=prefill_rows,
-               progress=progress, kv=kv)
+               progress=progress, kv=kv, exact=exact)

@@ -33,6 +33,10 @@ def _add_model_opts(s: argparse.ArgumentParser, ctx: int | None = None) -> None:
                         "copies of every weight, 4-8x the memory)")
     s.add_argument("--kv", default=DEFAULT_KV, metavar="f16|f32",
                    help=f"the KV cache's element type: f16 (half the memory) or f32 (default {DEFAULT_KV})")
+    s.add_argument("--exact", action="store_true",
+                   help="float32 activations in every product (the reference path); default: int8 activations "
+                        "for the formats that have integer kernels (faster; perplexity within a few tenths of "
+                        "a percent)")
 
 
 def _add_sampling_opts(s: argparse.ArgumentParser) -> None:
@@ -74,7 +78,7 @@ def _load(args: argparse.Namespace, *, batch: int = 1):
     from flashlm.api import load
 
     llm = load(args.model, threads=args.threads, ram=args.ram, ctx=args.ctx, backend=args.backend, kv=args.kv,
-               progress=sys.stderr.isatty(), batch=batch, draft=getattr(args, "draft", "none"),
+               exact=args.exact, progress=sys.stderr.isatty(), batch=batch, draft=getattr(args, "draft", "none"),
                draft_max=getattr(args, "draft_max", 8), read_mode=getattr(args, "io", None),
                stream=getattr(args, "stream", False), readers=getattr(args, "readers", 2))
     if llm.streams and not getattr(args, "quiet_plan", False):
@@ -390,6 +394,7 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         "decode_tok_s": round(dec_tps, 2), "weight_bytes_per_token": per_token,
         "decode_weight_GB_s": round(per_token * dec_tps / 1e9, 2), "peak_rss_bytes": _peak_rss(),
         "streams": llm.streams, "prefill_rows": step, "kv": llm.kv,
+        "exact": llm.exact,
     }
     if llm.streams:
         nbytes, read_s, wait_s = reads
@@ -429,7 +434,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(r))
     else:
-        print(f"{r['model']}  threads {r['threads']}, kv {r['kv']}")
+        print(f"{r['model']}  threads {r['threads']}, kv {r['kv']}, {'exact f32' if r['exact'] else 'int8'} activations")
         print(f"  prefill  {r['prompt_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
         print(f"  decode   {r['gen_tokens']} tokens: {r['decode_tok_s']:.1f} tok/s, "
               f"{r['decode_weight_GB_s']:.2f} GB/s of weights ({r['weight_bytes_per_token'] / 2**20:.0f} MiB per token)")

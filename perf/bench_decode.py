@@ -33,11 +33,11 @@ def _ids(n: int) -> np.ndarray:
 
 
 def flashlm_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: int, depth: int = 0,
-                  repeats: int = 2) -> dict:
+                  repeats: int = 2, exact: bool = False) -> dict:
     import flashlm
     from flashlm.cli_run import bench_model
 
-    with flashlm.load(name, threads=threads, ctx=max(prompt_tokens, depth) + gen_tokens + 16) as llm:
+    with flashlm.load(name, threads=threads, ctx=max(prompt_tokens, depth) + gen_tokens + 16, exact=exact) as llm:
         out = bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
         if depth:
             model, step = llm.model, llm.engine.prefill_rows
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--gen-tokens", type=int, default=64)
     ap.add_argument("--depth", type=int, default=4096, help="cached positions for the second decode figure (0: skip)")
     ap.add_argument("--no-numpy", action="store_true", help="skip the plain-numpy baseline")
+    ap.add_argument("--exact-too", action="store_true",
+                    help="also flashlm on the exact float32 kernels (--exact), in the same run")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     rows = []
@@ -114,6 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         r = flashlm_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                           depth=args.depth)
         row = {"model": name, **r}
+        if args.exact_too:
+            e = flashlm_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
+                              depth=args.depth, exact=True)
+            row["exact"] = {k: e[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_depth_tok_s") if k in e}
         if not args.no_numpy:
             npy = numpy_speed(name, gen_tokens=min(args.gen_tokens, 16), prompt_tokens=min(args.prompt_tokens, 64))
             row["numpy_decode_tok_s"] = npy["decode_tok_s"]
@@ -141,6 +147,10 @@ def _fmt(r: dict) -> str:
         s += f"\n{'':<20} numpy f32 forward decode {r['numpy_decode_tok_s']:.2f} tok/s -> {r['decode_vs_numpy']:.1f}x"
     if "decode_depth_tok_s" in r:
         s += f"\n{'':<20} decode at depth {r['depth']}: {r['decode_depth_tok_s']:.1f} tok/s"
+    if "exact" in r:
+        e = r["exact"]
+        s += (f"\n{'':<20} exact path (--exact): prefill {e['prefill_tok_s']:.1f}, decode {e['decode_tok_s']:.1f}"
+              + (f", at depth {e['decode_depth_tok_s']:.1f}" if "decode_depth_tok_s" in e else "") + " tok/s")
     if "decode_vs_llama_cpp" in r:
         s += (f"\n{'':<20} llama.cpp decode {r['llama_cpp_decode_tok_s']:.1f} tok/s -> {r['decode_vs_llama_cpp']:.2f}x, "
               f"prefill {r['llama_cpp_prefill_tok_s']:.1f} tok/s -> {r['prefill_vs_llama_cpp']:.2f}x")

@@ -6,6 +6,8 @@ and numpy f32 ``X @ W.T`` on the dequantized matrix, measured in the same run.
     python perf/bench_matmul.py --extra            # + pool overhead, pool vs prange, GEMM vs BLAS
     python perf/bench_matmul.py --smalln           # n = 1, 2, 4, 8, 16, 32 rows on the 1.5B's shapes
     python perf/bench_matmul.py --smalln --formats Q4_KR,Q6_KR --shapes 8960x1536,1536x8960
+    python perf/bench_matmul.py --paths            # integer path vs exact kernels, n = 1 .. 32
+    python perf/bench_matmul.py --exact ...        # the tables on the exact float32 kernels
     pytest perf/bench_matmul.py --benchmark-only   # pytest-benchmark, a subset
 
 Q5_0R is Q5_0 as a store keeps it (kernels/repacked.py: imported GGUF Q5_0 tensors are
@@ -314,6 +316,39 @@ def smalln_table(pool, fmts, shapes, ns, rounds: int) -> None:
             del copies
 
 
+def paths_table(pool, fmts, shapes, ns, rounds: int) -> None:
+    """The integer path (kernels/intpath.py) against the exact float32 kernels, per format with
+    integer kernels, shape and n (weights from memory, both paths timed in interleaved rounds,
+    median): ms of each, exact / integer, and the integer GEMV's GB/s of weights against the
+    bandwidth of the same run."""
+    if hasattr(pool, "park"):
+        pool.park()
+    bw = bandwidth(pool)
+    print(f"\ninteger path vs exact: matmul(X (n, cols), W), {pool.n_threads} threads, weights from memory, "
+          f"median of {rounds} rounds; read bandwidth {bw:.1f} GB/s")
+    print(f"{'fmt':6s} {'shape':>12s} {'n':>3s} {'exact ms':>9s} {'int ms':>8s} {'speedup':>8s} {'int GB/s':>9s} {'%bw':>5s}")
+    for rows, cols in shapes:
+        for fmt in fmts:
+            if fmt not in mm.INT_KERNELS or not valid_cols(fmt, cols):
+                continue
+            copies = dram_copies(make_weight(fmt, rows, cols))
+            X = np.random.default_rng(1).standard_normal((max(ns), cols)).astype(np.float32)
+            for n in ns:
+                call = cycling(lambda w, x=(X[0] if n == 1 else X[:n]): mm.matmul(x, w, pool=pool), copies)
+                ts = {True: [], False: []}
+                for _ in range(rounds):
+                    for exact in (True, False):
+                        mm.set_exact(exact)
+                        call()
+                        ts[exact].append(timeit(call, 0.03, 2))
+                mm.set_exact(False)
+                te, ti = float(np.median(ts[True])), float(np.median(ts[False]))
+                gbs = copies[0].nbytes / ti / 1e9
+                print(f"{fmt:6s} {rows:>6d}x{cols:<5d} {n:>3d} {te * 1e3:9.3f} {ti * 1e3:8.3f} {te / ti:7.2f}x "
+                      f"{gbs:9.1f} {100 * gbs / bw:4.0f}%", flush=True)
+            del copies
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -325,6 +360,9 @@ def main() -> None:
     ap.add_argument("--shapes", default="", help="ROWSxCOLS,... for --smalln (default: the 1.5B's shapes)")
     ap.add_argument("--ns", default=",".join(map(str, SMALLN_NS)), help="row counts for --smalln")
     ap.add_argument("--crossover", action="store_true", help="only the small-n vs tile + BLAS table")
+    ap.add_argument("--paths", action="store_true",
+                    help="only the integer path vs the exact kernels (formats with integer kernels; --shapes, --ns)")
+    ap.add_argument("--exact", action="store_true", help="run the other tables on the exact float32 kernels")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="bandwidth / kernel pairs per row (default %(default)s)")
     args = ap.parse_args()
     fmts = [f for f in args.formats.split(",") if f]
@@ -333,8 +371,13 @@ def main() -> None:
     with ThreadPool(args.threads) as pool, ThreadPool(1) as one:
         bw1, bw = bandwidth(one), bandwidth(pool)
         print(f"memory bandwidth (read 256 MB, best of 6): 1 thread {bw1:.1f} GB/s, {args.threads} threads {bw:.1f} GB/s")
+        mm.set_exact(args.exact)
         if args.crossover:
             gemm_vs_blas(pool, fmts)
+            return
+        if args.paths:
+            shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",") if x] or SMALLN_SHAPES
+            paths_table(pool, fmts, shapes, [int(n) for n in args.ns.split(",")], args.rounds)
             return
         if args.smalln:
             shapes = [tuple(map(int, x.split("x"))) for x in args.shapes.split(",") if x] or SMALLN_SHAPES

@@ -38,6 +38,17 @@ def golden_logits(name: str):
     return np.load(GOLDEN / f"{stem}.logits.npz")
 
 
+def reference_ids(name: str, text: str) -> list[int]:
+    """transformers' token ids of ``text`` (the golden perplexity was computed on them; for
+    smollm2 they differ from llama.cpp's, which flashlm follows)."""
+    transformers = pytest.importorskip("transformers", reason="the parity extra (transformers) gives the reference ids")
+    from flashlm.models.pull import gguf_path
+
+    path = gguf_path(name)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
 _pulled: dict[str, Path] = {}
 
 

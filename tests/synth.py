@@ -91,7 +91,9 @@ def write_tiny_gguf(
             w.add_tensor(name, a)
         elif f == "F16":
             w.add_tensor(name, a.astype(np.float16))
-        elif f in ("Q4_K", "Q5_K", "Q6_K"):  # gguf-py cannot quantize these: random valid-size bytes
+        elif f in ("Q4_K", "Q6_K"):  # gguf-py cannot quantize these: random valid blocks
+            w.add_tensor(name, random_kquant(f, (rows, cols), rng), raw_dtype=gguf.GGMLQuantizationType[f])
+        elif f == "Q5_K":  # random valid-size bytes
             from flashlm.kernels.formats import row_nbytes
 
             raw = rng.integers(0, 256, size=(rows, row_nbytes(f, cols)), dtype=np.uint8)

@@ -37,6 +37,7 @@ from numba import carray, cfunc, njit, types
 from numba.extending import intrinsic
 
 from flashlm.kernels import gemv_kquant as _kq
+from flashlm.kernels import intpath as _ip
 from flashlm.kernels import repacked as _rp
 from flashlm.kernels import sync
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
@@ -71,6 +72,11 @@ _gv_q4_0s, _gm_q4_0s = _rp.REPACKED_KERNELS["Q4_0S"]
 _gv_q4_1r, _gm_q4_1r = _rp.REPACKED_KERNELS["Q4_1R"]
 _gv_q5_1s, _gm_q5_1s = _rp.REPACKED_KERNELS["Q5_1S"]
 _gv_q5_ks, _gm_q5_ks = _rp.REPACKED_KERNELS["Q5_KS"]
+_gv_q4_kr_i8, _gm_q4_kr_i8 = _ip.INT_KERNELS["Q4_KR"]
+_gv_q4_1r_i8, _gm_q4_1r_i8 = _ip.INT_KERNELS["Q4_1R"]
+_gv_q8_0s_i8, _gm_q8_0s_i8 = _ip.INT_KERNELS["Q8_0S"]
+_gv_q5_0r_i8, _gm_q5_0r_i8 = _ip.INT_KERNELS["Q5_0R"]
+_gv_q6_kr_i8, _gm_q6_kr_i8 = _ip.INT_KERNELS["Q6_KR"]
 
 
 @njit(nogil=True, cache=True)
@@ -196,11 +202,36 @@ def _t_q5_ks(w, rows, rowlen, x, n, cols, out, r0, r1):
     _q(_gv_q5_ks, _gm_q5_ks, w, rows, rowlen, x, n, cols, out, r0, r1)
 
 
+# the integer path's kernels (kernels/intpath.py; matmul.task_key names them "FMT/i8")
+
+
+def _t_q4_kr_i8(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_kr_i8, _gm_q4_kr_i8, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q4_1r_i8(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q4_1r_i8, _gm_q4_1r_i8, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q8_0s_i8(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q8_0s_i8, _gm_q8_0s_i8, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q5_0r_i8(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q5_0r_i8, _gm_q5_0r_i8, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
+def _t_q6_kr_i8(w, rows, rowlen, x, n, cols, out, r0, r1):
+    _q(_gv_q6_kr_i8, _gm_q6_kr_i8, w, rows, rowlen, x, n, cols, out, r0, r1)
+
+
 TASKS = {"F32": _t_f32, "F16": _t_f16, "BF16": _t_bf16, "Q4_0": _t_q4_0, "Q4_1": _t_q4_1, "Q5_0": _t_q5_0,
          "Q5_1": _t_q5_1, "Q8_0": _t_q8_0, "Q4_K": _t_q4_k, "Q5_K": _t_q5_k, "Q6_K": _t_q6_k,
          "Q5_0R": _t_q5_0r, "Q6_KR": _t_q6_kr, "Q4_KR": _t_q4_kr, "Q8_0S": _t_q8_0s, "Q4_0S": _t_q4_0s,
-         "Q4_1R": _t_q4_1r, "Q5_1S": _t_q5_1s, "Q5_KS": _t_q5_ks}
-FMT_IDS = {f: i for i, f in enumerate(TASKS)}
+         "Q4_1R": _t_q4_1r, "Q5_1S": _t_q5_1s, "Q5_KS": _t_q5_ks,
+         "Q4_KR/i8": _t_q4_kr_i8, "Q4_1R/i8": _t_q4_1r_i8, "Q8_0S/i8": _t_q8_0s_i8, "Q5_0R/i8": _t_q5_0r_i8,
+         "Q6_KR/i8": _t_q6_kr_i8}
+FMT_IDS = {f: i if i < ATTENTION else 100 + i for i, f in enumerate(TASKS)}  # clear of the attention ids
 _compiled: dict[str, object] = {}  # format -> numba CFunc (kept alive: the tables hold its address)
 _compile_lock = threading.Lock()
 

@@ -55,6 +55,11 @@ from flashlm.kernels.gemv_basic import BASIC_KERNELS, DEQUANT_KERNELS, HAVE_SIMD
 from flashlm.kernels.gemv_kquant import KQUANT_DEQUANT, KQUANT_KERNELS
 from flashlm.kernels.repacked import REPACKED_DEQUANT, REPACKED_KERNELS
 
+if HAVE_SIMD:
+    from flashlm.kernels.intpath import INT_KERNELS
+else:  # the integer kernels are AVX2 code
+    INT_KERNELS = {}
+
 KERNELS: dict[str, tuple] = dict(BASIC_KERNELS, **KQUANT_KERNELS, **REPACKED_KERNELS)
 DEQUANT: dict[str, object] = dict(DEQUANT_KERNELS, **KQUANT_DEQUANT, **REPACKED_DEQUANT)
 
@@ -66,6 +71,32 @@ TILE_ROWS = 1024  # weight rows dequantized per BLAS tile (BLAS is slow on thin 
 # Below this many weight bytes x activation rows a product runs in the calling thread.
 PARALLEL_MIN_BYTES = 256 * 1024
 _F32 = np.dtype(np.float32)
+INT_SUFFIX = "/i8"  # task key of a format's integer kernels (kernels.executor.TASKS)
+_mode = {"exact": False}
+
+
+def set_exact(exact: bool) -> None:
+    """Choose the exact float32 kernels (True) or the integer path (False, the default: int8
+    activations for the formats of ``INT_KERNELS``, kernels/intpath.py) for every product of
+    this process from now on."""
+    _mode["exact"] = bool(exact)
+
+
+def is_exact() -> bool:
+    """True when the exact float32 kernels are chosen (``set_exact``)."""
+    return _mode["exact"] or not INT_KERNELS
+
+
+def task_key(fmt: str) -> str:
+    """The kernels a product of weight format ``fmt`` runs in the current mode: ``fmt`` (exact)
+    or ``fmt + INT_SUFFIX`` (integer path)."""
+    return fmt + INT_SUFFIX if fmt in INT_KERNELS and not _mode["exact"] else fmt
+
+
+def kernels(fmt: str) -> tuple:
+    """(gemv, gemm) of ``fmt`` in the current mode."""
+    return INT_KERNELS[fmt] if fmt in INT_KERNELS and not _mode["exact"] else KERNELS[fmt]
+
 
 
 class _Serial:
@@ -151,7 +182,7 @@ def _run(x: np.ndarray, ws: list[QTensor], outs: list[np.ndarray], pool) -> None
 
     def fill(tab: np.ndarray) -> int:
         for t, (w, data, o) in enumerate(zip(ws, datas, outs)):
-            executor.fill(tab, t, w.fmt, data, x, o)
+            executor.fill(tab, t, task_key(w.fmt), data, x, o)
         return len(ws)
 
     nbytes = sum(w.nbytes for w in ws) * (1 if x.ndim == 1 else x.shape[0])
@@ -161,7 +192,7 @@ def _run(x: np.ndarray, ws: list[QTensor], outs: list[np.ndarray], pool) -> None
             pool.run_table(fill)
             return
         for w, data, o in zip(ws, datas, outs):  # a duck-typed pool: one run per weight
-            gemv, gemm = KERNELS[w.fmt]
+            gemv, gemm = kernels(w.fmt)
             if x.ndim == 1:
                 pool.run(gemv, w.shape[0], data, x, o)
             else:
@@ -172,7 +203,7 @@ def _run(x: np.ndarray, ws: list[QTensor], outs: list[np.ndarray], pool) -> None
         executor.run_chunks(tab, fill(tab), 0, 1)
     else:
         for w, data, o in zip(ws, datas, outs):
-            gemv, gemm = KERNELS[w.fmt]
+            gemv, gemm = kernels(w.fmt)
             (gemv if x.ndim == 1 else gemm)(data, x, o, 0, w.shape[0])
 
 
@@ -253,14 +284,14 @@ def matmul_each(xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray],
 
         def fill(tab: np.ndarray, part=part) -> int:
             for t, (x, fmt, data, o) in enumerate(part):
-                executor.fill(tab, t, fmt, data, x, o)
+                executor.fill(tab, t, task_key(fmt), data, x, o)
             return len(part)
 
         if parallel and hasattr(pool, "run_table"):
             pool.run_table(fill)
         elif parallel:  # a duck-typed pool: one run per product
             for x, fmt, data, o in part:
-                gemv, gemm = KERNELS[fmt]
+                gemv, gemm = kernels(fmt)
                 pool.run(gemv if x.ndim == 1 else gemm, data.shape[0], data, x, o)
         else:  # small: in this thread, still without a Python call per kernel
             tab = executor.new_table()
@@ -298,4 +329,4 @@ def dequantize(w: QTensor, rows: np.ndarray | None = None) -> np.ndarray:
     return out.reshape(lead + (cols,))
 
 
-__all__ = ["BLAS_MIN_ROWS", "HAVE_SIMD", "KERNELS", "dequantize", "matmul"]
+__all__ = ["BLAS_MIN_ROWS", "HAVE_SIMD", "INT_KERNELS", "KERNELS", "dequantize", "is_exact", "matmul", "set_exact"]

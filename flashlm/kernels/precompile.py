@@ -87,7 +87,7 @@ def start(formats, *, room: int | None = None, workers: int | None = None, dequa
 
 
 def _cost(fmt: str, dequant: bool) -> float:
-    return _COST.get(fmt, 8.0) + (_DEQUANT_COST if dequant else 0.0)
+    return _COST.get(fmt.split("/")[0], 8.0) + (_DEQUANT_COST if dequant else 0.0)  # a task key: its format
 
 
 def _affordable(room: int | None) -> int:
@@ -110,10 +110,11 @@ def _compile(fmt: str, dequant: bool) -> None:
     from flashlm.kernels import executor, matmul
     from flashlm.kernels.formats import FLOAT_DTYPES, QTensor, row_nbytes
 
-    executor.kernel_address(fmt)
+    executor.kernel_address(fmt)  # a task key: a format, or "FMT/i8" for its integer kernels
+    base = fmt.split("/")[0]
     cols = 256 * 3  # any width that whole blocks fill: the compiled code does not depend on it
-    if dequant and fmt not in FLOAT_DTYPES:
-        w = QTensor(np.zeros((2, row_nbytes(fmt, cols)), np.uint8), fmt, (2, cols))
+    if dequant and base not in FLOAT_DTYPES:
+        w = QTensor(np.zeros((2, row_nbytes(base, cols)), np.uint8), base, (2, cols))
         matmul.dequantize(w, rows=np.array([1]))  # the embedding lookup's kernel
 
 

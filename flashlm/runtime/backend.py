@@ -275,15 +275,17 @@ class KernelBackend:
             room: bytes the process may still grow by (for the compile workers); None: no limit.
             kv: the KV caches' element type ("f32" or "f16") the attention kernels are loaded for.
         """
-        from flashlm.kernels import executor, precompile
+        from flashlm.kernels import executor, matmul, precompile
         from flashlm.kernels.formats import FLOAT_DTYPES, row_nbytes
         from flashlm.runtime.kvcache import KV_DTYPES
 
         shapes = {(t["format"], int(t["shape"][-1])) for t in weights.tensor_info.values() if len(t["shape"]) == 2}
         # Only the token embedding is looked up (dequantized by rows): its format's dequantizer is the
-        # one a first token needs (another's cost Q4_1R's worker 7 s more, for nothing).
+        # one a first token needs (another's cost Q4_1R's worker 7 s more, for nothing; a prompt of
+        # matmul.BLAS_MIN_ROWS tokens or more compiles the others' on its first prefill).
         emb = weights.tensor_info.get("token_embd.weight", {}).get("format")
-        job = precompile.start(sorted({f for f, _ in shapes}), room=room, dequant=[emb] if emb else [],
+        key = matmul.task_key  # the kernels of the current path (integer or exact) of a format
+        job = precompile.start(sorted({key(f) for f, _ in shapes}), room=room, dequant=[key(emb)] if emb else [],
                                here=OPS_COMPILE_S)
         c = config
         d, hd, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
@@ -299,8 +301,8 @@ class KernelBackend:
         executor.warm_up()  # the table runner and the pool's worker loop
         # The formats no worker took first (this process compiles them while the workers run),
         # then the workers' (in the cache once they are done; one a worker failed on compiles here).
-        for fmt, cols in sorted(shapes, key=lambda s: (s[0] in job.formats, s)):
-            if fmt in job.formats:
+        for fmt, cols in sorted(shapes, key=lambda s: (key(s[0]) in job.formats, s)):
+            if key(fmt) in job.formats:
                 job.wait()  # (returns at once after the first time)
             if fmt in FLOAT_DTYPES:
                 data = np.zeros((2, cols), FLOAT_DTYPES[fmt])

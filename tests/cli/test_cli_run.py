@@ -103,6 +103,27 @@ def test_kv_choice_reaches_the_cache_and_the_plan(tiny_store, tmp_path, capsys):
     assert ppl["f16"] != ppl["f32"] and abs(ppl["f16"] / ppl["f32"] - 1) < 0.01
 
 
+def test_exact_choice_reaches_the_kernels(tmp_path, capsys):
+    """--exact runs the float32 kernels, the default the integer path (a Q4_K model: it has integer
+    kernels where the CPU has AVX2): bench says which, and the greedy logits differ between them."""
+    from flashlm.kernels import matmul
+    from flashlm.models.gguf_import import import_gguf
+
+    store = str(import_gguf(write_tiny_gguf(tmp_path / "k.gguf", arch="qwen2", fmt="Q4_K", hidden=256, ffn=512,
+                                            extra_tensor_fmt={"token_embd.weight": "F16"}), tmp_path / "store"))
+    f = tmp_path / "t.txt"
+    f.write_text("hello world " * 40)
+    ppl = {}
+    for exact in (True, False):
+        flag = ["--exact"] if exact else []
+        assert main(["bench", store, "-p", "8", "-n", "2", "--json", *flag]) == 0
+        assert json.loads(capsys.readouterr().out)["exact"] is (exact or not matmul.INT_KERNELS)
+        assert main(["perplexity", store, str(f), "--ctx", "16", "--chunks", "2", "--json", *flag]) == 0
+        ppl[exact] = json.loads(capsys.readouterr().out)["perplexity"]
+    if matmul.INT_KERNELS:
+        assert ppl[True] != ppl[False] and abs(ppl[True] / ppl[False] - 1) < 0.01
+
+
 def test_run_unknown_model(flashlm_home):
     r = run_cli("run", "no-such-model", "hi")
     assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr and "Traceback" not in r.stderr

@@ -55,6 +55,7 @@ def prefill(model, ids):
     return model.forward(np.asarray(ids), np.arange(len(ids)), cache), cache
 
 
+@pytest.mark.usefixtures("exact_path")  # float32's tolerances (the integer path: test_intpath_fidelity)
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_prefill_logits(model, case):
     c = golden(model.golden_name)["chat"][case]
@@ -71,6 +72,7 @@ def first_mismatch(ours: list[int], ref: list[int]) -> int | None:
     return next((k for k, (a, b) in enumerate(zip(ours, ref)) if a != b), None)
 
 
+@pytest.mark.usefixtures("exact_path")
 @pytest.mark.parametrize("case", [0, 1, 2])
 def test_greedy(model, case):
     if model.backend.name == "numpy" and model.golden_name in BIG_FOR_NUMPY:
@@ -91,12 +93,16 @@ def test_greedy(model, case):
         f"greedy differs at step {k}: ours {out[k]}, hf {hf[k]}, hf top-2 margin {margin[k]}")
 
 
-def test_batch_and_verify_are_bit_identical(model):
-    """On the kernel backend a decode step of the three chat prompts in one forward_batch, and
+@pytest.mark.parametrize("exact", [False, True], ids=["int8", "exact"])
+def test_batch_and_verify_are_bit_identical(model, exact):
+    """On the kernel backend (either path) a decode step of the three chat prompts in one forward_batch, and
     a verification pass of the greedy continuation (9 tokens in one forward), give exactly the
     logits of one-token forwards: batching and speculative decoding cannot change a token."""
     if model.backend.name != "kernels":
         pytest.skip("bit identity is the kernel backend's promise")
+    from flashlm.kernels import matmul
+
+    matmul.set_exact(exact)
     cases = golden(model.golden_name)["chat"]
     batched = [prefill(model, c["prompt_ids"])[1] for c in cases]
     alone = [prefill(model, c["prompt_ids"])[1] for c in cases]

@@ -4,34 +4,27 @@ The golden "hf" value was computed on transformers' own tokenization of the text
 flashlm tokenizes like llama.cpp (tests/tokenizer), and for smollm2 the two differ
 (llama.cpp's smollm pre-tokenizer keeps "\\n\\n  " + "0" where transformers gives
 "\\n\\n " + " " + "0"), so where they differ the model is scored on the reference's
-ids: this test is about the forward pass; the tokenizer has its own tests. It runs on an
-f32 KV cache (the exact path); an f16 cache is checked against it (within 0.1 %).
+ids: this test is about the forward pass; the tokenizer has its own tests. It runs on the
+exact path (f32 activations, f32 KV cache); an f16 cache is checked against it (within 0.1 %).
+The integer path has its own tests (test_intpath_fidelity.py).
 """
 from __future__ import annotations
 
 import pytest
-from realmodels import GOLDEN, golden, real_store_path
+from realmodels import GOLDEN, golden, real_store_path, reference_ids
 
 import flashlm
-from flashlm.models.pull import gguf_path
 from flashlm.runtime.perplexity import perplexity
 
 REL_TOL = 0.002  # 0.2 %
 KV_F16_REL_TOL = 0.001  # an f16 KV cache: perplexity within 0.1 % of f32 (issue 18)
 
 
-def reference_ids(name: str, text: str) -> list[int]:
-    transformers = pytest.importorskip("transformers", reason="the parity extra (transformers) gives the reference ids")
-    path = gguf_path(name)
-    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    return tok(text, add_special_tokens=False)["input_ids"]
-
-
 @pytest.mark.parametrize("name", ["smollm2-135m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"])
 def test_perplexity_matches_hf(name):
     g = golden(name)["perplexity"]
     text = (GOLDEN / g["text_file"]).read_text(encoding="utf-8")
-    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f32") as llm:
+    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f32", exact=True) as llm:
         ours = llm.tokenizer.encode(text, add_special=False, parse_special=False)
         ref = reference_ids(name, text)
         res = perplexity(llm.model, ref, ctx=g["ctx"], chunks=g["chunks"], kv="f32")
@@ -46,7 +39,7 @@ def test_perplexity_matches_hf(name):
 def test_kv_f16_perplexity_is_within_0_1_percent_of_f32(name):
     g = golden(name)["perplexity"]
     text = (GOLDEN / g["text_file"]).read_text(encoding="utf-8")
-    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f16") as llm:
+    with flashlm.load(real_store_path(name), ctx=g["ctx"], kv="f16", exact=True) as llm:
         ids = llm.tokenizer.encode(text, add_special=False, parse_special=False)
         f16 = perplexity(llm.model, ids, ctx=g["ctx"], chunks=g["chunks"], kv="f16")
         f32 = perplexity(llm.model, ids, ctx=g["ctx"], chunks=g["chunks"], kv="f32")
