@@ -382,7 +382,8 @@ def run_chunks(tab, ntasks, part, parts):
         r0, r1 = _chunk(tab[t, W_ROWS], parts, part)
         if r1 <= r0:
             continue
-        if tab[t, FMT] >= ATTENTION:
+        fmt = tab[t, FMT]
+        if fmt == ATTENTION or fmt == ATTENTION_BATCH:  # (matmul ids skip these: FMT_IDS)
             _call_row_task(tab[t, KERNEL], tab.ctypes.data + t * tab.strides[0], r0, r1)
         else:
             _call_task(tab[t, KERNEL], tab[t, W_ADDR], tab[t, W_ROWS], tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N],
