@@ -81,7 +81,6 @@ class LLM:
                  read_mode: str | None = None, readers: int = 2, stream: bool = False,
                  prefill_rows: int | None = None, progress: bool = False, kv: str = DEFAULT_KV,
                  exact: bool = False):
-        from flashlm.kernels import matmul
         from flashlm.runtime.backend import get_backend
 
         self.store = store
@@ -92,14 +91,18 @@ class LLM:
         check_ctx(ctx, self.config)
         check_draft(draft, draft_max)
         self.kv = check_kv(kv)
-        matmul.set_exact(exact)  # process-wide: the kernels every product runs from now on
-        self.exact = matmul.is_exact()
+        self.exact = True  # the numpy backend multiplies in float32
         spec = parse_ram(ram)
         self.pool = None
         self.weights = None
         try:
             self.tokenizer = open_tokenizer(store)
             self.backend = get_backend(backend)  # "auto" never falls back to numpy silently
+            if hasattr(self.backend, "warm_up"):  # the kernels
+                from flashlm.kernels import matmul
+
+                matmul.set_exact(exact)  # process-wide: the kernels every product runs from now on
+                self.exact = matmul.is_exact()
             if hasattr(self.backend, "warm_up"):
                 notice = COMPILE_NOTICE
                 if progress:

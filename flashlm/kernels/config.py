@@ -88,6 +88,36 @@ if getattr(numba.core.caching.IndexDataCacheFile.save, "__name__", "") != "_lock
     numba.core.caching.IndexDataCacheFile.save = _locked_save
 
 
+# An array assignment whose shapes Numba cannot prove equal (``a[i] = b``, ``a[k:m] = s``)
+# calls, on a mismatch, Numba's CPU overload of ``raise_with_shape_context``, which formats both
+# shapes into its message: str of ints, f-strings, join. Numba compiles that string code the first
+# time a process compiles such an assignment, 4-6 s on the 2-core EPYC, in every process of a
+# first run that does (a repacked format's dequantizer, Q4_1R's GEMV: its compile worker took
+# 19 s for the task and 4.3 s for the dequantizer, 12.4 s and 1.9 s with this; Q8_0S's
+# dequantizer 8.9 -> 1.2 s; CPU seconds, one process each, fresh cache). The kernels check
+# shapes in Python before they run, so the message is never seen from them; the CPU overload
+# takes the body of Numba's own "generic" target overload instead, the same ValueError without
+# the shapes ("cannot assign slice from input of different size"), for every jitted function of
+# the process. Cache entries do not depend on it (the message is code of the overload, not of
+# the function cached).
+def _plain_shape_error() -> None:
+    try:
+        from numba.np import arrayobj
+    except ImportError:
+        return
+    cpu = getattr(arrayobj, "ol_raise_with_shape_context_cpu", None)
+    generic = getattr(arrayobj, "ol_raise_with_shape_context_generic", None)
+    if cpu is None or generic is None or cpu.__code__ is generic.__code__:
+        return
+    try:  # the overload's template holds this function: its code is what Numba calls
+        cpu.__code__ = generic.__code__
+    except (TypeError, ValueError):  # a Numba whose two overloads differ in shape: keep its own
+        pass
+
+
+_plain_shape_error()
+
+
 def intrinsic(fn):
     """``numba.extending.intrinsic`` with a stable uuid, pickled by that uuid (``_Intrinsic``)."""
     obj = numba.extending.intrinsic(fn)

@@ -13,11 +13,12 @@ Table row layout (int64): FMT, W_ADDR, W_ROWS, W_ROWLEN (array elements per
 weight row), X_ADDR, N (0 for a 1-D GEMV input), COLS, OUT_ADDR, KERNEL (the address of
 the format's task, :func:`kernel_address`: formats compile one by one, when a model first
 uses them). An attention
-task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, HKV,
-T_MAX, N_PAST and is split over query heads. A batched one-token attention task (FMT =
-ATTENTION_BATCH) holds Q_ADDR, B * HQ, CACHES_ADDR (kernels.ops.attention_batch's (B, 4) int64
-table), B, HQ, D, OUT_ADDR, HKV and is split over (sequence, head) pairs. Both attention rows
-hold the KV caches' dtype in column KV_DTYPE (11): 0 float32, 1 f16 (uint16 arrays of half bits).
+task (FMT = ATTENTION) holds Q_ADDR, HQ, K_ADDR, V_ADDR, N, D, OUT_ADDR, KERNEL, T_MAX, N_PAST,
+HKV and is split over query heads. A batched one-token attention task (FMT = ATTENTION_BATCH)
+holds Q_ADDR, B * HQ, CACHES_ADDR (kernels.ops.attention_batch's (B, 4) int64 table), B, HQ, D,
+OUT_ADDR, KERNEL, -, -, HKV and is split over (sequence, head) pairs. An attention row's KERNEL
+is the address of its task for the KV caches' dtype (:func:`attention_address`), which reads
+the rest of the row itself.
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
 
@@ -40,12 +41,12 @@ from flashlm.kernels import intpath as _ip
 from flashlm.kernels import repacked as _rp
 from flashlm.kernels import sync
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
-from flashlm.kernels.ops import _attention, _attention_batch, _ptr
+from flashlm.kernels.ops import _attention, _attention_batch_as, _ptr
 
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR, KERNEL = range(9)
 ATTENTION = 20
 ATTENTION_BATCH = 21
-KV_DTYPE = 11  # column of an attention row: 0 float32 caches, 1 f16 (uint16)
+HKV = 11  # column of an attention row: kv heads
 ROW = 12
 MAX_TASKS = 16
 
@@ -274,6 +275,91 @@ def missing_formats(formats) -> list[str]:
     return [f for f in dict.fromkeys(formats) if f in TASKS and f not in _compiled and not _task_cached(f)]
 
 
+# ---- attention as C-callable tasks, one per (kind, KV cache dtype) ----
+#
+# A task is ``void(row_addr, r0, r1)``: query heads (ATTENTION) or (sequence, head) pairs
+# (ATTENTION_BATCH) r0..r1-1 of the table row at ``row_addr``. Attention inside run_chunks
+# compiled it for float32 and f16 caches, one-token batches of both, and ops.attention(pool=None)
+# compiled it once more as a direct call: 13 s of a first run's ~17 s in the main process (Numba
+# compile events, smollm2 with f16 caches: run_chunks 7.4 s, _attention 3.3 s, worker_loop 2.2 s).
+# As tasks, a process compiles the attention of the cache type it uses, once, and run_chunks
+# and worker_loop hold no kernel.
+
+ATTENTION_SIG = types.void(types.int64, types.int64, types.int64)
+
+
+@njit(nogil=True, inline="always")
+def _attention_task(dt, row_addr, h0, h1):
+    """Query heads h0..h1-1 of the ATTENTION row at ``row_addr``; ``dt`` the caches' element type."""
+    r = carray(_ptr(row_addr, types.int64), (ROW,))
+    hq, n, d, hkv, tmax = r[W_ROWS], r[5], r[6], r[HKV], r[9]
+    q = carray(_ptr(r[1], types.float32), (n, hq, d))
+    k = carray(_ptr(r[3], dt), (hkv, tmax, d))
+    v = carray(_ptr(r[4], dt), (hkv, tmax, d))
+    o = carray(_ptr(r[OUT_ADDR], types.float32), (n, hq, d))
+    _attention(q, k, v, r[10], o, h0, h1)
+
+
+@njit(nogil=True, inline="always")
+def _attention_batch_task(dt, row_addr, w0, w1):
+    """Pairs w0..w1-1 of the ATTENTION_BATCH row at ``row_addr``; ``dt`` the caches' element type."""
+    r = carray(_ptr(row_addr, types.int64), (ROW,))
+    nb, hq, d = r[4], r[5], r[6]
+    q = carray(_ptr(r[1], types.float32), (nb, hq, d))
+    caches = carray(_ptr(r[3], types.int64), (nb, 4))
+    o = carray(_ptr(r[OUT_ADDR], types.float32), (nb, hq, d))
+    _attention_batch_as(q, caches, r[HKV], dt, o, w0, w1)
+
+
+def _a_f32(row, r0, r1):
+    _attention_task(types.float32, row, r0, r1)
+
+
+def _a_f16(row, r0, r1):
+    _attention_task(types.uint16, row, r0, r1)
+
+
+def _ab_f32(row, r0, r1):
+    _attention_batch_task(types.float32, row, r0, r1)
+
+
+def _ab_f16(row, r0, r1):
+    _attention_batch_task(types.uint16, row, r0, r1)
+
+
+# (kind, f16 caches) -> task
+ATTENTION_TASKS = {(ATTENTION, False): _a_f32, (ATTENTION, True): _a_f16,
+                   (ATTENTION_BATCH, False): _ab_f32, (ATTENTION_BATCH, True): _ab_f16}
+_attention_compiled: dict[tuple, object] = {}  # (kind, f16) -> numba CFunc (kept alive)
+
+
+def attention_address(kind: int, f16: bool) -> int:
+    """Address of the C-callable attention task of ``kind`` (ATTENTION or ATTENTION_BATCH) for
+    float32 or f16 (uint16) caches, compiled (or loaded from Numba's cache) on first use."""
+    key = (kind, bool(f16))
+    c = _attention_compiled.get(key)
+    if c is None:
+        with _compile_lock:
+            c = _attention_compiled.get(key)
+            if c is None:
+                c = _attention_compiled[key] = cfunc(ATTENTION_SIG, cache=True)(ATTENTION_TASKS[key])
+    return c.address
+
+
+@intrinsic
+def _call_row_task(typingctx, addr, row_addr, r0, r1):
+    """Call the task at ``addr`` (an ATTENTION_SIG cfunc) with the other arguments."""
+    sig = types.void(addr, row_addr, r0, r1)
+
+    def codegen(context, builder, signature, args):
+        i64 = ir.IntType(64)
+        fn = builder.inttoptr(args[0], ir.FunctionType(ir.VoidType(), [i64] * 3).as_pointer())
+        builder.call(fn, [builder.sext(a, i64) if a.type.width < 64 else a for a in args[1:]])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
 @intrinsic
 def _call_task(typingctx, addr, w, rows, rowlen, x, n, cols, out, r0, r1):
     """Call the task at ``addr`` (a TASK_SIG cfunc) with the other arguments."""
@@ -290,35 +376,18 @@ def _call_task(typingctx, addr, w, rows, rowlen, x, n, cols, out, r0, r1):
 
 @njit(nogil=True, cache=True)
 def run_chunks(tab, ntasks, part, parts):
-    """Run chunk ``part`` of ``parts`` of every task row in ``tab[:ntasks]``."""
+    """Run chunk ``part`` of ``parts`` of every task row in ``tab[:ntasks]``: a call through the
+    row's KERNEL address (no kernel is compiled into this function)."""
     for t in range(ntasks):
-        fmt = tab[t, FMT]
-        rows = tab[t, W_ROWS]
-        r0, r1 = _chunk(rows, parts, part)
+        r0, r1 = _chunk(tab[t, W_ROWS], parts, part)
         if r1 <= r0:
             continue
-        if fmt == ATTENTION_BATCH:
-            nb, hq, d, hkv = tab[t, 4], tab[t, 5], tab[t, 6], tab[t, 8]
-            q = carray(_ptr(tab[t, 1], types.float32), (nb, hq, d))
-            caches = carray(_ptr(tab[t, 3], types.int64), (nb, 4))
-            o = carray(_ptr(tab[t, 7], types.float32), (nb, hq, d))
-            _attention_batch(q, caches, hkv, tab[t, KV_DTYPE] == 1, o, r0, r1)
-            continue
-        if fmt == ATTENTION:
-            n, d, hkv, tmax = tab[t, 5], tab[t, 6], tab[t, 8], tab[t, 9]
-            q = carray(_ptr(tab[t, 1], types.float32), (n, rows, d))
-            o = carray(_ptr(tab[t, 7], types.float32), (n, rows, d))
-            if tab[t, KV_DTYPE] == 1:
-                k16 = carray(_ptr(tab[t, 3], types.uint16), (hkv, tmax, d))
-                v16 = carray(_ptr(tab[t, 4], types.uint16), (hkv, tmax, d))
-                _attention(q, k16, v16, tab[t, 10], o, r0, r1)
-            else:
-                k = carray(_ptr(tab[t, 3], types.float32), (hkv, tmax, d))
-                v = carray(_ptr(tab[t, 4], types.float32), (hkv, tmax, d))
-                _attention(q, k, v, tab[t, 10], o, r0, r1)
-            continue
-        _call_task(tab[t, KERNEL], tab[t, W_ADDR], rows, tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N], tab[t, COLS],
-                   tab[t, OUT_ADDR], r0, r1)
+        fmt = tab[t, FMT]
+        if fmt == ATTENTION or fmt == ATTENTION_BATCH:  # (matmul ids skip these: FMT_IDS)
+            _call_row_task(tab[t, KERNEL], tab.ctypes.data + t * tab.strides[0], r0, r1)
+        else:
+            _call_task(tab[t, KERNEL], tab[t, W_ADDR], tab[t, W_ROWS], tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N],
+                       tab[t, COLS], tab[t, OUT_ADDR], r0, r1)
 
 
 @njit(nogil=True, cache=True)
@@ -363,15 +432,48 @@ def fill(tab: np.ndarray, t: int, fmt: str, data: np.ndarray, x: np.ndarray, out
     _fill_row(tab, t, FMT_IDS[fmt], kernel_address(fmt), data, x, out)
 
 
+@njit(nogil=True, cache=True)
+def _fill_attention_row(tab, t, q, k, v, n_past, out, kernel):
+    n, hq, d = q.shape
+    tab[t, FMT] = ATTENTION
+    tab[t, 1] = q.ctypes.data
+    tab[t, W_ROWS] = hq
+    tab[t, 3] = k.ctypes.data
+    tab[t, 4] = v.ctypes.data
+    tab[t, 5] = n
+    tab[t, 6] = d
+    tab[t, OUT_ADDR] = out.ctypes.data
+    tab[t, KERNEL] = kernel
+    tab[t, 9] = k.shape[1]
+    tab[t, 10] = n_past
+    tab[t, HKV] = k.shape[0]
+
+
+@njit(nogil=True, cache=True)
+def _fill_attention_batch_row(tab, t, q, caches, hkv, out, kernel):
+    nb, hq, d = q.shape
+    tab[t, FMT] = ATTENTION_BATCH
+    tab[t, 1] = q.ctypes.data
+    tab[t, W_ROWS] = nb * hq
+    tab[t, 3] = caches.ctypes.data
+    tab[t, 4] = nb
+    tab[t, 5] = hq
+    tab[t, 6] = d
+    tab[t, OUT_ADDR] = out.ctypes.data
+    tab[t, KERNEL] = kernel
+    tab[t, 9] = 0
+    tab[t, 10] = 0
+    tab[t, HKV] = hkv
+
+
+# (Numba fills the rows: four ``.ctypes.data`` in Python took 30 of a decode attention's 80 us.)
+
+
 def fill_attention(tab: np.ndarray, t: int, q: np.ndarray, k: np.ndarray, v: np.ndarray, n_past: int,
                    out: np.ndarray) -> int:
     """Describe causal attention (kernels.ops.attention's arrays, all C-contiguous; k and v float32,
     or uint16 for an f16 cache) in row ``t``."""
-    n, hq, d = q.shape
-    hkv, tmax, _ = k.shape
-    tab[t, :11] = (ATTENTION, q.ctypes.data, hq, k.ctypes.data, v.ctypes.data, n, d, out.ctypes.data, hkv, tmax,
-                   n_past)
-    tab[t, KV_DTYPE] = int(k.dtype == np.uint16)
+    _fill_attention_row(tab, t, q, k, v, n_past, out, attention_address(ATTENTION, k.dtype == np.uint16))
     return t + 1
 
 
@@ -379,9 +481,7 @@ def fill_attention_batch(tab: np.ndarray, t: int, q: np.ndarray, caches: np.ndar
                          out: np.ndarray, *, f16: bool = False) -> int:
     """Describe kernels.ops.attention_batch's arrays (q, out C-contiguous; ``caches`` its int64 table,
     of f16 caches when ``f16``) in row ``t``."""
-    nb, hq, d = q.shape
-    tab[t, :9] = (ATTENTION_BATCH, q.ctypes.data, nb * hq, caches.ctypes.data, nb, hq, d, out.ctypes.data, hkv)
-    tab[t, KV_DTYPE] = int(f16)
+    _fill_attention_batch_row(tab, t, q, caches, hkv, out, attention_address(ATTENTION_BATCH, f16))
     return t + 1
 
 

@@ -640,13 +640,14 @@ def _ptr(typingctx, addr, ty):
     return sig, codegen
 
 
-@jit(fastmath=_CONTRACT)
-def _attention_batch(q, caches, hkv, f16, out, w0, w1):
+@jit(fastmath=_CONTRACT, inline="always")
+def _attention_batch_as(q, caches, hkv, dt, out, w0, w1):
     # q (B, Hq, D): one query token per sequence; caches (B, 4) int64: address of the sequence's
-    # k and v caches (Hkv, T_max, D), its n_past, T_max; the caches are float32, or uint16 (f16
-    # bits) when f16; out (B, Hq, D). Work items w = b * Hq + h for w0 <= w < w1: each sequence's
-    # heads run through _attention with n = 1, the very code of a one-sequence call, so every
-    # row has the bits it has alone.
+    # k and v caches (Hkv, T_max, D) of element type ``dt`` (types.float32, or types.uint16 for
+    # f16 bits), its n_past, T_max; out (B, Hq, D). Work items w = b * Hq + h for w0 <= w < w1:
+    # each sequence's heads run through _attention with n = 1, the very code of a one-sequence
+    # call, so every row has the bits it has alone. ``dt`` is a compile-time type, so the
+    # attention task of one cache type (kernels.executor) compiles _attention for that type only.
     nb, hq, dd = q.shape
     if w1 <= w0:
         return
@@ -654,14 +655,19 @@ def _attention_batch(q, caches, hkv, f16, out, w0, w1):
         h0 = max(w0 - b * hq, 0)
         h1 = min(w1 - b * hq, hq)
         tmax = caches[b, 3]
-        if f16:
-            k16 = numba.carray(_ptr(caches[b, 0], types.uint16), (hkv, tmax, dd))
-            v16 = numba.carray(_ptr(caches[b, 1], types.uint16), (hkv, tmax, dd))
-            _attention(q[b:b + 1], k16, v16, caches[b, 2], out[b:b + 1], h0, h1)
-        else:
-            k = numba.carray(_ptr(caches[b, 0], types.float32), (hkv, tmax, dd))
-            v = numba.carray(_ptr(caches[b, 1], types.float32), (hkv, tmax, dd))
-            _attention(q[b:b + 1], k, v, caches[b, 2], out[b:b + 1], h0, h1)
+        k = numba.carray(_ptr(caches[b, 0], dt), (hkv, tmax, dd))
+        v = numba.carray(_ptr(caches[b, 1], dt), (hkv, tmax, dd))
+        _attention(q[b:b + 1], k, v, caches[b, 2], out[b:b + 1], h0, h1)
+
+
+@jit(fastmath=_CONTRACT)
+def _attention_batch(q, caches, hkv, f16, out, w0, w1):
+    # _attention_batch_as for f16 (uint16) caches when ``f16``, else float32 ones: the entry of a
+    # pool without tables (``pool.run``); the pool's tables and pool=None run kernels.executor's tasks.
+    if f16:
+        _attention_batch_as(q, caches, hkv, types.uint16, out, w0, w1)
+    else:
+        _attention_batch_as(q, caches, hkv, types.float32, out, w0, w1)
 
 
 KV_DTYPES = (np.dtype(np.float32), np.dtype(np.uint16))  # a KV cache's arrays: f32, or f16 as its bits
@@ -724,8 +730,11 @@ def attention(q: np.ndarray, k_cache: np.ndarray, v_cache: np.ndarray, n_past: i
         raise ValueError("attention: out must not be q")
     if n == 0:
         return out
-    if pool is None:
-        _attention(q, k_cache, v_cache, n_past, out, 0, hq)
+    if pool is None:  # a one-row table on this thread: the same compiled task as the pool's
+        from flashlm.kernels import executor
+
+        tab = np.empty((1, executor.ROW), np.int64)
+        executor.run_chunks(tab, executor.fill_attention(tab, 0, q, k_cache, v_cache, n_past, out), 0, 1)
     elif hasattr(pool, "run_table"):  # heads split on the pool without the GIL (kernels.executor)
         from flashlm.kernels import executor
 
@@ -765,8 +774,11 @@ def attention_batch(q: np.ndarray, k_caches: list, v_caches: list, n_past: list,
     if hq % hkv:
         raise ValueError(f"attention_batch: {hq} query heads over {hkv} kv heads")
     caches, f16 = _cache_table("attention_batch", k_caches, v_caches, n_past, hkv, d)
-    if pool is None:
-        _attention_batch(q, caches, hkv, f16, out, 0, nb * hq)
+    if pool is None:  # a one-row table on this thread, as attention's
+        from flashlm.kernels import executor
+
+        tab = np.empty((1, executor.ROW), np.int64)
+        executor.run_chunks(tab, executor.fill_attention_batch(tab, 0, q, caches, hkv, out, f16=f16), 0, 1)
     elif hasattr(pool, "run_table"):  # on the pool without the GIL (kernels.executor)
         from flashlm.kernels import executor
 

@@ -231,6 +231,12 @@ class NumpyBackend:
 # ---- Numba kernels ----
 
 
+# CPU seconds warm_up compiles on a fresh install besides the formats' kernels (attention for
+# one cache type 6.5-7 s, rope, norms, the table runner; 2-core AVX2 EPYC, shared with other
+# work), what kernels.precompile weighs against a format's when it shares the formats between
+# this process and its workers.
+OPS_COMPILE_S = 10.0
+
 # Multiply-adds of q.k from which attention is split over the pool's query heads
 # (measured, qwen2.5-0.5b decode: 24 layers of attention over 1500 positions took
 # 5.9 ms on one thread, 3.7 ms split on 2 as a nogil table task).
@@ -260,7 +266,8 @@ class KernelBackend:
         the RAM planner measures and the first token does not wait for them.
 
         On a first run the formats' matmul kernels compile in worker processes
-        (``kernels.precompile``) while this one compiles attention and the other ops.
+        (``kernels.precompile``) while this one compiles attention and the other ops, and
+        then the formats no worker took.
 
         Args:
             weights: a Store (``tensor_info``) or anything with ``tensor_info``-like metadata.
@@ -273,7 +280,13 @@ class KernelBackend:
         from flashlm.runtime.kvcache import KV_DTYPES
 
         shapes = {(t["format"], int(t["shape"][-1])) for t in weights.tensor_info.values() if len(t["shape"]) == 2}
-        job = precompile.start(sorted({matmul.task_key(f) for f, _ in shapes}), room=room)
+        # Only the token embedding is looked up (dequantized by rows): its format's dequantizer is the
+        # one a first token needs (another's cost Q4_1R's worker 7 s more, for nothing; a prompt of
+        # matmul.BLAS_MIN_ROWS tokens or more compiles the others' on its first prefill).
+        emb = weights.tensor_info.get("token_embd.weight", {}).get("format")
+        key = matmul.task_key  # the kernels of the current path (integer or exact) of a format
+        job = precompile.start(sorted({key(f) for f, _ in shapes}), room=room, dequant=[key(emb)] if emb else [],
+                               here=OPS_COMPILE_S)
         c = config
         d, hd, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
         x = np.ones((1, d), np.float32)
@@ -286,8 +299,11 @@ class KernelBackend:
         self.kv_write(kc, vc, k, k, 0)
         self.attention(q, kc, vc, 0)
         executor.warm_up()  # the table runner and the pool's worker loop
-        job.wait()  # the formats' kernels are in the cache now (a format a worker failed on compiles here)
-        for fmt, cols in sorted(shapes):
+        # The formats no worker took first (this process compiles them while the workers run),
+        # then the workers' (in the cache once they are done; one a worker failed on compiles here).
+        for fmt, cols in sorted(shapes, key=lambda s: (key(s[0]) in job.formats, s)):
+            if key(fmt) in job.formats:
+                job.wait()  # (returns at once after the first time)
             if fmt in FLOAT_DTYPES:
                 data = np.zeros((2, cols), FLOAT_DTYPES[fmt])
             else:
@@ -295,7 +311,8 @@ class KernelBackend:
             w = QTensor(data, fmt, (2, cols))
             for n in (1, 2):
                 self.linear(np.zeros((n, cols), np.float32), w)
-            self.embed(w, np.array([1]))
+            if fmt == emb:
+                self.embed(w, np.array([1]))
 
     def vector(self, w: QTensor) -> np.ndarray:
         """A norm weight or bias as float32 (converted once when stored as F16/BF16, unless its

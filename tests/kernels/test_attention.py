@@ -239,3 +239,16 @@ def test_kv_write_batch_equals_kv_write_of_each() -> None:
         np.testing.assert_array_equal(vc, ve)
     with pytest.raises(ValueError):
         kv_write_batch([c[0] for c in caches], [c[1] for c in caches], k, v, [5, 0, 9])  # past a cache
+
+
+def test_attention_tasks_compile_per_cache_type() -> None:
+    # pool=None runs the same C-callable task as the pool's table, one per (kind, cache dtype)
+    from flashlm.kernels import executor
+
+    q = np.ones((1, 4, 16), np.float32)
+    k = np.zeros((2, 4, 16), np.uint16)
+    attention(q, k, k, 0)
+    assert (executor.ATTENTION, True) in executor._attention_compiled
+    assert executor.attention_address(executor.ATTENTION, True) == executor.attention_address(executor.ATTENTION, True)
+    assert executor.attention_address(executor.ATTENTION, True) != executor.attention_address(executor.ATTENTION,
+                                                                                              False)

@@ -11,6 +11,9 @@ from flashlm.kernels.matmul import dequantize, matmul
 from flashlm.kernels.formats import QTensor
 from flashlm.runtime.threadpool import ThreadPool
 
+# The exact kernels against gguf and float64 references (the integer path: test_intpath.py).
+pytestmark = pytest.mark.usefixtures("exact_path")
+
 ALL_FMTS = tuple(dict.fromkeys(BASIC_FMTS + QUANT_FMTS + STORE_FMTS))
 
 

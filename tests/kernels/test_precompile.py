@@ -21,6 +21,7 @@ from flashlm.kernels import executor, matmul
 from flashlm.kernels.formats import QTensor
 from tests.kernels.test_precompile import stored
 
+matmul.set_exact(True)  # the worker compiled the exact task ("Q8_0S", not "Q8_0S/i8")
 compiled = []
 class Listen(event.Listener):
     def on_start(self, e):
@@ -71,6 +72,7 @@ from flashlm.kernels import matmul
 from flashlm.kernels.formats import QTensor
 from tests.kernels.test_precompile import stored
 
+matmul.set_exact(True)  # the workers compiled the exact tasks
 rng = np.random.default_rng(0)
 for base in ("Q4_1", "Q8_0"):
     w = rng.standard_normal((64, 256)).astype(np.float32)
@@ -101,10 +103,16 @@ def test_formats_cached_by_two_processes_at_once_each_run_their_own_code(tmp_pat
     assert all(float(r[1]) < 1e-5 for r in rows), rows
 
 
-def test_every_format_has_a_task_and_a_table_mixing_formats_runs_each() -> None:
-    from flashlm.kernels import matmul
+@pytest.mark.parametrize("exact", [True, False], ids=["exact", "int8"])
+def test_every_format_has_a_task_and_a_table_mixing_formats_runs_each(exact: bool) -> None:
+    """Every format has its task (and its integer task where it has integer kernels); a table of
+    three formats runs each one's kernels. The integer path's tolerance: its activations are
+    rounded to 1/256 of an int8 step (exact references: tests/kernels/test_intpath.py)."""
+    from flashlm.kernels import intpath, matmul
     from flashlm.kernels.formats import QTensor
-    assert set(executor.TASKS) == set(matmul.KERNELS)
+    assert set(executor.TASKS) == set(matmul.KERNELS) | {f + matmul.INT_SUFFIX for f in intpath.INT_KERNELS}
+    matmul.set_exact(exact)
+    tol = 1e-5 if matmul.is_exact() else 1e-3
     rng = np.random.default_rng(1)
     x = rng.standard_normal(256).astype(np.float32)
     ws, refs = [], []
@@ -115,8 +123,8 @@ def test_every_format_has_a_task_and_a_table_mixing_formats_runs_each() -> None:
         refs.append(ref)
     for got, ref in zip(matmul.matmul_many(x, ws), refs):
         want = x @ ref.T
-        assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
-    assert {"F32", "Q8_0S", "Q4_KR"} <= set(executor.compiled_formats())
+        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+    assert {matmul.task_key(f) for f in ("F32", "Q8_0S", "Q4_KR")} <= set(executor.compiled_formats())
     assert executor.missing_formats(["F32", "Q8_0S", "NOT_A_FORMAT"]) == []  # loaded here; unknown: no task
 
 
@@ -158,3 +166,30 @@ def test_workers_take_the_formats_the_longest_first_to_the_least_loaded(monkeypa
     started.clear()
     job = precompile.start(["Q8_0S", "Q4_1R", "Q6_KR"], room=None, workers=2)
     assert started == [["Q4_1R"], ["Q8_0S", "Q6_KR"]] and sorted(job.formats) == ["Q4_1R", "Q6_KR", "Q8_0S"]
+
+
+def test_this_process_takes_formats_when_it_has_less_to_compile(monkeypatch) -> None:
+    started = []
+
+    class FakeProc:
+        def __init__(self, args, **kw):
+            started.append(args[3:])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(executor, "missing_formats", lambda fmts: list(fmts))
+    monkeypatch.setattr(precompile.subprocess, "Popen", FakeProc)
+    # one worker: Q4_1R (the longest) to it, Q8_0S (with its dequantizer) here, where only 1 s waits
+    job = precompile.start(["Q8_0S", "Q4_1R"], room=None, workers=1, dequant=["Q8_0S"], here=1.0)
+    assert started == [["Q4_1R"]] and job.formats == ["Q4_1R"]
+    started.clear()
+    job = precompile.start(["Q8_0S", "Q4_1R"], room=None, workers=1, dequant=["Q4_1R"], here=100.0)
+    assert started == [["Q4_1R", "Q8_0S", "--dequant", "Q4_1R"]] and job.formats == ["Q4_1R", "Q8_0S"]
+
+
+def test_a_worker_compiles_the_dequantizer_only_when_asked(monkeypatch) -> None:
+    done = []
+    monkeypatch.setattr(precompile, "_compile", lambda fmt, dequant: done.append((fmt, dequant)))
+    assert precompile.main(["Q4_1R", "Q8_0S", "--dequant", "Q8_0S"]) == 0
+    assert done == [("Q4_1R", False), ("Q8_0S", True)]

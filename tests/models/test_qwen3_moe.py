@@ -21,6 +21,9 @@ from flashlm.models.weights import DictWeights, gguf_weights
 from flashlm.offload.store import ALIGN, Store
 from flashlm.runtime.backend import KernelBackend, NumpyBackend, kernels_available, kernels_error
 
+# transformers parity at float32 tolerances: the exact path (the integer path: test_intpath_fidelity.py).
+pytestmark = pytest.mark.usefixtures("exact_path")
+
 torch = pytest.importorskip("torch", reason="torch is needed for the transformers parity tests")
 transformers = pytest.importorskip("transformers", reason="transformers is needed for the parity tests")
 
