@@ -7,8 +7,8 @@ fallback):
   activations are one int8 part per block, is 1.8 % above it on the 1.5B; measured here
   -0.001 % on the 0.5B and -0.008 % on the 1.5B);
 - greedy decoding of the golden chats gives transformers' tokens, or first differs at a step
-  where transformers' own top-2 margin was under ``NEAR_TIE``: the integer path moved the 0.5B's
-  prompt logits by at most 0.0024 from the exact path's (max over the vocabulary), so a margin
+  where transformers' own top-2 margin was under ``NEAR_TIE``: on the integer path the 0.5B's
+  prompt logits were within 0.0024 of transformers' (max over the vocabulary), so a margin
   under 20 times that is a near-tie it may break the other way.
 """
 from __future__ import annotations
