@@ -244,12 +244,17 @@ def compiled_formats() -> list[str]:
 def kernel_address(fmt: str) -> int:
     """Address of the C-callable task of ``fmt`` (compiled, or loaded from Numba's cache, on
     first use in this process)."""
-    c = _compiled.get(fmt)
+    return _cfunc_address(_compiled, fmt, TASK_SIG, TASKS)
+
+
+def _cfunc_address(done: dict, key, sig, funcs: dict) -> int:
+    """Address of ``funcs[key]`` as a ``cfunc`` of ``sig``, made once per process (``done``)."""
+    c = done.get(key)
     if c is None:
         with _compile_lock:
-            c = _compiled.get(fmt)
+            c = done.get(key)
             if c is None:
-                c = _compiled[fmt] = cfunc(TASK_SIG, cache=True)(TASKS[fmt])
+                c = done[key] = cfunc(sig, cache=True)(funcs[key])
     return c.address
 
 
@@ -336,14 +341,7 @@ _attention_compiled: dict[tuple, object] = {}  # (kind, f16) -> numba CFunc (kep
 def attention_address(kind: int, f16: bool) -> int:
     """Address of the C-callable attention task of ``kind`` (ATTENTION or ATTENTION_BATCH) for
     float32 or f16 (uint16) caches, compiled (or loaded from Numba's cache) on first use."""
-    key = (kind, bool(f16))
-    c = _attention_compiled.get(key)
-    if c is None:
-        with _compile_lock:
-            c = _attention_compiled.get(key)
-            if c is None:
-                c = _attention_compiled[key] = cfunc(ATTENTION_SIG, cache=True)(ATTENTION_TASKS[key])
-    return c.address
+    return _cfunc_address(_attention_compiled, (kind, bool(f16)), ATTENTION_SIG, ATTENTION_TASKS)
 
 
 @intrinsic

@@ -87,10 +87,13 @@ def is_exact() -> bool:
     return _mode["exact"] or not INT_KERNELS
 
 
+_INT_KEYS = {f: f + INT_SUFFIX for f in INT_KERNELS}
+
+
 def task_key(fmt: str) -> str:
     """The kernels a product of weight format ``fmt`` runs in the current mode: ``fmt`` (exact)
-    or ``fmt + INT_SUFFIX`` (integer path)."""
-    return fmt + INT_SUFFIX if fmt in INT_KERNELS and not _mode["exact"] else fmt
+    or ``fmt + INT_SUFFIX`` (integer path). (Called per product: no string is built.)"""
+    return fmt if _mode["exact"] else _INT_KEYS.get(fmt, fmt)
 
 
 def kernels(fmt: str) -> tuple:
