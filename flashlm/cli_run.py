@@ -373,6 +373,9 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         tok = int(np.argmax(logits))
         r0 = llm.weights.reads() if llm.streams else None
         e0 = _expert_counts(llm)
+        ecache = getattr(llm.weights, "experts_cache", None) if llm.streams else None
+        if ecache is not None:
+            ecache.log = []  # the experts this round reads, replayed below for the disk's ceiling
         t0 = time.perf_counter()
         for _ in range(gen_tokens):
             tok = int(np.argmax(model.forward(np.array([tok]), None, cache)))
@@ -382,6 +385,9 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
             if llm.streams:
                 reads = tuple(b - a for a, b in zip(r0, llm.weights.reads()))
                 experts = tuple(b - a for a, b in zip(e0, _expert_counts(llm)))
+                expert_log = ecache.log if ecache is not None else []
+    if ecache is not None:
+        ecache.log = None
     from flashlm.offload.budget import Layout
 
     store = llm.store
@@ -398,9 +404,20 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
     }
     if llm.streams:
         nbytes, read_s, wait_s = reads
+        # The disk's ceiling: the same reads right after, with no compute. The plan's streamed
+        # segments (the prefetcher's order and depth) and, for MoE, the experts this decode read
+        # (as many in flight as the cache has slots); the limit is the time both take.
         io_ceiling = llm.weights.read_pass(max(1, min(gen_tokens, 4)))
+        exp_bytes = experts[2] if ecache is not None else 0
+        io_s = (nbytes - exp_bytes) / io_ceiling if io_ceiling else 0.0
+        if exp_bytes:
+            exp_ceiling = ecache.read_pass(expert_log)
+            io_s += exp_bytes / exp_ceiling
+            out.update(expert_io_ceiling_GB_s=round(exp_ceiling / 1e9, 3))
+            if not io_ceiling:  # every dense layer resident: what else streamed (embedding rows) at the experts' speed
+                io_s += (nbytes - exp_bytes) / exp_ceiling
         out.update(io_ceiling_GB_s=round(io_ceiling / 1e9, 3),
-                   io_limit_tok_s=round(io_ceiling / (nbytes / gen_tokens), 3) if nbytes else None)
+                   io_limit_tok_s=round(gen_tokens / io_s, 3) if io_s else None)
         out.update(streamed_bytes_per_token=int(nbytes / gen_tokens), decode_read_GB_s=round(nbytes / read_s / 1e9, 3)
                    if read_s else 0.0, decode_io_wait_s=round(wait_s, 3), decode_s=round(best_dec, 3),
                    read_mode=llm.weights.mode, plan=llm.plan.as_dict())

@@ -234,7 +234,7 @@ def section_moe(gguf: Path, ram: str, limit: int, n: int) -> None:
 
     store = resolve(str(gguf))
     try:
-        row("run", "decode tok/s", "streamed MiB/token", "expert hit rate", "read GB/s", "limit tok/s", "of limit",
+        row("run", "decode tok/s", "streamed MiB/token", "expert hit rate", "reads alone GB/s", "limit tok/s", "of limit",
             "cgroup peak MiB")
         cg.reset_peak()
         drop_caches()
@@ -243,13 +243,12 @@ def section_moe(gguf: Path, ram: str, limit: int, n: int) -> None:
             row("flashlm", r["error"], "", "", "", "", "", cg.peak() // MiB)
         else:
             per = r["streamed_bytes_per_token"]
-            # the plan's dense reads with no compute, right after. With every dense layer resident
-            # there is no such pass (the experts' reads follow the router): no limit is claimed.
-            bw = (r.get("io_ceiling_GB_s") or 0) * 1e9
-            lim = bw / per if per and bw else 0
-            row("flashlm", r["decode_tok_s"], per // MiB, r.get("expert_hit_rate", ""),
-                f"{bw / 1e9:.2f}" if bw else "-", f"{lim:.2f}" if lim else "-",
-                f"{r['decode_tok_s'] / lim:.0%}" if lim else "-", cg.peak() // MiB)
+            # the limit: the experts this decode read, read again right after with no compute
+            # (as many in flight as the cache has slots), and the plan's dense reads the same way
+            lim = r.get("io_limit_tok_s") or 0
+            bw = r.get("expert_io_ceiling_GB_s") or r.get("io_ceiling_GB_s") or 0
+            row("flashlm", r["decode_tok_s"], per // MiB, r.get("expert_hit_rate", ""), bw or "-",
+                f"{lim:.2f}" if lim else "-", f"{r['decode_tok_s'] / lim:.0%}" if lim else "-", cg.peak() // MiB)
         cg.reset_peak()
         lc = llama_cpp_run(gguf, "Write a Python function that checks whether a number is prime.", n, cg)
         row("llama.cpp tuned (mmap, no repack)", lc.get("decode_tok_s", lc.get("error")), "", "", "", "", "",

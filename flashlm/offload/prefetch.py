@@ -542,6 +542,7 @@ class ExpertCache:
         self._tick = 0
         self.age_every = 4 * n_slots
         self.stats = ExpertStats()
+        self.log: list | None = None  # when a list: every (layer, expert) read is appended (benchmarks)
 
     @property
     def n_slots(self) -> int:
@@ -632,6 +633,49 @@ class ExpertCache:
             self.stats.prefetched += started
         return started
 
+    def read_pass(self, keys) -> float:
+        """Bytes/s of reading experts ``keys`` ((layer, expert) pairs, e.g. the ``log`` of a
+        decode) again with no compute, as many in flight as there are slots: the disk's
+        ceiling for the reads a run made. Empties the cache; call with no forward running.
+
+        Raises:
+            OffloadError: a read failed.
+        """
+        keys = list(keys)
+        if not keys:
+            return 0.0
+        got, errors = [0], []
+        with self._cv:
+            while any(s.state == LOADING for s in self._slots):
+                self._cv.wait()
+            for s in self._slots:
+                self._drop(s)
+                s.gen += 1
+            free = list(self._slots)
+
+            def done(slot, n, err):
+                if err is None:
+                    got[0] += n
+                else:
+                    errors.append(err)
+                free.append(slot)
+
+            t0 = time.perf_counter()
+            for key in keys:
+                while not free:
+                    self._cv.wait()
+                slot = free.pop()
+                path, off, n = self.spans[key]
+                lo = off - off % ALIGN
+                self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view,
+                                 partial(done, slot, n))
+            while len(free) < len(self._slots):
+                self._cv.wait()
+            dt = time.perf_counter() - t0
+        if errors:
+            raise OffloadError(f"re-reading experts failed: {errors[0]}")
+        return got[0] / dt if dt > 0 else 0.0
+
     # -- internals, with the lock held --
 
     def _drop(self, slot: _ExpertSlot) -> None:
@@ -654,6 +698,8 @@ class ExpertCache:
         slot.key, slot.state, slot.error = key, LOADING, None
         slot.gen += 1
         self._where[key] = slot
+        if self.log is not None:
+            self.log.append(key)
         lo = off - off % ALIGN
         self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view,
                          partial(self._done, slot, slot.gen, n))

@@ -138,3 +138,29 @@ def test_expert_prefetch_reads_ahead_without_evicting_pinned(three_slots):
     c.get(0, [7])  # a miss: evicts 1 (unpinned now), never 5 or 2 asked in the same call
     assert c.prefetch(0, [8, 9]) == 2 and c.stats.prefetched == 3  # 7 pinned: 5 and 2 make room
     assert (0, 7) in c._where
+
+
+def test_expert_read_pass_replays_the_logged_reads(three_slots):
+    data, c = three_slots
+    c.log = []
+    c.get(0, [1, 2])
+    c.prefetch(0, [3])
+    c.get(0, [1, 4])  # 1 a hit: not read again, not logged
+    assert c.log == [(0, 1), (0, 2), (0, 3), (0, 4)]
+    bw = c.read_pass(c.log * 3)  # waits for the prefetch; more reads than slots: slots reused as reads finish
+    assert bw > 0 and c.stats.bytes_read == 4 * 4096  # the pass is not counted as the cache's reads
+    assert not c._where  # emptied; the cache works on afterwards
+    v = c.get(0, [7, 1])
+    assert np.array_equal(v[7], data[7 * 4096:8 * 4096]) and np.array_equal(v[1], data[4096:8192])
+    assert c.read_pass([]) == 0.0
+
+
+def test_expert_read_pass_error_is_an_offload_error(three_slots, monkeypatch):
+    _, c = three_slots
+
+    def fail(self, buf, offset):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(StoreFile, "read_into", fail)
+    with pytest.raises(OffloadError, match="re-reading experts failed"):
+        c.read_pass([(0, 1), (0, 2)])
