@@ -21,6 +21,8 @@ with the union of the experts every row chose (a streaming source reads each onc
 """
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from flashlm.kernels.moe import combine, group, route
@@ -42,8 +44,9 @@ class Model(qwen3.Model):
         ids, wts = route(be.linear(h, w["ffn_gate_inp.weight"]), k, c.norm_topk_prob)  # (N, k) each
         order, experts, starts = group(ids)  # the N*k (row, slot) assignments, grouped by expert
         experts, starts = experts.tolist(), starts.tolist()
-        ex = self.weights.experts(i, experts)  # once per layer: the union of the batch's experts
-        self._predict(i + 1, h)
+        # once per layer: the union of the batch's experts; while the missing ones are read, the
+        # next block's guessed experts are queued behind them
+        ex = self.weights.experts(i, experts, on_submit=partial(self._predict, i + 1, h))
         segs = list(zip(starts[:-1], starts[1:]))  # expert experts[g] has grouped rows segs[g]
         xs = h[order // k] if n > 1 else h  # (N*k, d) the rows, grouped; one row: each expert's GEMV input
         m, f = n * k, ex[experts[0]]["ffn_gate.weight"].shape[0]
@@ -63,7 +66,8 @@ class Model(qwen3.Model):
     def _predict(self, i: int, h: np.ndarray) -> None:
         """Where experts stream from disk: guess block ``i``'s experts by applying its router to
         this block's normed rows ``h`` (the residual stream changes little from one block to
-        the next) and start reading them while this block computes. Only timing depends on it."""
+        the next) and start reading them, behind this block's own reads, while this block
+        waits and computes. Only timing depends on it."""
         wt = self.weights
         if i >= self.config.num_hidden_layers or not hasattr(wt, "prefetch_experts"):
             return

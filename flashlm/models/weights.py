@@ -50,7 +50,7 @@ class Weights(Protocol):
 
     def layer(self, i: int) -> dict[str, QTensor]: ...
 
-    def experts(self, i: int, ids) -> dict[int, dict[str, QTensor]]: ...  # MoE models only
+    def experts(self, i: int, ids, on_submit=None) -> dict[int, dict[str, QTensor]]: ...  # MoE models only
 
 
 EXPERT_MATS = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")  # an expert's matrices, in store order
@@ -122,9 +122,10 @@ class DictWeights:
             raise KeyError(f"weights have no tensors for layer {i}")
         return dict(self._layers[i])
 
-    def experts(self, i: int, ids) -> dict[int, dict[str, QTensor]]:
+    def experts(self, i: int, ids, on_submit=None) -> dict[int, dict[str, QTensor]]:
         """The matrices of experts ``ids`` of block ``i``: per-expert tensors, or zero-copy
-        slices of the GGUF 3-D ``ffn_*_exps.weight`` tensors."""
+        slices of the GGUF 3-D ``ffn_*_exps.weight`` tensors. (``on_submit``: for a source that
+        reads experts; nothing is read here.)"""
         out: dict[int, dict[str, QTensor]] = {}
         per, exps = self._experts.get(i, {}), self._exps.get(i)
         for e in ids:

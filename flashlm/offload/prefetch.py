@@ -145,7 +145,9 @@ class ReadPool:
         self._inflight = 0
         self._busy_since = 0.0
         self._files: dict[Path, StoreFile] = {}
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()  # reads the compute side will wait for
+        self._later: queue.SimpleQueue = queue.SimpleQueue()  # background reads (predictions): after those
+        self._tokens: queue.SimpleQueue = queue.SimpleQueue()  # one per queued read (None: stop)
         self._threads = [threading.Thread(target=self._reader, name=f"flashlm-reader-{i}", daemon=True)
                          for i in range(max(1, int(readers)))]
         for t in self._threads:
@@ -156,9 +158,11 @@ class ReadPool:
         """Wall time with at least one read in flight (including the reads in flight now)."""
         return self._read_s + (time.perf_counter() - self._busy_since if self._inflight else 0.0)
 
-    def submit(self, path: Path, ranges, dst: np.ndarray, on_done) -> None:
+    def submit(self, path: Path, ranges, dst: np.ndarray, on_done, *, background: bool = False) -> None:
         """Read ``ranges`` ((file offset, nbytes, offset in dst) triples) of ``path`` into ``dst``
-        (uint8); ``on_done(error or None)`` when all are in. Call with ``cv`` held."""
+        (uint8); ``on_done(error or None)`` when all are in. Call with ``cv`` held. A
+        ``background`` request (a guess: an expert read ahead) is taken by the readers only
+        when no other request waits."""
         f = self._files.get(path)
         if f is None:
             try:
@@ -176,14 +180,22 @@ class ReadPool:
             on_done(None)
             return
         req = _Request(len(jobs), on_done)
+        q = self._later if background else self._jobs
         for f, off, buf in jobs:
-            self._jobs.put((req, f, off, buf))
+            q.put((req, f, off, buf))
+            self._tokens.put(True)
 
     def _reader(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            if self._tokens.get() is None:
                 return
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                try:
+                    job = self._later.get_nowait()
+                except queue.Empty:  # dropped by close()
+                    continue
             req, f, off, buf = job
             with self.cv:
                 if self._inflight == 0:
@@ -215,21 +227,20 @@ class ReadPool:
                 return
             self.closed = True
             self.cv.notify_all()
-        try:
-            while True:
-                job = self._jobs.get_nowait()
-                if job is not None:
+        for jobs in (self._jobs, self._later):
+            try:
+                while True:
+                    req = jobs.get_nowait()[0]
                     with self.cv:
-                        req = job[0]
                         req.pending -= 1
                         if req.error is None:
                             req.error = OffloadError("the weight reader was closed")
                         if req.pending == 0:
                             req.on_done(req.error)
-        except queue.Empty:
-            pass
+            except queue.Empty:
+                pass
         for _ in self._threads:
-            self._jobs.put(None)
+            self._tokens.put(None)
         for t in self._threads:
             t.join()
         for f in self._files.values():
@@ -554,8 +565,10 @@ class ExpertCache:
             for s in self._slots:
                 s.pinned = False
 
-    def get(self, layer: int, ids, on_wait=None) -> dict[int, np.ndarray]:
+    def get(self, layer: int, ids, on_wait=None, on_submit=None) -> dict[int, np.ndarray]:
         """Slots (uint8 views) holding experts ``ids`` of ``layer``, read now if missing.
+        ``on_submit()`` runs once the misses are queued (and the hits pinned), before the wait:
+        the place to start reads ahead (:meth:`prefetch`) that must not delay these.
 
         Raises:
             OffloadError: a read failed (file, offset, OS error).
@@ -598,6 +611,9 @@ class ExpertCache:
                 if self._tick % self.age_every == 0:
                     for s in self._slots:
                         s.uses *= 0.5
+        if on_submit is not None:
+            on_submit()
+            t0 = time.perf_counter()
         if on_wait is not None and any(s.state == LOADING for _, s in want):
             on_wait()
         with self._cv:
@@ -627,7 +643,7 @@ class ExpertCache:
                     slot = self._victim()
                 except RuntimeError:
                     break
-                self._load(slot, key)
+                self._load(slot, key, background=True)
                 slot.last, slot.prefetched = self._tick, True
                 started += 1
             self.stats.prefetched += started
@@ -693,7 +709,7 @@ class ExpertCache:
         self._drop(victim)
         return victim
 
-    def _load(self, slot: _ExpertSlot, key) -> None:
+    def _load(self, slot: _ExpertSlot, key, background: bool = False) -> None:
         path, off, n = self.spans[key]
         slot.key, slot.state, slot.error = key, LOADING, None
         slot.gen += 1
@@ -702,7 +718,7 @@ class ExpertCache:
             self.log.append(key)
         lo = off - off % ALIGN
         self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view,
-                         partial(self._done, slot, slot.gen, n))
+                         partial(self._done, slot, slot.gen, n), background=background)
 
     def _done(self, slot: _ExpertSlot, gen: int, nbytes: int, err: BaseException | None) -> None:
         if slot.gen != gen:

@@ -373,10 +373,11 @@ class Store:
         self._layers[i] = views
         return views
 
-    def experts(self, i: int, ids) -> dict[int, dict[str, QTensor]]:
+    def experts(self, i: int, ids, on_submit=None) -> dict[int, dict[str, QTensor]]:
         """Zero-copy views of experts ``ids`` of mixture-of-experts block ``i``:
         ``{e: {"ffn_gate.weight": ..., "ffn_up.weight": ..., "ffn_down.weight": ...}}``
-        (made once per expert and reused)."""
+        (made once per expert and reused; ``on_submit`` is for a source that reads experts:
+        nothing is read here)."""
         out = {}
         for e in ids:
             key = (i, int(e))

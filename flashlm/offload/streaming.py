@@ -357,10 +357,11 @@ class StreamingWeights:
         if self.experts_cache is not None:
             self.experts_cache.release()
 
-    def experts(self, i: int, ids) -> dict[int, dict[str, QTensor]]:
+    def experts(self, i: int, ids, on_submit=None) -> dict[int, dict[str, QTensor]]:
         """Experts ``ids`` of MoE block ``i`` from the expert cache (read now when missing, all
-        at once); valid until the next ``experts`` or ``layer`` call."""
-        views = self.experts_cache.get(i, ids, self.on_wait)
+        at once); valid until the next ``experts`` or ``layer`` call. ``on_submit()`` runs
+        once the missing ones are queued, before waiting for them (reads ahead go there)."""
+        views = self.experts_cache.get(i, ids, self.on_wait, on_submit)
         out = {}
         for e, buf in views.items():
             _, base, _ = self.store.expert_span(i, e)

@@ -259,10 +259,10 @@ class Counting:
         self.layers.append(i)
         return self.inner.layer(i)
 
-    def experts(self, i, ids):
+    def experts(self, i, ids, on_submit=None):
         ids = list(ids)
         self.expert_calls.append((i, ids))
-        return self.inner.experts(i, ids)
+        return self.inner.experts(i, ids, on_submit)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,7 +13,7 @@ import pytest
 from flashlm.errors import OffloadError
 from flashlm.offload import io as fio
 from flashlm.offload.io import ALIGN, StoreFile, aligned_buffer
-from flashlm.offload.prefetch import Prefetcher, Segment
+from flashlm.offload.prefetch import Prefetcher, ReadPool, Segment
 
 SEG = 1 << 20  # 1 MiB segments
 
@@ -195,3 +195,56 @@ def test_set_schedule_drops_what_is_no_longer_scheduled(data_file):
         buf = pf.get(("layer", 3))
         assert np.array_equal(buf[:SEG], data[3 * SEG:4 * SEG])
         pf.release(("layer", 3))
+
+
+def test_background_reads_wait_for_the_others(data_file, monkeypatch):
+    path, data = data_file
+    """A background request (an expert read ahead on a guess) is taken only when no other
+    request is queued: a read the compute side waits for overtakes queued guesses."""
+    gate, order = threading.Event(), []
+    real = StoreFile.read_into
+
+    def read_into(self, buf, offset):
+        if offset == 0:
+            gate.wait(10)  # hold the only reader until everything is queued
+        return real(self, buf, offset)
+
+    monkeypatch.setattr(StoreFile, "read_into", read_into)
+    pool = ReadPool("buffered", readers=1, chunk=4096)
+    bufs = [np.zeros(4096, np.uint8) for _ in range(4)]
+    try:
+        with pool.cv:
+            pool.submit(path, ((0, 4096, 0),), bufs[0], lambda e: order.append("first"))
+            pool.submit(path, ((4096, 4096, 0),), bufs[1], lambda e: order.append("guess 1"), background=True)
+            pool.submit(path, ((8192, 4096, 0),), bufs[2], lambda e: order.append("guess 2"), background=True)
+            pool.submit(path, ((12288, 4096, 0),), bufs[3], lambda e: order.append("needed"))
+        gate.set()
+        with pool.cv:
+            assert pool.cv.wait_for(lambda: len(order) == 4, timeout=10)
+    finally:
+        gate.set()
+        pool.close()
+    assert order == ["first", "needed", "guess 1", "guess 2"]
+    for k, b in enumerate(bufs):
+        np.testing.assert_array_equal(b, data[4096 * k:4096 * (k + 1)])
+
+
+def test_close_drops_queued_background_reads(data_file, monkeypatch):
+    path, _ = data_file
+    gate, started, first, guess = threading.Event(), threading.Event(), [], []
+    real = StoreFile.read_into
+
+    def read_into(self, buf, offset):
+        started.set()
+        gate.wait(10)
+        return real(self, buf, offset)
+
+    monkeypatch.setattr(StoreFile, "read_into", read_into)
+    pool = ReadPool("buffered", readers=1, chunk=4096)
+    with pool.cv:
+        pool.submit(path, ((0, 4096, 0),), np.zeros(4096, np.uint8), first.append)
+        pool.submit(path, ((4096, 4096, 0),), np.zeros(4096, np.uint8), guess.append, background=True)
+    assert started.wait(10)
+    threading.Timer(0.2, gate.set).start()
+    pool.close()  # the read in flight finishes; the queued guess is dropped with an error
+    assert first == [None] and len(guess) == 1 and isinstance(guess[0], OffloadError) and "closed" in str(guess[0])
