@@ -69,26 +69,51 @@ _V32I32 = ir.VectorType(_I32, 32)
 
 # ---- activations: two int8 parts per 32-value block, in the weights' byte order ----
 
-@jit_exact
-def _quant32(x, o, q, c, f):
-    """The 32 activations x[o:o + 32] as two int8 parts (module docstring): the coarse ones to
-    q[c:c + 32], the fine ones to q[f:f + 32] (int64); returns dx = max|x| / 127 / 128 (float32,
-    0 for a zero block)."""
-    amax = np.float32(0.0)
-    for i in range(_QB):
-        amax = max(amax, abs(x[o + i]))
-    if amax == 0:
-        for i in range(_QB):
-            q[c + i] = 0
-            q[f + i] = 0
-        return np.float32(0.0)
-    inv = np.float32(127.0) / amax
-    for i in range(_QB):
-        t = x[o + i] * inv
-        r = np.rint(t)
-        q[c + i] = np.int64(r)
-        q[f + i] = np.int64(np.rint((t - r) * np.float32(128.0)))
-    return amax / np.float32(127.0) / np.float32(128.0)
+_V8F32 = ir.VectorType(_F32, 8)
+
+
+def _vcall(b, name, v):
+    return b.call(cgutils.get_or_insert_function(b.module, ir.FunctionType(v.type, [v.type]), name), [v])
+
+
+@intrinsic
+def _quant32(typingctx, x, o, q, c, f):
+    """The 32 float32 activations x[o:o + 32] as two int8 parts (module docstring): the coarse
+    ones to q[c:c + 32], the fine ones to q[f:f + 32] (q an int8 array); returns dx = max|x| /
+    127 / 128 (float32, 0 for a zero block). Each value is t = x 127 / max|x|, coarse rint(t),
+    fine rint(128 (t - rint(t))): the scalar float32 operations, eight values per instruction
+    (roundps rounds to nearest even, as np.rint)."""
+
+    def gen(context, b, sig, args):
+        x, o, q, c, f = args
+        xp = b.gep(_data_ptr(context, b, sig.args[0], x), [b.mul(o, o.type(4))])
+        qp = _data_ptr(context, b, sig.args[2], q)
+        xs = [_load(b, xp, 32 * k, _V8F32) for k in range(4)]
+        m = None
+        for v in xs:
+            a = _vcall(b, "llvm.fabs.v8f32", v)
+            m = a if m is None else b.select(b.fcmp_ordered(">", a, m), a, m)
+        n = 8
+        while n > 1:  # the max of the 8 lanes
+            n //= 2
+            hi = b.shuffle_vector(m, m, ir.Constant(ir.VectorType(_I32, 8), list(range(n, 2 * n)) + [0] * (8 - n)))
+            m = b.select(b.fcmp_ordered(">", hi, m), hi, m)
+        amax = b.extract_element(m, ir.Constant(_I32, 0))
+        zero = ir.Constant(_F32, 0.0)
+        inv = b.select(b.fcmp_ordered("==", amax, zero), zero, b.fdiv(ir.Constant(_F32, 127.0), amax))
+        invv = simd._splat(b, inv, _V8F32)
+        k128 = ir.Constant(_V8F32, [128.0] * 8)
+        v8i8 = ir.VectorType(_I8, 8)
+        for k, v in enumerate(xs):
+            t = b.fmul(v, invv)
+            r = _vcall(b, "llvm.rint.v8f32", t)
+            fine = _vcall(b, "llvm.rint.v8f32", b.fmul(b.fsub(t, r), k128))
+            for vec, at in ((r, c), (fine, f)):
+                i8 = b.trunc(b.fptosi(vec, _V8I32), v8i8)
+                b.store(i8, simd._ptr_at(b, qp, b.add(at, at.type(8 * k)), v8i8), align=1)
+        return b.fdiv(b.fdiv(amax, ir.Constant(_F32, 127.0)), ir.Constant(_F32, 128.0))
+
+    return types.float32(x, types.intp, q, types.intp, types.intp), gen
 
 
 @jit_exact
@@ -111,7 +136,7 @@ def _superblock_head(x, o, q, xf, base, xsum_at, dx_at, sum_factor):
 def _prep_q4kr(x, xq, nb):
     """x (nb * 256,) float32 -> xq (nb * XQ_BYTES,) uint8 as the module docstring lays out."""
     xf = xq.view(np.float32)
-    q = np.empty(2 * _QKK, np.int64)
+    q = np.empty(2 * _QKK, np.int8)
     for g in range(nb):
         base = g * XQ_BYTES
         _superblock_head(x, g * _QKK, q, xf, base, _XSUM, _DX, np.float32(-1.0))
@@ -320,7 +345,7 @@ def _prep_q4_1r(x, xq, nb):
     """x (nb * 32,) float32 -> xq (nb * _XT1,) uint8 as the section comment lays out."""
     xf = xq.view(np.float32)
     ng = nb // _G1
-    q = np.empty(64, np.int64)
+    q = np.empty(64, np.int8)
     for g in range(ng):
         base = _XG1 * g
         for bi in range(_G1):
@@ -429,7 +454,7 @@ _BB8, _XB8 = 34, 68
 @jit_exact
 def _prep_q8_0(x, xq, nb):
     xf = xq.view(np.float32)
-    q = np.empty(64, np.int64)
+    q = np.empty(64, np.int8)
     for k in range(nb):
         dx = _quant32(x, 32 * k, q, 0, 32)
         for i in range(64):
@@ -509,7 +534,7 @@ def _prep_q5_0r(x, xq, nb):
     """x (nb * 32,) float32 -> xq (nb * _XT5,) uint8 as the section comment lays out."""
     xf = xq.view(np.float32)
     ng = nb // _G5
-    q = np.empty(64, np.int64)
+    q = np.empty(64, np.int8)
     for g in range(ng):
         base = _XG5 * g
         for bi in range(_G5):
@@ -671,7 +696,7 @@ def _prep_q6kr(x, xq, nb):
     """x (nb * 256,) float32 -> xq (nb * XQ6_BYTES,) uint8 as the Q6_KR section lays out."""
     xf = xq.view(np.float32)
     xh = xq.view(np.int16)
-    q = np.empty(2 * _QKK, np.int64)
+    q = np.empty(2 * _QKK, np.int8)
     for g in range(nb):
         base = g * XQ6_BYTES
         _superblock_head(x, g * _QKK, q, xf, base, _XSUM6, _DX6, np.float32(-8192.0))
@@ -771,7 +796,7 @@ _DEC6 = 320  # decoded bytes per super-block: 256 quant bytes, 16 float32 d / 25
 def _prep_q6kr_bytes(x, xq, nb):
     """x (nb * 256,) float32 -> xq (nb * XQ_BYTES,) uint8 as the byte form lays out."""
     xf = xq.view(np.float32)
-    q = np.empty(2 * _QKK, np.int64)
+    q = np.empty(2 * _QKK, np.int8)
     for g in range(nb):
         base = g * XQ_BYTES
         _superblock_head(x, g * _QKK, q, xf, base, _XSUM, _DX, np.float32(-8192.0))
