@@ -120,3 +120,38 @@ def test_matmul_many_table_on_pool(n: int, pool, monkeypatch: pytest.MonkeyPatch
                 assert y.shape == (ref.shape[1],) if n == 0 else ref.shape
                 err = np.abs(y.reshape(ref.shape) - ref).max() / (np.abs(W).sum(1).max() * np.abs(X).max() + 1e-30)
                 assert err < TOL, (f, n, err)
+
+
+def test_table_parts_split_the_tasks_rows_as_one_sequence() -> None:
+    """executor.run_chunks: the parts of a table cover every row of every task once; 16 equal
+    tasks in 2 parts go 8 whole tasks each (one thread prepares each activation), and a lone
+    task is split in rows; every part's rows equal the whole table's."""
+    from flashlm.kernels import executor
+    from flashlm.kernels.matmul import task_key
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(256).astype(np.float32)
+
+    def table(rows_list):
+        ws = [_weight("Q4_KR", r, 256, seed=i)[0] for i, r in enumerate(rows_list)]
+        outs = [np.full(r, np.nan, np.float32) for r in rows_list]
+        tab = executor.new_table()
+        for t, (w, o) in enumerate(zip(ws, outs)):
+            executor.fill(tab, t, task_key(w.fmt), w.data, x, o)
+        return tab, ws, outs
+
+    tab, ws, outs = table([32] * 16)
+    executor.run_chunks(tab, 16, 0, 2)
+    assert all(np.isfinite(o).all() for o in outs[:8]) and all(np.isnan(o).all() for o in outs[8:])
+    executor.run_chunks(tab, 16, 1, 2)
+    for w, o in zip(ws, outs):
+        np.testing.assert_array_equal(o, matmul(x, w))
+    for rows_list, parts in (([45], 2), ([40, 7, 9, 33], 3), ([5, 3], 4), ([2], 3)):
+        tab, ws, outs = table(rows_list)
+        for p in range(parts):
+            executor.run_chunks(tab, len(rows_list), p, parts)
+        for w, o in zip(ws, outs):
+            np.testing.assert_array_equal(o, matmul(x, w))
+    tab, _, outs = table([45])
+    executor.run_chunks(tab, 1, 0, 2)
+    assert np.isfinite(outs[0][:23]).all() and np.isnan(outs[0][23:]).all()
