@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.exact_too:
             e = flashlm_speed(name, threads=args.threads, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
                               depth=args.depth, exact=True)
-            row["exact"] = {k: e[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_depth_tok_s") if k in e}
+            row["exact_path"] = {k: e[k] for k in ("prefill_tok_s", "decode_tok_s", "decode_depth_tok_s") if k in e}
         if not args.no_numpy:
             npy = numpy_speed(name, gen_tokens=min(args.gen_tokens, 16), prompt_tokens=min(args.prompt_tokens, 64))
             row["numpy_decode_tok_s"] = npy["decode_tok_s"]
@@ -147,8 +147,8 @@ def _fmt(r: dict) -> str:
         s += f"\n{'':<20} numpy f32 forward decode {r['numpy_decode_tok_s']:.2f} tok/s -> {r['decode_vs_numpy']:.1f}x"
     if "decode_depth_tok_s" in r:
         s += f"\n{'':<20} decode at depth {r['depth']}: {r['decode_depth_tok_s']:.1f} tok/s"
-    if "exact" in r:
-        e = r["exact"]
+    if isinstance(r.get("exact_path"), dict):
+        e = r["exact_path"]
         s += (f"\n{'':<20} exact path (--exact): prefill {e['prefill_tok_s']:.1f}, decode {e['decode_tok_s']:.1f}"
               + (f", at depth {e['decode_depth_tok_s']:.1f}" if "decode_depth_tok_s" in e else "") + " tok/s")
     if "decode_vs_llama_cpp" in r:

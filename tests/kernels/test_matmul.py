@@ -123,9 +123,9 @@ def test_matmul_many_table_on_pool(n: int, pool, monkeypatch: pytest.MonkeyPatch
 
 
 def test_table_parts_split_the_tasks_rows_as_one_sequence() -> None:
-    """executor.run_chunks: the parts of a table cover every row of every task once; 16 equal
-    tasks in 2 parts go 8 whole tasks each (one thread prepares each activation), and a lone
-    task is split in rows; every part's rows equal the whole table's."""
+    """executor.run_chunks: the parts of a table cover every row of every task once; 16 tasks
+    alike in 2 parts go 8 whole tasks each (one thread prepares each activation); tasks not
+    alike, and a lone task, are each split in rows; every part's rows equal the whole table's."""
     from flashlm.kernels import executor
     from flashlm.kernels.matmul import task_key
 
@@ -155,3 +155,7 @@ def test_table_parts_split_the_tasks_rows_as_one_sequence() -> None:
     tab, _, outs = table([45])
     executor.run_chunks(tab, 1, 0, 2)
     assert np.isfinite(outs[0][:23]).all() and np.isnan(outs[0][23:]).all()
+    tab, _, outs = table([40, 8])  # not alike: each task split
+    executor.run_chunks(tab, 2, 0, 2)
+    assert [int(np.isfinite(o).sum()) for o in outs] == [20, 4]
+    assert np.isfinite(outs[0][:20]).all() and np.isfinite(outs[1][:4]).all()
