@@ -409,13 +409,12 @@ def bench_model(llm, *, prompt_tokens: int, gen_tokens: int, repeats: int = 1, w
         # (as many in flight as the cache has slots); the limit is the time both take.
         io_ceiling = llm.weights.read_pass(max(1, min(gen_tokens, 4)))
         exp_bytes = experts[2] if ecache is not None else 0
-        io_s = (nbytes - exp_bytes) / io_ceiling if io_ceiling else 0.0
+        exp_ceiling = ecache.read_pass(expert_log) if exp_bytes else 0.0
+        # what is not experts goes at the plan's speed (at the experts' when every dense layer is resident)
+        rest_bw = io_ceiling or exp_ceiling
+        io_s = (exp_bytes / exp_ceiling if exp_bytes else 0.0) + ((nbytes - exp_bytes) / rest_bw if rest_bw else 0.0)
         if exp_bytes:
-            exp_ceiling = ecache.read_pass(expert_log)
-            io_s += exp_bytes / exp_ceiling
             out.update(expert_io_ceiling_GB_s=round(exp_ceiling / 1e9, 3))
-            if not io_ceiling:  # every dense layer resident: what else streamed (embedding rows) at the experts' speed
-                io_s += (nbytes - exp_bytes) / exp_ceiling
         out.update(io_ceiling_GB_s=round(io_ceiling / 1e9, 3),
                    io_limit_tok_s=round(gen_tokens / io_s, 3) if io_s else None)
         out.update(streamed_bytes_per_token=int(nbytes / gen_tokens), decode_read_GB_s=round(nbytes / read_s / 1e9, 3)

@@ -681,10 +681,7 @@ class ExpertCache:
                 while not free:
                     self._cv.wait()
                 slot = free.pop()
-                path, off, n = self.spans[key]
-                lo = off - off % ALIGN
-                self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view,
-                                 partial(done, slot, n))
+                self._submit(slot, key, partial(done, slot, self.spans[key][2]))
             while len(free) < len(self._slots):
                 self._cv.wait()
             dt = time.perf_counter() - t0
@@ -710,15 +707,21 @@ class ExpertCache:
         return victim
 
     def _load(self, slot: _ExpertSlot, key, background: bool = False) -> None:
-        path, off, n = self.spans[key]
+        n = self.spans[key][2]
         slot.key, slot.state, slot.error = key, LOADING, None
         slot.gen += 1
         self._where[key] = slot
         if self.log is not None:
             self.log.append(key)
+        self._submit(slot, key, partial(self._done, slot, slot.gen, n), background)
+
+    def _submit(self, slot: _ExpertSlot, key, on_done, background: bool = False) -> None:
+        """Queue the read of expert ``key`` into ``slot``: one aligned range (the slot's start
+        is the page holding the expert's first byte)."""
+        path, off, n = self.spans[key]
         lo = off - off % ALIGN
-        self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view,
-                         partial(self._done, slot, slot.gen, n), background=background)
+        self.pool.submit(path, ((lo, -(-(off + n - lo) // ALIGN) * ALIGN, 0),), slot.view, on_done,
+                         background=background)
 
     def _done(self, slot: _ExpertSlot, gen: int, nbytes: int, err: BaseException | None) -> None:
         if slot.gen != gen:
