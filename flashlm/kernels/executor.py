@@ -18,7 +18,9 @@ HKV and is split over query heads. A batched one-token attention task (FMT = ATT
 holds Q_ADDR, B * HQ, CACHES_ADDR (kernels.ops.attention_batch's (B, 4) int64 table), B, HQ, D,
 OUT_ADDR, KERNEL, -, -, HKV and is split over (sequence, head) pairs. An attention row's KERNEL
 is the address of its task for the KV caches' dtype (:func:`attention_address`), which reads
-the rest of the row itself.
+the rest of the row itself. A SwiGLU expert task (FMT = EXPERT, :func:`fill_expert`) is one
+activation row through one expert, ``down . (silu(gate . x) * (up . x))``, run whole by one
+thread (W_ROWS = 1): the chosen experts of a MoE layer's decode step in one dispatch.
 The arrays behind the addresses must stay alive until the call returns (the
 caller holds them).
 
@@ -41,14 +43,21 @@ from flashlm.kernels import intpath as _ip
 from flashlm.kernels import repacked as _rp
 from flashlm.kernels import sync
 from flashlm.kernels.gemv_basic import BASIC_KERNELS
-from flashlm.kernels.ops import _attention, _attention_batch_as, _ptr
+from flashlm.kernels.ops import _attention, _attention_batch_as, _ptr, _silu_mul
 
 FMT, W_ADDR, W_ROWS, W_ROWLEN, X_ADDR, N, COLS, OUT_ADDR, KERNEL = range(9)
 ATTENTION = 20
 ATTENTION_BATCH = 21
+EXPERT = 22
 HKV = 11  # column of an attention row: kv heads
-ROW = 12
+ROW = 17
 MAX_TASKS = 16
+# The table's row after the tasks: [CLAIM_NEXT] the next unit a thread takes in the dynamic split
+# (reset to 0 before each dispatch), [CLAIM_ON] 1 when the dynamic split may be used.
+CLAIM, CLAIM_NEXT, CLAIM_ON = MAX_TASKS, 0, 1
+# A task of this many rows or more (an output head) is taken in CLAIM_CHUNKS chunks per thread.
+DYN_MIN_ROWS = 32768
+CLAIM_CHUNKS = 8
 
 # status codes of worker_loop
 NEW_PYTHON_TASK, IDLE, CLOSED = 1, 2, 3
@@ -372,6 +381,46 @@ def _call_task(typingctx, addr, w, rows, rowlen, x, n, cols, out, r0, r1):
     return sig, codegen
 
 
+# ---- a SwiGLU expert as one C-callable task ----
+#
+# Columns of an EXPERT row (the others as a matmul row's: FMT, W_ROWS = 1, COLS = d, OUT_ADDR,
+# KERNEL = the address of _expert_task): the gate's address, row length (array elements) and
+# task, the up's address, row length and task (0: the up rows follow the gate's in memory, same
+# format: one product of 2F rows), the down's address, row length and task, F (the expert's rows), and a
+# scratch of 2F float32. The products are the matmul tasks a table of the same products would
+# run and the activation is ops.silu_mul's: the output has the bits of the three-stage path.
+
+E_X, E_GATE_ROWLEN, E_GATE, E_F = 1, 3, 4, 5  # (W_ROWS, COLS, OUT_ADDR, KERNEL at their matmul columns)
+E_GATE_TASK, E_UP_TASK, E_DOWN_TASK, E_UP, E_DOWN, E_DOWN_ROWLEN, E_SCRATCH, E_UP_ROWLEN = 9, 10, 11, 12, 13, 14, 15, 16
+
+
+def _expert_task(row_addr, r0, r1):
+    """The EXPERT row at ``row_addr`` (r0 < r1: its one unit of work)."""
+    if r1 <= r0:
+        return
+    r = carray(_ptr(row_addr, types.int64), (ROW,))
+    f, d, s = r[E_F], r[COLS], r[E_SCRATCH]
+    gk, uk, dk = r[E_GATE_TASK], r[E_UP_TASK], r[E_DOWN_TASK]
+    if uk == 0:  # gate and up adjacent: one product of 2F rows, gate then up in the scratch
+        _call_task(gk, r[E_GATE], 2 * f, r[E_GATE_ROWLEN], r[E_X], 0, d, s, 0, 2 * f)
+    else:
+        _call_task(gk, r[E_GATE], f, r[E_GATE_ROWLEN], r[E_X], 0, d, s, 0, f)
+        _call_task(uk, r[E_UP], f, r[E_UP_ROWLEN], r[E_X], 0, d, s + 4 * f, 0, f)
+    g = carray(_ptr(s, types.float32), (1, f))
+    u = carray(_ptr(s + 4 * f, types.float32), (1, f))
+    _silu_mul(g, u, g)
+    _call_task(dk, r[E_DOWN], d, r[E_DOWN_ROWLEN], s, 0, f, r[OUT_ADDR], 0, d)
+
+
+_expert_compiled: dict[int, object] = {}
+
+
+def expert_address() -> int:
+    """Address of the C-callable SwiGLU expert task (compiled, or loaded from Numba's cache, on
+    first use)."""
+    return _cfunc_address(_expert_compiled, EXPERT, ATTENTION_SIG, {EXPERT: _expert_task})
+
+
 @njit(nogil=True, cache=True)
 def run_chunks(tab, ntasks, part, parts):
     """Run part ``part`` of ``parts`` of the tasks in ``tab[:ntasks]``, each through its row's
@@ -385,6 +434,10 @@ def run_chunks(tab, ntasks, part, parts):
         for c in (FMT, KERNEL, W_ROWS, W_ROWLEN, N, COLS):
             if tab[t, c] != tab[0, c]:
                 alike = False
+    units = _claim_units(tab, ntasks, parts, alike)
+    if units:
+        _run_claimed(tab, ntasks, units)
+        return
     total = tab[0, W_ROWS] * ntasks if ntasks else 0
     a, b = _chunk(total, parts, part)
     base = 0
@@ -397,12 +450,50 @@ def run_chunks(tab, ntasks, part, parts):
             r0, r1 = _chunk(rows, parts, part)
         if r1 <= r0:
             continue
-        fmt = tab[t, FMT]
-        if fmt == ATTENTION or fmt == ATTENTION_BATCH:  # (matmul ids skip these: FMT_IDS)
-            _call_row_task(tab[t, KERNEL], tab.ctypes.data + t * tab.strides[0], r0, r1)
+        _run_rows(tab, t, r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def _run_rows(tab, t, r0, r1):
+    """Rows r0..r1-1 of task ``t``."""
+    fmt = tab[t, FMT]
+    if fmt == ATTENTION or fmt == ATTENTION_BATCH or fmt == EXPERT:  # (matmul ids skip these: FMT_IDS)
+        _call_row_task(tab[t, KERNEL], tab.ctypes.data + t * tab.strides[0], r0, r1)
+    else:
+        _call_task(tab[t, KERNEL], tab[t, W_ADDR], tab[t, W_ROWS], tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N],
+                   tab[t, COLS], tab[t, OUT_ADDR], r0, r1)
+
+
+@njit(nogil=True, cache=True)
+def _claim_units(tab, ntasks, parts, alike):
+    """The units of the dynamic split of this table (0: split statically). Threads of a VM lose
+    their core for a while now and then; with a static split the others wait for their part.
+    Where a unit costs no extra work (whole tasks of a table of like tasks, or chunks of a task so
+    large that preparing its activations again per chunk is noise), each thread takes the next
+    unit until none is left."""
+    if parts < 2 or tab.shape[0] <= CLAIM or tab[CLAIM, CLAIM_ON] == 0 or ntasks == 0:
+        return 0
+    if alike and ntasks >= 2 * parts:
+        return ntasks
+    fmt = tab[0, FMT]
+    if ntasks == 1 and tab[0, W_ROWS] >= DYN_MIN_ROWS and fmt != ATTENTION and fmt != ATTENTION_BATCH:
+        return CLAIM_CHUNKS * parts
+    return 0
+
+
+@njit(nogil=True, cache=True)
+def _run_claimed(tab, ntasks, units):
+    """Take units (whole tasks, or chunks of the one task) until none is left."""
+    claim = tab[CLAIM]
+    while True:
+        u = sync.atomic_add(claim, CLAIM_NEXT, 1)
+        if u >= units:
+            return
+        if ntasks == 1:
+            r0, r1 = _chunk(tab[0, W_ROWS], units, u)
+            _run_rows(tab, 0, r0, r1)
         else:
-            _call_task(tab[t, KERNEL], tab[t, W_ADDR], tab[t, W_ROWS], tab[t, W_ROWLEN], tab[t, X_ADDR], tab[t, N],
-                       tab[t, COLS], tab[t, OUT_ADDR], r0, r1)
+            _run_rows(tab, u, 0, tab[u, W_ROWS])
 
 
 @njit(nogil=True, cache=True)
@@ -481,6 +572,43 @@ def _fill_attention_batch_row(tab, t, q, caches, hkv, out, kernel):
     tab[t, HKV] = hkv
 
 
+@njit(nogil=True, cache=True)
+def _fill_expert_row(tab, t, kernel, x, gate, gk, up, uk, down, dk, out, scratch):
+    f, d = gate.shape[0], x.shape[x.ndim - 1]
+    tab[t, FMT] = EXPERT
+    tab[t, E_X] = x.ctypes.data
+    tab[t, W_ROWS] = 1
+    tab[t, E_GATE_ROWLEN] = gate.shape[1]
+    tab[t, E_GATE] = gate.ctypes.data
+    tab[t, E_F] = f
+    tab[t, COLS] = d
+    tab[t, OUT_ADDR] = out.ctypes.data
+    tab[t, KERNEL] = kernel
+    tab[t, E_GATE_TASK] = gk
+    joint = uk == gk and up.ctypes.data == gate.ctypes.data + f * gate.strides[0]
+    tab[t, E_UP_TASK] = 0 if joint else uk
+    tab[t, E_UP] = up.ctypes.data
+    tab[t, E_UP_ROWLEN] = up.shape[1]
+    tab[t, E_DOWN] = down.ctypes.data
+    tab[t, E_DOWN_ROWLEN] = down.shape[1]
+    tab[t, E_DOWN_TASK] = dk
+    tab[t, E_SCRATCH] = scratch.ctypes.data
+
+
+def expert_tasks(gate_key: str, up_key: str, down_key: str) -> tuple[int, int, int, int]:
+    """The addresses :func:`fill_expert` takes: the expert task's and the gate, up and down
+    products' tasks (``gate_key`` ... the task keys of the current path, ``matmul.task_key``)."""
+    return expert_address(), kernel_address(gate_key), kernel_address(up_key), kernel_address(down_key)
+
+
+def fill_expert(tab: np.ndarray, t: int, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
+                tasks: tuple[int, int, int, int], out: np.ndarray, scratch: np.ndarray) -> None:
+    """Describe ``out = down . (silu(gate . x) * (up . x))`` for one row ``x`` (d,) in row ``t``:
+    gate, up (F rows) and down (d rows) are the weights' kernel arrays (C-contiguous 2-D), ``tasks``
+    from :func:`expert_tasks`, out (d,) and scratch (2F,) float32."""
+    _fill_expert_row(tab, t, tasks[0], x, gate, tasks[1], up, tasks[2], down, tasks[3], out, scratch)
+
+
 # (Numba fills the rows: four ``.ctypes.data`` in Python took 30 of a decode attention's 80 us.)
 
 
@@ -508,5 +636,8 @@ def warm_up() -> None:
     worker_loop(ctl, tab, 2, 1, 2, 0, 1)
 
 
-def new_table() -> np.ndarray:
-    return np.zeros((MAX_TASKS, ROW), np.int64)
+def new_table(*, claim: bool = False) -> np.ndarray:
+    """A task table: MAX_TASKS rows and the claim row (the dynamic split on when ``claim``)."""
+    tab = np.zeros((MAX_TASKS + 1, ROW), np.int64)
+    tab[CLAIM, CLAIM_ON] = int(claim)
+    return tab

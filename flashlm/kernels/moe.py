@@ -3,7 +3,8 @@
 A decode step of a 16-layer, 64-expert, top-8 model routes 16 times per token; in numpy
 each routing is some thirty small array operations (~100 us), here one call of a
 few microseconds. The expert products themselves are ordinary GEMV/GEMM tasks
-(``matmul.matmul_each``).
+(``matmul.matmul_each``); for one row (a decode step) :func:`swiglu_each` runs each chosen
+expert's gate, up, activation and down as one task, all the experts in one dispatch.
 
 Semantics (transformers' Qwen3-MoE): probabilities are the float32 softmax of the router
 logits; the top-k is taken of the probabilities, largest first, ties to the lower expert
@@ -16,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from flashlm.kernels.config import jit_exact
+from flashlm.kernels.formats import QTensor
 
 
 @jit_exact
@@ -151,3 +153,73 @@ def combine(y: np.ndarray, order: np.ndarray, wts: np.ndarray) -> np.ndarray:
     _combine(np.ascontiguousarray(y, np.float32), np.ascontiguousarray(order, np.int64),
              np.ascontiguousarray(wts, np.float32), out)
     return out
+
+
+def _expert_arrays(gate, up, down, d: int):
+    """The kernel arrays of one expert's weights, or None when a task cannot take them."""
+    from flashlm.kernels import matmul
+
+    arrs = []
+    for w, shape in ((gate, (gate.shape[0], d)), (up, (gate.shape[0], d)), (down, (d, gate.shape[0]))):
+        if not isinstance(w, QTensor):  # streamed in row blocks
+            return None
+        data = w.data.view(np.uint16) if w.fmt == "F16" else w.data
+        if (tuple(w.shape) != shape or w.fmt not in matmul.KERNELS or data.ndim != 2
+                or not data.flags.c_contiguous):
+            return None
+        arrs.append(data)
+    return arrs
+
+
+def swiglu_each(x: np.ndarray, gates: list, ups: list, downs: list, outs: list, *, pool=None) -> bool:
+    """``outs[j][:] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one activation row ``x``
+    (d,) or (1, d) shared by every expert: the chosen experts of a MoE layer's decode step, each
+    a task run whole by one thread (``executor.EXPERT``), tables of up to ``executor.MAX_TASKS``
+    experts in one dispatch each. Each output has the bits of the gate/up products, ops.silu_mul
+    and the down product run one after another.
+
+    Args:
+        x: float32 row, C-contiguous.
+        gates, ups: QTensors (F, d); downs: QTensors (d, F).
+        outs: C-contiguous float32 results, each (d,) or (1, d).
+        pool: as for ``matmul.matmul``.
+
+    Returns:
+        False (nothing computed) when the arguments do not fit the task (a weight format without
+        a kernel, other shapes, several rows): the caller runs the products one by one.
+    """
+    from flashlm.kernels import executor, matmul  # lazily, as the backend: Numba compiles on first use
+
+    if x.dtype != np.float32 or x.size != x.shape[-1] or not x.flags.c_contiguous or not gates:
+        return False
+    d = x.shape[-1]
+    arrs = []
+    for g, u, dn, o in zip(gates, ups, downs, outs):
+        a = _expert_arrays(g, u, dn, d)
+        if a is None or o.dtype != np.float32 or o.size != d or not o.flags.c_contiguous:
+            return False
+        arrs.append(a)
+    f = gates[0].shape[0]
+    x = x.reshape(-1)
+    scratch = np.empty((len(arrs), 2 * f), np.float32)
+    tasks = {}  # (gate, up, down formats) -> their tasks' addresses (one look-up for a layer of like experts)
+    for g, u, dn in zip(gates, ups, downs):
+        fmts = (g.fmt, u.fmt, dn.fmt)
+        if fmts not in tasks:
+            tasks[fmts] = executor.expert_tasks(*(matmul.task_key(f) for f in fmts))
+    addrs = [tasks[g.fmt, u.fmt, dn.fmt] for g, u, dn in zip(gates, ups, downs)]
+    nbytes = sum(a.nbytes for e in arrs for a in e)
+    for t0 in range(0, len(arrs), executor.MAX_TASKS):
+        part = range(t0, min(len(arrs), t0 + executor.MAX_TASKS))
+
+        def fill(tab: np.ndarray, part=part) -> int:
+            for t, j in enumerate(part):
+                executor.fill_expert(tab, t, x, *arrs[j], addrs[j], outs[j].reshape(-1), scratch[j])
+            return len(part)
+
+        if pool is not None and nbytes >= matmul.PARALLEL_MIN_BYTES and hasattr(pool, "run_table"):
+            pool.run_table(fill)
+        else:
+            tab = executor.new_table()
+            executor.run_chunks(tab, fill(tab), 0, 1)
+    return True

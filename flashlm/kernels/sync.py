@@ -52,6 +52,20 @@ def atomic_store(typingctx, arr, idx, val):
 
 
 @intrinsic
+def atomic_add(typingctx, arr, idx, val):
+    """``arr[idx] += val`` as a sequentially consistent atomic read-modify-write (int64 arrays);
+    returns the value before."""
+    sig = types.int64(arr, idx, val)
+
+    def codegen(context, builder, signature, args):
+        ptr = _elem_ptr(context, builder, signature.args[0], args[0], args[1])
+        v = context.cast(builder, args[2], signature.args[2], types.int64)
+        return builder.atomic_rmw("add", ptr, v, "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
 def _pause(typingctx):
     """The x86 ``pause`` hint inside a spin loop (a no-op elsewhere)."""
     sig = types.void()

@@ -14,7 +14,8 @@ Layers in ``mlp_only_layers`` (or off ``decoder_sparse_step``) have a dense SwiG
 The rows of a batch (a prompt, several sequences) are grouped by expert: each chosen
 expert runs its gate/up/down once over the rows routed to it, and all chosen experts'
 gate/up products of a layer go to the backend in one call, then all their downs
-(``backend.linear_each``). Routing, grouping and the weighted sum are the small pure
+(``backend.linear_each``). One row (a decode step) goes through every chosen expert's
+whole SwiGLU in one call (``backend.swiglu_each``: each expert one task of the pool). Routing, grouping and the weighted sum are the small pure
 functions of ``flashlm.kernels.moe``. The layer's dense tensors come from ``weights.layer(i)``;
 the experts from ``weights.experts(i, ids)``, asked once per MoE layer per forward
 with the union of the experts every row chose (a streaming source reads each once).
@@ -42,20 +43,27 @@ class Model(qwen3.Model):
         n, d = h.shape
         k = c.num_experts_per_tok
         ids, wts = route(be.linear(h, w["ffn_gate_inp.weight"]), k, c.norm_topk_prob)  # (N, k) each
+        # once per layer the union of the batch's experts (ascending); while the missing ones are
+        # read, the next block's guessed experts are queued behind them
+        predict = partial(self._predict, i + 1, h)
+        if n == 1:  # a decode step: each chosen expert's whole SwiGLU, all in one call, in slot order
+            slots = ids[0].tolist()
+            ex = self.weights.experts(i, sorted(slots), on_submit=predict)
+            y = np.empty((k, d), np.float32)
+            be.swiglu_each(h, [ex[e]["ffn_gate.weight"] for e in slots], [ex[e]["ffn_up.weight"] for e in slots],
+                           [ex[e]["ffn_down.weight"] for e in slots], list(y))
+            return combine(y, np.arange(k), wts)
         order, experts, starts = group(ids)  # the N*k (row, slot) assignments, grouped by expert
         experts, starts = experts.tolist(), starts.tolist()
-        # once per layer: the union of the batch's experts; while the missing ones are read, the
-        # next block's guessed experts are queued behind them
-        ex = self.weights.experts(i, experts, on_submit=partial(self._predict, i + 1, h))
+        ex = self.weights.experts(i, experts, on_submit=predict)
         segs = list(zip(starts[:-1], starts[1:]))  # expert experts[g] has grouped rows segs[g]
-        xs = h[order // k] if n > 1 else h  # (N*k, d) the rows, grouped; one row: each expert's GEMV input
+        xs = h[order // k]  # (N*k, d) the rows, grouped
         m, f = n * k, ex[experts[0]]["ffn_gate.weight"].shape[0]
         gate, up, y = np.empty((m, f), np.float32), np.empty((m, f), np.float32), np.empty((m, d), np.float32)
         mats, ins, outs = [], [], []
         for e, (s, t) in zip(experts, segs):
-            x = xs[s:t] if n > 1 else h
             mats += [ex[e]["ffn_gate.weight"], ex[e]["ffn_up.weight"]]
-            ins += [x, x]
+            ins += [xs[s:t], xs[s:t]]
             outs += [gate[s:t], up[s:t]]
         be.linear_each(ins, mats, outs)  # every chosen expert's gate and up
         act = be.silu_mul(gate, up)  # (N*k, F)

@@ -6,6 +6,8 @@ activations and QTensor weights:
     linear(x, w, bias=None)      (n, cols) @ W.T (+ bias)       -> (n, rows)
     linear_each(xs, ws, outs)    outs[j] = xs[j] @ ws[j].T: products with an input each
                                  (the chosen experts of a MoE layer), in one call
+    swiglu_each(x, gates, ups, downs, outs)   outs[j] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))
+                                 for one row x: a decode step's chosen experts, in one call
     embed(w, ids)                rows ``ids`` of the embedding  -> (n, d)
     rmsnorm(x, w, eps)           over the last axis of (n, d)   -> (n, d)
     rope(x, positions, theta, layout, scaling=None)   in place on (n, H, D)
@@ -85,6 +87,17 @@ def _linear_blocks(linear, x: np.ndarray, w, bias: np.ndarray | None) -> np.ndar
     return out
 
 
+def _swiglu_each(be, x: np.ndarray, gates: list, ups: list, downs: list, outs: list[np.ndarray]) -> None:
+    """SwiGLU experts on one row as products and an activation: all gates and ups, then all downs."""
+    x = np.ascontiguousarray(x, np.float32).reshape(1, -1)
+    k, f = len(gates), gates[0].shape[0] if gates else 0
+    g, u = np.empty((k, f), np.float32), np.empty((k, f), np.float32)
+    be.linear_each([x] * (2 * k), [w for pair in zip(gates, ups) for w in pair],
+                   [a[j:j + 1] for j in range(k) for a in (g, u)])
+    act = be.silu_mul(g, u)
+    be.linear_each([act[j:j + 1] for j in range(len(downs))], downs, [o.reshape(1, -1) for o in outs])
+
+
 # ---- plain numpy ----
 
 
@@ -141,6 +154,10 @@ class NumpyBackend:
         """``outs[j][:] = xs[j] @ ws[j].T`` for every j (each product its own input and output)."""
         for x, w, o in zip(xs, ws, outs):
             np.matmul(x, self.f32(w).T, out=o)
+
+    def swiglu_each(self, x: np.ndarray, gates: list, ups: list, downs: list, outs: list[np.ndarray]) -> None:
+        """``outs[j][:] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one row ``x`` (d,) or (1, d)."""
+        _swiglu_each(self, x, gates, ups, downs, outs)
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
         if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)
@@ -346,6 +363,15 @@ class KernelBackend:
     def linear_each(self, xs: list[np.ndarray], ws: list[QTensor], outs: list[np.ndarray]) -> None:
         """``outs[j][:] = xs[j] @ ws[j].T`` for every j, in as few pool dispatches as fit."""
         self._matmul.matmul_each(xs, ws, outs, pool=self.pool)
+
+    def swiglu_each(self, x: np.ndarray, gates: list, ups: list, downs: list, outs: list[np.ndarray]) -> None:
+        """``outs[j][:] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one row ``x``: each
+        expert one task (kernels.moe.swiglu_each), all in one pool dispatch; the same bits as the
+        products and the activation one after another, which run where the task cannot."""
+        from flashlm.kernels.moe import swiglu_each
+
+        if not swiglu_each(x, gates, ups, downs, outs, pool=self.pool):
+            _swiglu_each(self, x, gates, ups, downs, outs)
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
         if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)

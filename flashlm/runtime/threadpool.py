@@ -72,13 +72,16 @@ class ThreadPool:
 
     Args:
         n_threads: total threads including the caller; default physical cores.
+        spin_us: how long an idle worker spins before it sleeps.
+        dynamic: let table tasks be taken unit by unit where that costs no extra work
+            (``kernels.executor._claim_units``); off: every thread runs its fixed part.
 
     Example:
         >>> with ThreadPool(2) as pool:
         ...     pool.run(gemv_q8_0, rows, w, x, out)   # gemv_q8_0(w, x, out, r0, r1)
     """
 
-    def __init__(self, n_threads: int | None = None, *, spin_us: float = SPIN_US) -> None:
+    def __init__(self, n_threads: int | None = None, *, spin_us: float = SPIN_US, dynamic: bool = True) -> None:
         n = default_threads() if n_threads is None else int(n_threads)
         if n < 1:
             raise ValueError(f"ThreadPool: n_threads must be >= 1, got {n_threads}")
@@ -93,7 +96,7 @@ class ThreadPool:
         # ctl[1+2nw]: number of tasks in the table this generation (-1: Python tasks,
         # -2: close).
         self._ctl = np.zeros(2 + 2 * nw, np.int64)
-        self._table = executor.new_table()
+        self._table = executor.new_table(claim=dynamic)
         self._gen = 0
         self._parked = False
         self._spins = max(1, int(spin_us * 1000 / _SPIN_NS))
@@ -168,6 +171,7 @@ class ThreadPool:
             if self.n_threads == 1:
                 executor.run_chunks(self._table, nt, 0, 1)
                 return
+            self._table[executor.CLAIM, executor.CLAIM_NEXT] = 0  # (published by _publish's atomic store)
             g = self._publish(nt)
             try:
                 executor.run_chunks(self._table, nt, 0, self.n_threads)
