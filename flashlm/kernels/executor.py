@@ -572,9 +572,9 @@ def _fill_attention_batch_row(tab, t, q, caches, hkv, out, kernel):
     tab[t, HKV] = hkv
 
 
-@njit(nogil=True, cache=True)
-def _fill_expert_row(tab, t, kernel, x, gate, gk, up, uk, down, dk, out, scratch):
-    f, d = gate.shape[0], x.shape[x.ndim - 1]
+@njit(nogil=True, inline="always")
+def _fill_expert_row(tab, t, x, gate, up, down, tasks, out, scratch):
+    f, d = gate.shape[0], x.shape[0]
     tab[t, FMT] = EXPERT
     tab[t, E_X] = x.ctypes.data
     tab[t, W_ROWS] = 1
@@ -583,30 +583,47 @@ def _fill_expert_row(tab, t, kernel, x, gate, gk, up, uk, down, dk, out, scratch
     tab[t, E_F] = f
     tab[t, COLS] = d
     tab[t, OUT_ADDR] = out.ctypes.data
-    tab[t, KERNEL] = kernel
-    tab[t, E_GATE_TASK] = gk
-    joint = uk == gk and up.ctypes.data == gate.ctypes.data + f * gate.strides[0]
-    tab[t, E_UP_TASK] = 0 if joint else uk
+    tab[t, KERNEL] = tasks[0]
+    tab[t, E_GATE_TASK] = tasks[1]
+    joint = tasks[2] == tasks[1] and up.ctypes.data == gate.ctypes.data + f * gate.strides[0]
+    tab[t, E_UP_TASK] = 0 if joint else tasks[2]
     tab[t, E_UP] = up.ctypes.data
     tab[t, E_UP_ROWLEN] = up.shape[1]
     tab[t, E_DOWN] = down.ctypes.data
     tab[t, E_DOWN_ROWLEN] = down.shape[1]
-    tab[t, E_DOWN_TASK] = dk
+    tab[t, E_DOWN_TASK] = tasks[3]
     tab[t, E_SCRATCH] = scratch.ctypes.data
 
 
+@njit(nogil=True, cache=True)
+def _fill_expert_rows(tab, x, gates, ups, downs, tasks, out, scratch):
+    for t in range(len(gates)):
+        _fill_expert_row(tab, t, x, gates[t], ups[t], downs[t], tasks[t], out[t], scratch[t])
+
+
+@njit(nogil=True, cache=True)
+def _fill_one_expert(tab, t, x, gate, up, down, tasks, out, scratch):
+    _fill_expert_row(tab, t, x, gate, up, down, tasks, out, scratch)
+
+
 def expert_tasks(gate_key: str, up_key: str, down_key: str) -> tuple[int, int, int, int]:
-    """The addresses :func:`fill_expert` takes: the expert task's and the gate, up and down
-    products' tasks (``gate_key`` ... the task keys of the current path, ``matmul.task_key``)."""
+    """The addresses :func:`fill_experts` takes per expert: the expert task's and the gate, up and
+    down products' tasks (``gate_key`` ... the task keys of the current path, ``matmul.task_key``)."""
     return expert_address(), kernel_address(gate_key), kernel_address(up_key), kernel_address(down_key)
 
 
-def fill_expert(tab: np.ndarray, t: int, x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray,
-                tasks: tuple[int, int, int, int], out: np.ndarray, scratch: np.ndarray) -> None:
-    """Describe ``out = down . (silu(gate . x) * (up . x))`` for one row ``x`` (d,) in row ``t``:
-    gate, up (F rows) and down (d rows) are the weights' kernel arrays (C-contiguous 2-D), ``tasks``
-    from :func:`expert_tasks`, out (d,) and scratch (2F,) float32."""
-    _fill_expert_row(tab, t, tasks[0], x, gate, tasks[1], up, tasks[2], down, tasks[3], out, scratch)
+def fill_experts(tab: np.ndarray, x: np.ndarray, weights: list, tasks: np.ndarray, out: np.ndarray,
+                 scratch: np.ndarray) -> None:
+    """Describe ``out[t] = down . (silu(gate . x) * (up . x))`` for one row ``x`` (d,) in rows
+    0.. of ``tab``, one per expert: ``weights[t]`` its (gate, up, down) kernel arrays (C-contiguous
+    2-D; gate, up F rows, down d rows), ``tasks[t]`` its :func:`expert_tasks`, out (n, d) and
+    scratch (n, 2F) float32. Experts whose arrays share one type go in one Numba call."""
+    cols = tuple(zip(*weights))
+    if all(len({(a.dtype, a.flags.writeable, a.flags.aligned) for a in c}) == 1 for c in cols):
+        _fill_expert_rows(tab, x, *cols, tasks, out, scratch)
+    else:  # (a tuple of arrays of different types is not one Numba type)
+        for t, (g, u, dn) in enumerate(weights):
+            _fill_one_expert(tab, t, x, g, u, dn, tasks[t], out[t], scratch[t])
 
 
 # (Numba fills the rows: four ``.ctypes.data`` in Python took 30 of a decode attention's 80 us.)

@@ -155,24 +155,23 @@ def combine(y: np.ndarray, order: np.ndarray, wts: np.ndarray) -> np.ndarray:
     return out
 
 
-def _expert_arrays(gate, up, down, d: int):
+def _expert_arrays(gate, up, down, d: int, kernels) -> tuple | None:
     """The kernel arrays of one expert's weights, or None when a task cannot take them."""
-    from flashlm.kernels import matmul
-
+    f = gate.shape[0]
     arrs = []
-    for w, shape in ((gate, (gate.shape[0], d)), (up, (gate.shape[0], d)), (down, (d, gate.shape[0]))):
-        if not isinstance(w, QTensor):  # streamed in row blocks
+    for w, rows, cols in ((gate, f, d), (up, f, d), (down, d, f)):
+        if not isinstance(w, QTensor) or w.fmt not in kernels:  # (streamed row blocks are no QTensor)
             return None
         data = w.data.view(np.uint16) if w.fmt == "F16" else w.data
-        if (tuple(w.shape) != shape or w.fmt not in matmul.KERNELS or data.ndim != 2
-                or not data.flags.c_contiguous):
+        if w.shape[0] != rows or w.shape[-1] != cols or len(w.shape) != 2 or data.ndim != 2 \
+                or not data.flags.c_contiguous:
             return None
         arrs.append(data)
-    return arrs
+    return tuple(arrs)
 
 
-def swiglu_each(x: np.ndarray, gates: list, ups: list, downs: list, outs: list, *, pool=None) -> bool:
-    """``outs[j][:] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one activation row ``x``
+def swiglu_each(x: np.ndarray, gates: list, ups: list, downs: list, out: np.ndarray, *, pool=None) -> bool:
+    """``out[j] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one activation row ``x``
     (d,) or (1, d) shared by every expert: the chosen experts of a MoE layer's decode step, each
     a task run whole by one thread (``executor.EXPERT``), tables of up to ``executor.MAX_TASKS``
     experts in one dispatch each. Each output has the bits of the gate/up products, ops.silu_mul
@@ -181,7 +180,7 @@ def swiglu_each(x: np.ndarray, gates: list, ups: list, downs: list, outs: list, 
     Args:
         x: float32 row, C-contiguous.
         gates, ups: QTensors (F, d); downs: QTensors (d, F).
-        outs: C-contiguous float32 results, each (d,) or (1, d).
+        out: (k, d) float32, C-contiguous, one row per expert.
         pool: as for ``matmul.matmul``.
 
     Returns:
@@ -190,34 +189,36 @@ def swiglu_each(x: np.ndarray, gates: list, ups: list, downs: list, outs: list, 
     """
     from flashlm.kernels import executor, matmul  # lazily, as the backend: Numba compiles on first use
 
-    if x.dtype != np.float32 or x.size != x.shape[-1] or not x.flags.c_contiguous or not gates:
+    k = len(gates)
+    if (not k or x.dtype != np.float32 or x.size != x.shape[-1] or not x.flags.c_contiguous
+            or out.shape != (k, x.shape[-1]) or out.dtype != np.float32 or not out.flags.c_contiguous):
         return False
     d = x.shape[-1]
-    arrs = []
-    for g, u, dn, o in zip(gates, ups, downs, outs):
-        a = _expert_arrays(g, u, dn, d)
-        if a is None or o.dtype != np.float32 or o.size != d or not o.flags.c_contiguous:
+    arrs, tasks, known = [], [], {}
+    for g, u, dn in zip(gates, ups, downs):
+        a = _expert_arrays(g, u, dn, d, matmul.KERNELS)
+        if a is None:
             return False
         arrs.append(a)
+        fmts = (g.fmt, u.fmt, dn.fmt)
+        addr = known.get(fmts)
+        if addr is None:  # one look-up for a layer of like experts
+            addr = known[fmts] = executor.expert_tasks(*(matmul.task_key(f) for f in fmts))
+        tasks.append(addr)
     f = gates[0].shape[0]
     x = x.reshape(-1)
-    scratch = np.empty((len(arrs), 2 * f), np.float32)
-    tasks = {}  # (gate, up, down formats) -> their tasks' addresses (one look-up for a layer of like experts)
-    for g, u, dn in zip(gates, ups, downs):
-        fmts = (g.fmt, u.fmt, dn.fmt)
-        if fmts not in tasks:
-            tasks[fmts] = executor.expert_tasks(*(matmul.task_key(f) for f in fmts))
-    addrs = [tasks[g.fmt, u.fmt, dn.fmt] for g, u, dn in zip(gates, ups, downs)]
-    nbytes = sum(a.nbytes for e in arrs for a in e)
-    for t0 in range(0, len(arrs), executor.MAX_TASKS):
-        part = range(t0, min(len(arrs), t0 + executor.MAX_TASKS))
+    scratch = np.empty((k, 2 * f), np.float32)
+    tasks = np.array(tasks, np.int64)
+    parallel = pool is not None and hasattr(pool, "run_table") and \
+        sum(w.nbytes for w in gates) * 3 >= matmul.PARALLEL_MIN_BYTES
+    for t0 in range(0, k, executor.MAX_TASKS):
+        t1 = min(k, t0 + executor.MAX_TASKS)
 
-        def fill(tab: np.ndarray, part=part) -> int:
-            for t, j in enumerate(part):
-                executor.fill_expert(tab, t, x, *arrs[j], addrs[j], outs[j].reshape(-1), scratch[j])
-            return len(part)
+        def fill(tab: np.ndarray, t0=t0, t1=t1) -> int:
+            executor.fill_experts(tab, x, arrs[t0:t1], tasks[t0:t1], out[t0:t1], scratch[t0:t1])
+            return t1 - t0
 
-        if pool is not None and nbytes >= matmul.PARALLEL_MIN_BYTES and hasattr(pool, "run_table"):
+        if parallel:
             pool.run_table(fill)
         else:
             tab = executor.new_table()

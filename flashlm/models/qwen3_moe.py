@@ -51,7 +51,7 @@ class Model(qwen3.Model):
             ex = self.weights.experts(i, sorted(slots), on_submit=predict)
             y = np.empty((k, d), np.float32)
             be.swiglu_each(h, [ex[e]["ffn_gate.weight"] for e in slots], [ex[e]["ffn_up.weight"] for e in slots],
-                           [ex[e]["ffn_down.weight"] for e in slots], list(y))
+                           [ex[e]["ffn_down.weight"] for e in slots], y)
             return combine(y, np.arange(k), wts)
         order, experts, starts = group(ids)  # the N*k (row, slot) assignments, grouped by expert
         experts, starts = experts.tolist(), starts.tolist()

@@ -6,8 +6,8 @@ activations and QTensor weights:
     linear(x, w, bias=None)      (n, cols) @ W.T (+ bias)       -> (n, rows)
     linear_each(xs, ws, outs)    outs[j] = xs[j] @ ws[j].T: products with an input each
                                  (the chosen experts of a MoE layer), in one call
-    swiglu_each(x, gates, ups, downs, outs)   outs[j] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))
-                                 for one row x: a decode step's chosen experts, in one call
+    swiglu_each(x, gates, ups, downs, out)    out[j] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))
+                                 for one row x, out (k, d): a decode step's chosen experts, in one call
     embed(w, ids)                rows ``ids`` of the embedding  -> (n, d)
     rmsnorm(x, w, eps)           over the last axis of (n, d)   -> (n, d)
     rope(x, positions, theta, layout, scaling=None)   in place on (n, H, D)
@@ -87,7 +87,7 @@ def _linear_blocks(linear, x: np.ndarray, w, bias: np.ndarray | None) -> np.ndar
     return out
 
 
-def _swiglu_each(be, x: np.ndarray, gates: list, ups: list, downs: list, outs: list[np.ndarray]) -> None:
+def _swiglu_each(be, x: np.ndarray, gates: list, ups: list, downs: list, out: np.ndarray) -> None:
     """SwiGLU experts on one row as products and an activation: all gates and ups, then all downs."""
     x = np.ascontiguousarray(x, np.float32).reshape(1, -1)
     k, f = len(gates), gates[0].shape[0] if gates else 0
@@ -95,7 +95,7 @@ def _swiglu_each(be, x: np.ndarray, gates: list, ups: list, downs: list, outs: l
     be.linear_each([x] * (2 * k), [w for pair in zip(gates, ups) for w in pair],
                    [a[j:j + 1] for j in range(k) for a in (g, u)])
     act = be.silu_mul(g, u)
-    be.linear_each([act[j:j + 1] for j in range(len(downs))], downs, [o.reshape(1, -1) for o in outs])
+    be.linear_each([act[j:j + 1] for j in range(len(downs))], downs, [out[j:j + 1] for j in range(len(downs))])
 
 
 # ---- plain numpy ----
@@ -155,9 +155,10 @@ class NumpyBackend:
         for x, w, o in zip(xs, ws, outs):
             np.matmul(x, self.f32(w).T, out=o)
 
-    def swiglu_each(self, x: np.ndarray, gates: list, ups: list, downs: list, outs: list[np.ndarray]) -> None:
-        """``outs[j][:] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one row ``x`` (d,) or (1, d)."""
-        _swiglu_each(self, x, gates, ups, downs, outs)
+    def swiglu_each(self, x: np.ndarray, gates: list, ups: list, downs: list, out: np.ndarray) -> None:
+        """``out[j] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one row ``x`` (d,) or (1, d);
+        out (k, d) float32."""
+        _swiglu_each(self, x, gates, ups, downs, out)
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
         if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)
@@ -364,14 +365,14 @@ class KernelBackend:
         """``outs[j][:] = xs[j] @ ws[j].T`` for every j, in as few pool dispatches as fit."""
         self._matmul.matmul_each(xs, ws, outs, pool=self.pool)
 
-    def swiglu_each(self, x: np.ndarray, gates: list, ups: list, downs: list, outs: list[np.ndarray]) -> None:
-        """``outs[j][:] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one row ``x``: each
+    def swiglu_each(self, x: np.ndarray, gates: list, ups: list, downs: list, out: np.ndarray) -> None:
+        """``out[j] = downs[j] . (silu(gates[j] . x) * (ups[j] . x))`` for one row ``x``: each
         expert one task (kernels.moe.swiglu_each), all in one pool dispatch; the same bits as the
         products and the activation one after another, which run where the task cannot."""
         from flashlm.kernels.moe import swiglu_each
 
-        if not swiglu_each(x, gates, ups, downs, outs, pool=self.pool):
-            _swiglu_each(self, x, gates, ups, downs, outs)
+        if not swiglu_each(x, gates, ups, downs, out, pool=self.pool):
+            _swiglu_each(self, x, gates, ups, downs, out)
 
     def embed(self, w: QTensor, ids: np.ndarray) -> np.ndarray:
         if not isinstance(w, QTensor):  # rows read on demand (flashlm.offload.streaming.StreamedMatrix)

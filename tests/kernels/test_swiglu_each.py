@@ -65,7 +65,7 @@ def test_experts_equal_the_three_stage_path(exact: bool, adjacent: bool, use_poo
         assert g.data.ctypes.data + g.data.nbytes == u.data.ctypes.data
     x = np.random.default_rng(1).standard_normal(D).astype(np.float32)
     y = np.full((8, D), np.nan, np.float32)
-    assert swiglu_each(x, *[list(c) for c in zip(*experts)], list(y), pool=pool if use_pool else None)
+    assert swiglu_each(x, *[list(c) for c in zip(*experts)], y, pool=pool if use_pool else None)
     np.testing.assert_array_equal(y, _reference(x, experts))
 
 
@@ -74,8 +74,19 @@ def test_more_experts_than_a_table_and_mixed_formats(pool) -> None:
     experts = _experts(20, ("Q4_KR", "Q5_0R", "F32"), adjacent=False, seed=2)
     x = np.random.default_rng(3).standard_normal((1, D)).astype(np.float32)
     y = np.full((20, D), np.nan, np.float32)
-    assert swiglu_each(x, *[list(c) for c in zip(*experts)], list(y), pool=pool)
+    assert swiglu_each(x, *[list(c) for c in zip(*experts)], y, pool=pool)
     np.testing.assert_array_equal(y, _reference(x[0], experts))
+
+
+def test_experts_of_different_formats_in_one_call() -> None:
+    """Downs alternating F32 and Q6_KR (arrays of two types: filled expert by expert)."""
+    experts = _experts(2, ("Q4_KR", "Q4_KR", "F32"), adjacent=True, seed=8) + \
+        _experts(2, ("Q4_KR", "Q4_KR", "Q6_KR"), adjacent=True, seed=9)
+    experts = [experts[0], experts[2], experts[1], experts[3]]
+    x = np.random.default_rng(10).standard_normal(D).astype(np.float32)
+    y = np.full((4, D), np.nan, np.float32)
+    assert swiglu_each(x, *[list(c) for c in zip(*experts)], y)
+    np.testing.assert_array_equal(y, _reference(x, experts))
 
 
 def test_declines_what_a_task_cannot_take() -> None:
@@ -84,11 +95,12 @@ def test_declines_what_a_task_cannot_take() -> None:
     cols = [list(c) for c in zip(*experts)]
     y = np.full((2, D), np.nan, np.float32)
     two_rows = np.ones((2, D), np.float32)
-    assert not swiglu_each(two_rows, *cols, list(y))
+    assert not swiglu_each(two_rows, *cols, y)
     bad = [QTensor(cols[2][0].data, cols[2][0].fmt, (D, F + 32))] + cols[2][1:]
-    assert not swiglu_each(np.ones(D, np.float32), cols[0], cols[1], bad, list(y))
+    assert not swiglu_each(np.ones(D, np.float32), cols[0], cols[1], bad, y)
     wide = np.full((2, 2 * D), np.nan, np.float32)
-    assert not swiglu_each(np.ones(D, np.float32), *cols, [wide[0, ::2], wide[1, ::2]])
+    assert not swiglu_each(np.ones(D, np.float32), *cols, wide[:, ::2])
+    assert not swiglu_each(np.ones(D, np.float32), *cols, y[:1])
     assert np.isnan(y).all() and np.isnan(wide).all()
 
 
@@ -101,10 +113,10 @@ def test_backends_agree() -> None:
     with ThreadPool(2) as p:
         kb = KernelBackend(p)
         y = np.empty((4, D), np.float32)
-        kb.swiglu_each(x, *cols, list(y))
+        kb.swiglu_each(x, *cols, y)
         np.testing.assert_array_equal(y, _reference(x[0], experts))
     ref = np.empty((4, D), np.float32)
-    NumpyBackend().swiglu_each(x, *cols, list(ref))
+    NumpyBackend().swiglu_each(x, *cols, ref)
     scale = np.abs(ref).max()
     assert np.abs(y - ref).max() <= 2e-3 * scale  # the integer path's activations against float32
 
