@@ -61,6 +61,10 @@ CLAIM_CHUNKS = 8
 
 # status codes of worker_loop
 NEW_PYTHON_TASK, IDLE, CLOSED = 1, 2, 3
+# a generation's task count meaning "run the program whose task address is in table row 0"
+# (kernels.program: a decode step's blocks)
+PROGRAM = -3
+PROGRAM_TASK = 5  # the column of table row 0 holding the program task's address
 
 _gv_f32, _gm_f32 = BASIC_KERNELS["F32"]
 _gv_f16, _gm_f16 = BASIC_KERNELS["F16"]
@@ -502,7 +506,7 @@ def worker_loop(ctl, tab, ntasks_slot, wi, parts, last, spins):
 
     Control array: ctl[0] generation; ctl[1 + wi - 1] this worker's finished
     generation; ctl[ntasks_slot] number of table tasks of the current generation,
-    or -1 when the task is Python code.
+    -1 when the task is Python code, PROGRAM for a program (kernels.program).
 
     Returns (status, generation): NEW_PYTHON_TASK (run it in Python, then mark
     done), IDLE (no new generation within ``spins`` rounds: go to sleep), or CLOSED
@@ -514,6 +518,10 @@ def worker_loop(ctl, tab, ntasks_slot, wi, parts, last, spins):
             return IDLE, last
         last = g
         nt = sync.load(ctl, ntasks_slot)
+        if nt == PROGRAM:
+            _call_row_task(tab[0, PROGRAM_TASK], tab.ctypes.data, wi, parts)
+            sync.store(ctl, wi, g)
+            continue
         if nt < 0:
             return (NEW_PYTHON_TASK if nt == -1 else CLOSED), g
         run_chunks(tab, nt, wi, parts)

@@ -6,6 +6,10 @@ its own KV cache. :class:`Batch` holds the concatenated rows and where each
 sequence's rows are; :func:`attend` writes k/v into each cache and attends;
 :class:`Decoder` is embed -> ``block(i)`` for every layer -> norm -> head, which an
 architecture's ``Model`` completes with its ``block`` (attention, MLP or MoE).
+
+A decode step of one sequence on the kernel backend, with the weights resident in memory, runs
+its blocks as one program (``kernels.program``) when the architecture writes one
+(``program_block``): every block's kernels in one pool dispatch, with the bits of ``block``.
 """
 from __future__ import annotations
 
@@ -160,6 +164,10 @@ class Decoder:
 
     def _run(self, batch: Batch, rows: np.ndarray) -> np.ndarray:
         c, be, wt = self.config, self.backend, self.weights
+        if len(batch.tokens) == 1 and len(rows) == 1:  # a decode step of one sequence
+            prog = self._program(batch.caches[0])
+            if prog is not None and 0 <= batch.positions[0] < prog.positions:
+                return self._decode(prog, batch)
         check_tokens(batch.tokens, c.vocab_size)
         x = np.array(be.embed(wt.tensor("token_embd.weight"), batch.tokens), np.float32)  # (N, d)
         for i in range(c.num_hidden_layers):
@@ -167,6 +175,56 @@ class Decoder:
         h = be.rmsnorm(np.ascontiguousarray(x[rows]), wt.tensor("output_norm.weight"), c.rms_norm_eps)
         head = wt.tensor("output.weight") if wt.has("output.weight") else wt.tensor("token_embd.weight")
         logits = be.linear(h, head)  # only the rows asked for, not the whole prompt
+        batch.finish()
+        return logits
+
+    # Decode steps of one sequence run as a program where possible (False: always block by block).
+    use_programs = True
+
+    def program_block(self, b, i: int, w: dict, buf: "ProgramBuffers", cache: KVCache) -> None:
+        """Append block ``i``'s decode step to the program builder ``b`` (``kernels.program``):
+        an architecture that can defines it with the operations of its ``block``."""
+        raise NotImplementedError
+
+    def _program(self, cache: KVCache):
+        """The decode program of this model on ``cache`` (made once per cache and path), or None
+        where blocks run one by one: another backend, weights that stream, a format without a
+        GEMV task, an architecture without ``program_block``."""
+        from flashlm.kernels import matmul
+
+        be = self.backend
+        if not (self.use_programs and getattr(be, "programs", False) and getattr(self.weights, "resident", False)
+                and type(self).program_block is not Decoder.program_block and isinstance(cache, KVCache)):
+            return None
+        key = (id(self), id(self.weights), matmul.is_exact())
+        hit = getattr(cache, "_program", None)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        prog = None
+        try:
+            prog = _build_program(self, cache)
+        except _NoProgram:
+            pass
+        cache._program = (key, prog)
+        return prog
+
+    def _decode(self, prog: "DecodeProgram", batch: "Batch") -> np.ndarray:
+        """One decode step through the program: embed, the blocks in one dispatch, norm, head."""
+        c, be, wt = self.config, self.backend, self.weights
+        check_tokens(batch.tokens, c.vocab_size)
+        buf = prog.buf
+        buf.x[:] = be.embed(wt.tensor("token_embd.weight"), batch.tokens)[0]
+        prog.state[0], prog.state[1] = batch.positions[0], batch.n_past[0]
+        prog.table[prog.attention_rows, prog.n_past_col] = batch.n_past[0]
+        if be.pool is not None:
+            be.pool.run_program(prog.table, prog.state, prog.bar)
+        else:
+            from flashlm.kernels import program
+
+            program.run(prog.table, prog.table.shape[0], prog.state, prog.bar, 0, 1)
+        h = be.rmsnorm(buf.x.reshape(1, -1), wt.tensor("output_norm.weight"), c.rms_norm_eps)
+        head = wt.tensor("output.weight") if wt.has("output.weight") else wt.tensor("token_embd.weight")
+        logits = be.linear(h, head)
         batch.finish()
         return logits
 
@@ -203,3 +261,86 @@ class Decoder:
         """
         batch = make_batch(seqs)
         return self._run(batch, batch.logit_rows(all_logits, last))
+
+
+# ---- decode programs ----
+
+
+class _NoProgram(Exception):
+    """A weight or cache a program cannot take: the blocks run one by one."""
+
+
+class ProgramBuffers:
+    """The activations of a decode program's step (float32, one row each)."""
+
+    def __init__(self, config) -> None:
+        c = config
+        d, hd, hq, hkv = c.hidden_size, c.head_dim, c.num_attention_heads, c.num_key_value_heads
+        f = c.intermediate_size
+        z = lambda n: np.zeros(n, np.float32)  # noqa: E731
+        self.x, self.h, self.o, self.y = z(d), z(d), z(d), z(d)
+        self.q, self.qn, self.att = z(hq * hd), z(hq * hd), z(hq * hd)
+        self.k, self.kn, self.v = z(hkv * hd), z(hkv * hd), z(hkv * hd)
+        self.g, self.u, self.act = z(f), z(f), z(f)
+
+
+class DecodeProgram:
+    """A model's decode step on one cache: the program table and what it reads and writes."""
+
+    def __init__(self, table, buf, keep, attention_rows, positions) -> None:
+        from flashlm.kernels import program
+
+        self.table, self.buf, self.keep = table, buf, keep
+        self.attention_rows = np.asarray(attention_rows, np.int64)
+        self.n_past_col = program.N_PAST
+        self.positions = positions  # rope positions the tables cover
+        self.state = np.zeros(2, np.int64)
+        self.bar = np.zeros(1, np.int64)
+
+
+def program_matmul(b, x: np.ndarray, w, out: np.ndarray) -> None:
+    """Append ``out = w . x`` (a QTensor with a GEMV task) to builder ``b``, or raise _NoProgram."""
+    from flashlm.kernels import matmul
+    from flashlm.kernels.formats import QTensor
+
+    if not isinstance(w, QTensor) or not w.stable or w.fmt not in matmul.KERNELS or len(w.shape) != 2 \
+            or w.shape != (out.size, x.size):
+        raise _NoProgram
+    data = w.data.view(np.uint16) if w.fmt == "F16" else w.data
+    if data.ndim != 2 or not data.flags.c_contiguous:
+        raise _NoProgram
+    b.matmul(x, data, matmul.task_key(w.fmt), out)
+
+
+def program_vector(be, w) -> np.ndarray:
+    """A norm weight or bias as the float32 vector the backend uses, or raise _NoProgram."""
+    from flashlm.kernels.formats import QTensor
+
+    if not isinstance(w, QTensor) or not w.stable:
+        raise _NoProgram
+    return be.vector(w)
+
+
+def program_rope(b, x: np.ndarray, heads: int, config, positions: int) -> None:
+    """Append rope of ``x`` (heads x head_dim) with ops.rope's tables for ``positions``."""
+    from flashlm.kernels import ops
+
+    c = config
+    cos, sin = ops._rope_table(c.rope_theta, c.head_dim, c.rope_scaling, positions)
+    if c.rope_layout not in ("neox", "interleaved"):
+        raise _NoProgram
+    b.rope(x, heads, c.head_dim, cos, sin, c.rope_layout == "neox")
+
+
+def _build_program(model, cache: KVCache) -> DecodeProgram:
+    from flashlm.kernels import ops, program
+
+    c = model.config
+    if cache.max_ctx >= ops._TABLE_MAX or cache.n_layers != c.num_hidden_layers:
+        raise _NoProgram
+    b = program.Builder()
+    buf = ProgramBuffers(c)
+    for i in range(c.num_hidden_layers):
+        model.program_block(b, i, model.weights.layer(i), buf, cache)
+    table = b.build()
+    return DecodeProgram(table, buf, b.keep, np.flatnonzero(table[:, 0] == program.ATTENTION), cache.max_ctx)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashlm.models.base import Batch, Decoder, attend
+from flashlm.models.base import Batch, Decoder, attend, program_matmul, program_rope, program_vector
 
 
 class Model(Decoder):
@@ -53,3 +53,41 @@ class Model(Decoder):
         x += self.attention(i, w, be.rmsnorm(x, w["attn_norm.weight"], eps), batch)
         x += self.mlp(w, be.rmsnorm(x, w["ffn_norm.weight"], eps))
         return x
+
+    def program_block(self, b, i: int, w: dict, buf, cache) -> None:
+        """Block ``i``'s decode step as program rows (``Decoder._program``): ``block``'s operations."""
+        c, be = self.config, self.backend
+        eps, d, hd = c.rms_norm_eps, c.hidden_size, c.head_dim
+        hq, hkv = c.num_attention_heads, c.num_key_value_heads
+        b.norm(buf.x, program_vector(be, w["attn_norm.weight"]), buf.h, eps, d)
+        b.barrier()
+        for name, out in (("attn_q", buf.q), ("attn_k", buf.k), ("attn_v", buf.v)):
+            program_matmul(b, buf.h, w[name + ".weight"], out)
+        b.barrier()
+        for name, out in (("attn_q", buf.q), ("attn_k", buf.k), ("attn_v", buf.v)):
+            if w.get(name + ".bias") is not None:
+                b.add(out, program_vector(be, w[name + ".bias"]))
+        q, k = self.program_qk(b, w, buf)
+        program_rope(b, q, hq, c, cache.max_ctx)
+        program_rope(b, k, hkv, c, cache.max_ctx)
+        b.kv(k, buf.v, cache.k[i], cache.v[i])
+        b.barrier()
+        b.attention(q.reshape(1, hq, hd), cache.k[i], cache.v[i], buf.att.reshape(1, hq, hd))
+        b.barrier()
+        program_matmul(b, buf.att, w["attn_output.weight"], buf.o)
+        b.barrier()
+        b.add(buf.x, buf.o)
+        b.norm(buf.x, program_vector(be, w["ffn_norm.weight"]), buf.h, eps, d)
+        b.barrier()
+        program_matmul(b, buf.h, w["ffn_gate.weight"], buf.g)
+        program_matmul(b, buf.h, w["ffn_up.weight"], buf.u)
+        b.barrier()
+        b.silu(buf.g, buf.u, buf.act)
+        b.barrier()
+        program_matmul(b, buf.act, w["ffn_down.weight"], buf.y)
+        b.barrier()
+        b.add(buf.x, buf.y)
+
+    def program_qk(self, b, w: dict, buf) -> tuple[np.ndarray, np.ndarray]:
+        """The q and k buffers rope rotates: llama's are the projections'."""
+        return buf.q, buf.k

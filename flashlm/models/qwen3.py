@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from flashlm.models.base import Batch, Decoder, attend
+from flashlm.models import llama
+from flashlm.models.base import Batch, Decoder, attend, program_vector
 
 
 class Model(Decoder):
@@ -55,3 +56,13 @@ class Model(Decoder):
         x += self.attention(i, w, be.rmsnorm(x, w["attn_norm.weight"], eps), batch)
         x += self.mlp(w, be.rmsnorm(x, w["ffn_norm.weight"], eps))
         return x
+
+    # the decode program: llama's block rows with the per-head q/k norms before rope
+    program_block = llama.Model.program_block
+
+    def program_qk(self, b, w: dict, buf) -> tuple[np.ndarray, np.ndarray]:
+        """q and k normed per head (buf.qn, buf.kn), as ``attention`` does before rope."""
+        c, be = self.config, self.backend
+        b.norm(buf.q, program_vector(be, w["attn_q_norm.weight"]), buf.qn, c.rms_norm_eps, c.head_dim)
+        b.norm(buf.k, program_vector(be, w["attn_k_norm.weight"]), buf.kn, c.rms_norm_eps, c.head_dim)
+        return buf.qn, buf.kn

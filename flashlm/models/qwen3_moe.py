@@ -28,7 +28,7 @@ import numpy as np
 
 from flashlm.kernels.moe import combine, group, route
 from flashlm.models import qwen3
-from flashlm.models.base import Batch
+from flashlm.models.base import Batch, Decoder
 
 
 class Model(qwen3.Model):
@@ -36,6 +36,8 @@ class Model(qwen3.Model):
     (layers in ``mlp_only_layers``), and sparse MoE blocks. The forward driver is
     :class:`flashlm.models.base.Decoder`.
     """
+
+    program_block = Decoder.program_block  # (no decode program for the MoE block: block by block)
 
     def moe(self, i: int, w: dict, h: np.ndarray) -> np.ndarray:
         """Sparse MoE block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""

@@ -88,6 +88,8 @@ class DictWeights:
         True
     """
 
+    resident = True  # tensors stay at their addresses (a decode program may hold them)
+
     def __init__(self, tensors: dict[str, QTensor]) -> None:
         self.tensors = dict(tensors)
         self._layers: dict[int, dict[str, QTensor]] = {}

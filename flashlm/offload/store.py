@@ -253,6 +253,8 @@ class Store:
         q = store.layer(0)["attn_q.weight"]      # QTensor, fmt "Q4_1", shape (576, 576)
     """
 
+    resident = True  # tensors are mapped for the store's life (a decode program may hold them)
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).expanduser()
         mpath = self.path / MANIFEST

@@ -270,6 +270,7 @@ class KernelBackend:
     """
 
     name = "kernels"
+    programs = True  # runs a decode step's blocks as one program (models.base.Decoder._program)
 
     def __init__(self, pool=None) -> None:
         from flashlm.kernels import matmul, ops  # lazily: Numba compiles on first use

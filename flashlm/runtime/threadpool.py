@@ -180,6 +180,35 @@ class ThreadPool:
             self._wait(g)
             self._raise_errors()
 
+    def run_program(self, prog: np.ndarray, state: np.ndarray, bar: np.ndarray) -> None:
+        """Run a program (``kernels.program``: a decode step's blocks) on every thread at once,
+        in one dispatch.
+
+        Args:
+            prog: (steps, executor.ROW) int64 rows.
+            state: int64 [position, cached positions] of the step.
+            bar: int64 (1,) the program's barrier counter (reset here).
+        """
+        from flashlm.kernels import program
+
+        with self._call_lock:
+            if self._closed:
+                raise RuntimeError("ThreadPool.run called after close()")
+            bar[0] = 0
+            if self.n_threads == 1:
+                program.run(prog, prog.shape[0], state, bar, 0, 1)
+                return
+            t = self._table
+            t[0, 1:5] = (prog.ctypes.data, prog.shape[0], state.ctypes.data, bar.ctypes.data)
+            t[0, executor.PROGRAM_TASK] = program.task_address()
+            g = self._publish(executor.PROGRAM)
+            try:
+                program.run(prog, prog.shape[0], state, bar, 0, self.n_threads)
+            except BaseException as e:
+                self._errors[0] = e
+            self._wait(g)
+            self._raise_errors()
+
     def park(self) -> None:
         """Send spinning workers to sleep now: call before handing the cores to other
         threads (BLAS), so that idle workers do not spin against them."""
