@@ -20,6 +20,11 @@ Row layouts (column 0 the op; matmul and attention rows as kernels.executor's):
     ROPE     x, heads, hd, cos, sin, table rows, neox     at the position in state[0], thread 0
     KV       k, v, k cache, v cache, hkv, tmax, hd, f16   at the position state[1], thread 0
     SILU     g, u, out, n                                 out = silu(g) * u, split in ranges
+    ROUTE    logits, E, k, norm, ids, wts, experts, first  the router's top-k (kernels.moe._route); writes
+                                                          each chosen expert's addresses (from the (E, 4)
+                                                          table ``experts``) into EXPERT rows first.., thread 0
+    EXPERT   (executor's row)                             k rows after a ROUTE, whole rows to the threads in turn
+    COMBINE  x, y, wts, k, d, tmp, order                  x += kernels.moe's weighted sum of the k rows y, thread 0
     BARRIER                                               every thread waits for all
     ATTENTION (executor's row; its N_PAST column set before each step)
     a matmul row (executor.fill; n = 0: the GEMV)
@@ -30,11 +35,13 @@ import numpy as np
 from numba import carray, njit, types
 
 from flashlm.kernels import executor, sync
-from flashlm.kernels.executor import (ATTENTION, ATTENTION_SIG, COLS, KERNEL, N, OUT_ADDR, ROW, W_ADDR, W_ROWLEN,
-                                      W_ROWS, X_ADDR, _call_row_task, _call_task, _chunk)
+from flashlm.kernels.executor import (ATTENTION, ATTENTION_SIG, COLS, E_DOWN, E_GATE, E_UP, E_UP_TASK, EXPERT, KERNEL,
+                                      N, OUT_ADDR, ROW, W_ADDR, W_ROWLEN, W_ROWS, X_ADDR, _call_row_task, _call_task,
+                                      _chunk)
+from flashlm.kernels.moe import _combine, _route
 from flashlm.kernels.ops import _kv_write_f16, _ptr, _rmsnorm, _rope, _silu_mul
 
-NORM, ADD, ROPE, KV, SILU, BARRIER = 40, 41, 42, 43, 44, 45
+NORM, ADD, ROPE, KV, SILU, BARRIER, ROUTE, COMBINE = 40, 41, 42, 43, 44, 45, 46, 47
 N_PAST = 10  # the column of an ATTENTION row holding the positions already cached (set per step)
 
 
@@ -44,10 +51,28 @@ def _f32(addr, n):
 
 
 @njit(nogil=True, cache=True)
-def _serial_step(r, state):
-    """The thread-0 step of row ``r``."""
+def _serial_step(prog, r, state):
+    """The thread-0 step of row ``r`` (of ``prog``)."""
     op = r[0]
-    if op == NORM:
+    if op == ROUTE:
+        ne, k = r[2], r[3]
+        ids = carray(_ptr(r[5], types.int64), (1, k))
+        _route(carray(_ptr(r[1], types.float32), (1, ne)), k, r[4] != 0, ids,
+               carray(_ptr(r[6], types.float32), (1, k)))
+        table = carray(_ptr(r[7], types.int64), (ne, 4))
+        for j in range(k):
+            e = ids[0, j]
+            row = prog[r[8] + j]
+            row[E_GATE], row[E_UP], row[E_DOWN], row[E_UP_TASK] = table[e, 0], table[e, 1], table[e, 2], table[e, 3]
+    elif op == COMBINE:
+        k, d = r[4], r[5]
+        tmp = carray(_ptr(r[6], types.float32), (1, d))
+        _combine(carray(_ptr(r[2], types.float32), (k, d)), carray(_ptr(r[7], types.int64), (k,)),
+                 carray(_ptr(r[3], types.float32), (1, k)), tmp)
+        x = _f32(r[1], d)
+        for c in range(d):
+            x[c] = x[c] + tmp[0, c]
+    elif op == NORM:
         rows, d = r[3], r[4]
         eps = np.float32(carray(_ptr(r.ctypes.data + 6 * 8, types.float32), (1,))[0])
         x = carray(_ptr(r[1], types.float32), (rows, d))
@@ -85,10 +110,16 @@ def run(prog, nsteps, state, bar, part, parts):
     """Thread ``part`` of ``parts`` walks rows 0..nsteps-1 of ``prog``; ``state`` [position,
     cached positions]; ``bar[0]`` the barrier counter (0 when the program starts)."""
     nb = 0
+    g0 = 0  # the first row of the current group of EXPERT rows
     for s in range(nsteps):
         r = prog[s]
         op = r[0]
-        if op == BARRIER:
+        if op == EXPERT:
+            if s == 0 or prog[s - 1, 0] != EXPERT:
+                g0 = s
+            if (s - g0) % parts == part:
+                _call_row_task(r[KERNEL], prog.ctypes.data + s * prog.strides[0], 0, 1)
+        elif op == BARRIER:
             nb += 1
             if parts > 1:
                 sync.atomic_add(bar, 0, 1)
@@ -105,9 +136,9 @@ def run(prog, nsteps, state, bar, part, parts):
             a, b = _chunk(r[W_ROWS], parts, part)
             if b > a:
                 _call_row_task(r[KERNEL], prog.ctypes.data + s * prog.strides[0], a, b)
-        elif NORM <= op <= KV:  # (matmul rows' ids are below ATTENTION or from 100: executor.FMT_IDS)
+        elif NORM <= op <= COMBINE:  # (matmul rows' ids are below ATTENTION or from 100: executor.FMT_IDS)
             if part == 0:
-                _serial_step(r, state)
+                _serial_step(prog, r, state)
         else:
             a, b = _chunk(r[W_ROWS], parts, part)
             if b > a:
@@ -149,8 +180,8 @@ class Builder:
         self.rows.append(r)
 
     def _addr(self, a: np.ndarray) -> int:
-        if a.dtype not in (np.float32, np.uint16) or not a.flags.c_contiguous:
-            raise ValueError(f"program: arrays must be C-contiguous float32 (or f16 bits), got {a.dtype}")
+        if a.dtype not in (np.float32, np.uint16, np.int64) or not a.flags.c_contiguous:
+            raise ValueError(f"program: arrays must be C-contiguous float32, f16 bits or int64, got {a.dtype}")
         self.keep.append(a)
         return a.ctypes.data
 
@@ -180,6 +211,30 @@ class Builder:
 
     def silu(self, g: np.ndarray, u: np.ndarray, out: np.ndarray) -> None:
         self._row(SILU, self._addr(g), self._addr(u), self._addr(out), g.size)
+
+    def moe(self, h: np.ndarray, logits: np.ndarray, k: int, norm: bool, ids: np.ndarray, wts: np.ndarray,
+            experts: np.ndarray, template: tuple, keys: tuple[str, str, str], y: np.ndarray,
+            scratch: np.ndarray) -> None:
+        """The experts of a MoE block on normed ``h`` (d,), its router's ``logits`` (E,) computed by
+        the rows before: ROUTE (top ``k``, ``norm``: renormalized; into ids (k,) int64, wts (k,)),
+        a barrier, k EXPERT rows (outputs y (k, d), scratch (k, 2F)). ``experts`` (E, 4) int64:
+        each expert's gate, up, down addresses and its up task (0: one product with the gate);
+        ``template`` one expert's (gate, up, down) kernel arrays (the rows' shapes); ``keys`` their
+        task keys."""
+        first = len(self.rows) + 2
+        self._row(ROUTE, self._addr(logits), logits.size, k, int(norm), self._addr(ids), self._addr(wts),
+                  self._addr(experts), first)
+        self.barrier()
+        tab = executor.new_table()
+        tasks = np.array([executor.expert_tasks(*keys)] * k, np.int64)
+        executor.fill_experts(tab, h, [template] * k, tasks, y, scratch)
+        self.keep += [h, y, scratch, template]
+        self.rows += [tab[j].copy() for j in range(k)]
+
+    def combine(self, x: np.ndarray, y: np.ndarray, wts: np.ndarray, tmp: np.ndarray, order: np.ndarray) -> None:
+        """x += the weighted sum of the k rows of y (wts (k,), ``order`` arange(k) int64, tmp (d,))."""
+        self._row(COMBINE, self._addr(x), self._addr(y), self._addr(wts), y.shape[0], y.shape[1], self._addr(tmp),
+                  self._addr(order))
 
     def matmul(self, x: np.ndarray, data: np.ndarray, key: str, out: np.ndarray) -> None:
         """out = W . x (the GEMV task ``key`` of the weight's kernel array ``data``)."""

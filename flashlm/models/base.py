@@ -282,6 +282,11 @@ class ProgramBuffers:
         self.q, self.qn, self.att = z(hq * hd), z(hq * hd), z(hq * hd)
         self.k, self.kn, self.v = z(hkv * hd), z(hkv * hd), z(hkv * hd)
         self.g, self.u, self.act = z(f), z(f), z(f)
+        if c.num_experts:  # a mixture of experts: router logits, the chosen experts and their outputs
+            k, fe = c.num_experts_per_tok, c.moe_intermediate_size
+            self.logits, self.wts, self.comb = z(c.num_experts), z(k), z(d)
+            self.ids, self.order = np.zeros(k, np.int64), np.arange(k, dtype=np.int64)
+            self.ey, self.escratch = np.zeros((k, d), np.float32), np.zeros((k, 2 * fe), np.float32)
 
 
 class DecodeProgram:
@@ -310,6 +315,36 @@ def program_matmul(b, x: np.ndarray, w, out: np.ndarray) -> None:
     if data.ndim != 2 or not data.flags.c_contiguous:
         raise _NoProgram
     b.matmul(x, data, matmul.task_key(w.fmt), out)
+
+
+def program_experts(weights, i: int, n: int, d: int):
+    """Block ``i``'s ``n`` experts for a program: (template kernel arrays of one expert, their task
+    keys, (n, 4) int64 table of every expert's gate, up, down addresses and up task (0: one
+    product with the gate)), or raise _NoProgram."""
+    from flashlm.kernels import executor, matmul
+    from flashlm.kernels.moe import _expert_arrays
+
+    ex = weights.experts(i, list(range(n)))
+    names = ("ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+    fmts = tuple(ex[0][m].fmt for m in names)
+    if any(not getattr(ex[0][m], "stable", False) for m in names):
+        raise _NoProgram
+    keys = tuple(matmul.task_key(f) for f in fmts)
+    _, gk, uk, _ = executor.expert_tasks(*keys)
+    table = np.zeros((n, 4), np.int64)
+    template = None
+    for e in range(n):
+        ts = [ex[e][m] for m in names]
+        arrs = _expert_arrays(*ts, d, matmul.KERNELS)
+        if arrs is None or tuple(t.fmt for t in ts) != fmts or not all(t.stable for t in ts):
+            raise _NoProgram
+        g, u, dn = arrs
+        template = template or arrs
+        if g.shape != template[0].shape or u.shape != template[1].shape or dn.shape != template[2].shape:
+            raise _NoProgram
+        joint = uk == gk and u.ctypes.data == g.ctypes.data + g.shape[0] * g.strides[0]
+        table[e] = (g.ctypes.data, u.ctypes.data, dn.ctypes.data, 0 if joint else uk)
+    return template, keys, table, ex
 
 
 def program_vector(be, w) -> np.ndarray:

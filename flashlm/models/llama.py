@@ -56,6 +56,11 @@ class Model(Decoder):
 
     def program_block(self, b, i: int, w: dict, buf, cache) -> None:
         """Block ``i``'s decode step as program rows (``Decoder._program``): ``block``'s operations."""
+        self.program_attention(b, i, w, buf, cache)
+        self.program_mlp(b, w, buf)
+
+    def program_attention(self, b, i: int, w: dict, buf, cache) -> None:
+        """x += attention(norm(x)), and h = ffn_norm(x), as program rows."""
         c, be = self.config, self.backend
         eps, d, hd = c.rms_norm_eps, c.hidden_size, c.head_dim
         hq, hkv = c.num_attention_heads, c.num_key_value_heads
@@ -78,6 +83,9 @@ class Model(Decoder):
         b.barrier()
         b.add(buf.x, buf.o)
         b.norm(buf.x, program_vector(be, w["ffn_norm.weight"]), buf.h, eps, d)
+
+    def program_mlp(self, b, w: dict, buf) -> None:
+        """x += the SwiGLU MLP of h, as program rows."""
         b.barrier()
         program_matmul(b, buf.h, w["ffn_gate.weight"], buf.g)
         program_matmul(b, buf.h, w["ffn_up.weight"], buf.u)

@@ -59,6 +59,8 @@ class Model(Decoder):
 
     # the decode program: llama's block rows with the per-head q/k norms before rope
     program_block = llama.Model.program_block
+    program_attention = llama.Model.program_attention
+    program_mlp = llama.Model.program_mlp
 
     def program_qk(self, b, w: dict, buf) -> tuple[np.ndarray, np.ndarray]:
         """q and k normed per head (buf.qn, buf.kn), as ``attention`` does before rope."""

@@ -28,7 +28,7 @@ import numpy as np
 
 from flashlm.kernels.moe import combine, group, route
 from flashlm.models import qwen3
-from flashlm.models.base import Batch, Decoder
+from flashlm.models.base import Batch, program_experts, program_matmul
 
 
 class Model(qwen3.Model):
@@ -36,8 +36,6 @@ class Model(qwen3.Model):
     (layers in ``mlp_only_layers``), and sparse MoE blocks. The forward driver is
     :class:`flashlm.models.base.Decoder`.
     """
-
-    program_block = Decoder.program_block  # (no decode program for the MoE block: block by block)
 
     def moe(self, i: int, w: dict, h: np.ndarray) -> np.ndarray:
         """Sparse MoE block ``i`` on normed rows ``h`` (N, d) -> (N, d)."""
@@ -95,3 +93,21 @@ class Model(qwen3.Model):
         h = be.rmsnorm(x, w["ffn_norm.weight"], eps)
         x += self.moe(i, w, h) if self.config.is_moe_layer(i) else self.mlp(w, h)
         return x
+
+    def program_block(self, b, i: int, w: dict, buf, cache) -> None:
+        """Block ``i``'s decode step as program rows: attention as Qwen3's, then the MoE block
+        (router, top-k, each chosen expert one task, the weighted sum) or the dense MLP."""
+        c = self.config
+        self.program_attention(b, i, w, buf, cache)
+        if not c.is_moe_layer(i):
+            self.program_mlp(b, w, buf)
+            return
+        b.barrier()
+        program_matmul(b, buf.h, w["ffn_gate_inp.weight"], buf.logits)
+        b.barrier()
+        template, keys, table, ex = program_experts(self.weights, i, c.num_experts, c.hidden_size)
+        b.keep.append(ex)
+        b.moe(buf.h, buf.logits, c.num_experts_per_tok, c.norm_topk_prob, buf.ids, buf.wts, table, template, keys,
+              buf.ey, buf.escratch)
+        b.barrier()
+        b.combine(buf.x, buf.ey, buf.wts, buf.comb, buf.order)

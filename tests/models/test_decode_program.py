@@ -113,3 +113,24 @@ def test_forward_batch_of_one_sequence_runs_the_program(pool) -> None:
     assert cache._program[1] is not None
     for a, b in zip(out, blocks):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_moe_program_equals_blocks(fmt: str, threads: int, pool, tmp_path) -> None:
+    """A Qwen3-MoE store (experts adjacent: one gate+up product each): the program's router, top-k,
+    expert rows and weighted sum have the bits of the block-by-block step; so does a GGUF-loaded
+    model (experts as slices of 3-D tensors, gate and up apart)."""
+    from synth import tiny_moe_store
+
+    from flashlm.models.weights import gguf_weights
+
+    store = tiny_moe_store(tmp_path, hidden=256, head_dim=64, expert_ffn=256, n_experts=8, k=3, fmt=fmt)
+    cfg, dict_weights = gguf_weights(tmp_path / "moe.gguf")
+    for cfg_, weights in ((store.config, store), (cfg, dict_weights)):
+        model = build_model(cfg_, weights, KernelBackend(pool if threads == 2 else None))
+        blocks, _ = _steps(model, "f32", programs=False)
+        fused, cache = _steps(model, "f32", programs=True)
+        assert cache._program[1] is not None
+        for a, b in zip(fused, blocks):
+            np.testing.assert_array_equal(a, b)
