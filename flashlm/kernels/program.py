@@ -165,6 +165,14 @@ def task_address() -> int:
     return executor._cfunc_address(_compiled, 0, ATTENTION_SIG, {0: _program_task})
 
 
+def warm_up() -> None:
+    """Compile (or load) :func:`run` and the workers' task, so that a first decode step does not."""
+    prog = np.zeros((1, ROW), np.int64)
+    prog[0, 0] = BARRIER
+    run(prog, 1, np.zeros(2, np.int64), np.zeros(1, np.int64), 0, 1)
+    task_address()
+
+
 class Builder:
     """Writes a program: each method appends a row (the arrays it names must outlive the program:
     the builder keeps a reference to each in ``keep``)."""

@@ -318,6 +318,9 @@ class KernelBackend:
         self.kv_write(kc, vc, k, k, 0)
         self.attention(q, kc, vc, 0)
         executor.warm_up()  # the table runner and the pool's worker loop
+        from flashlm.kernels import program
+
+        program.warm_up()  # decode steps as one program (models.base.Decoder._program)
         # The formats no worker took first (this process compiles them while the workers run),
         # then the workers' (in the cache once they are done; one a worker failed on compiles here).
         for fmt, cols in sorted(shapes, key=lambda s: (key(s[0]) in job.formats, s)):
