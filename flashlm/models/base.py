@@ -190,12 +190,12 @@ class Decoder:
         """The decode program of this model on ``cache`` (made once per cache and path), or None
         where blocks run one by one: another backend, weights that stream, a format without a
         GEMV task, an architecture without ``program_block``."""
-        from flashlm.kernels import matmul
-
         be = self.backend
         if not (self.use_programs and getattr(be, "programs", False) and getattr(self.weights, "resident", False)
                 and type(self).program_block is not Decoder.program_block and isinstance(cache, KVCache)):
             return None
+        from flashlm.kernels import matmul  # (only here: the numpy backend runs without the kernels)
+
         key = (id(self), id(self.weights), matmul.is_exact())
         hit = getattr(cache, "_program", None)
         if hit is not None and hit[0] == key:

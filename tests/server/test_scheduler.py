@@ -150,8 +150,10 @@ def test_a_cancelled_request_leaves_at_the_next_step(llm):
 def test_a_failed_step_fails_its_requests_and_the_next_one_runs(llm, monkeypatch):
     real = llm.engine.step
     armed = {"n": 1}
+    both = threading.Event()  # no step runs before both requests are queued: b is in a's failing step
 
     def failing(seqs, **kw):
+        assert both.wait(TIMEOUT)
         if armed["n"] and any(s.tokens for s in seqs):  # in the middle of a generation
             armed["n"] -= 1
             raise OffloadError("read error in layer_001.bin at offset 0 (4096 bytes): Input/output error")
@@ -163,6 +165,7 @@ def test_a_failed_step_fails_its_requests_and_the_next_one_runs(llm, monkeypatch
     a, b = Collector(), Collector()
     sched.submit(prompts(1)[0], SamplingParams.greedy(max_tokens=8), a)
     sched.submit(prompts(1, seed=1)[0], SamplingParams.greedy(max_tokens=8), b)
+    both.set()
     a.wait(), b.wait()
     after = Collector()
     sched.submit(prompts(1, seed=2)[0], SamplingParams.greedy(max_tokens=8), after)
