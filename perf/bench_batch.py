@@ -44,6 +44,7 @@ class FlashBatch:
         from flashlm.models.registry import store_path
         from flashlm.offload.store import Store
         from flashlm.runtime.backend import KernelBackend
+        from flashlm.runtime.kvcache import DEFAULT_KV
         from flashlm.runtime.threadpool import ThreadPool
 
         self.store = Store(store_path(name))
@@ -55,7 +56,7 @@ class FlashBatch:
         self.vocab = min(self.store.config.vocab_size, 30000)
         self.caches = []
         for _ in range(max_batch):
-            c = self.model.make_cache(self.ctx)
+            c = self.model.make_cache(self.ctx, kv=DEFAULT_KV)  # a user's default (f16), as llama.cpp's
             self.model.forward(self.rng.integers(100, self.vocab, past), None, c)
             self.caches.append(c)
 

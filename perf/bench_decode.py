@@ -41,7 +41,7 @@ def flashlm_speed(name: str, *, threads: int, prompt_tokens: int, gen_tokens: in
         out = bench_model(llm, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeats=repeats)
         if depth:
             model, step = llm.model, llm.engine.prefill_rows
-            cache = model.make_cache(depth + gen_tokens + 1)
+            cache = model.make_cache(depth + gen_tokens + 1, kv=llm.kv)  # the user's default (f16), as decode above
             ids = _ids(depth)
             for a in range(0, depth, step):
                 logits = model.forward(ids[a:a + step], None, cache)

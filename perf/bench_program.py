@@ -27,7 +27,7 @@ def bench(name: str, threads: int, prompt: int, steps: int, rounds: int) -> dict
     for r in range(rounds + 1):
         for programs in (True, False):
             model.use_programs = programs
-            cache = model.make_cache(prompt + steps + 8)
+            cache = model.make_cache(prompt + steps + 8, kv=llm.kv)
             tok = int(np.argmax(model.forward(ids, None, cache)))
             t0 = time.perf_counter()
             for _ in range(steps):

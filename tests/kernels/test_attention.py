@@ -107,6 +107,26 @@ def test_causal_mask_in_prefill() -> None:
         np.testing.assert_allclose(one, full[i:i + 1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hq,hkv,d", [(14, 2, 64), (12, 2, 128), (9, 3, 64), (10, 2, 40), (6, 1, 24), (5, 5, 36)])
+@pytest.mark.parametrize("f16", [False, True])
+def test_a_row_has_the_same_bits_in_every_tile(hq, hkv, d, f16, pools) -> None:
+    """Rows go in tiles of up to 4 (a prompt's tokens x a group's heads; a thread's share of the
+    heads), with 16-, 8- and 1-wide parts of the head dimension (d = 40, 24, 36): every row has
+    the bits of the one-token call at its position, on any split of the heads."""
+    n, n_past = 9, 21
+    q, k, v = make(hq, hkv, d, n, n_past, seed=d + hq)
+    if f16:
+        k = np.where(np.isnan(k), 0, k).astype(np.float16).view(np.uint16)  # (rows past the end: never read)
+        v = np.where(np.isnan(v), 0, v).astype(np.float16).view(np.uint16)
+    full = attention(q, k, v, n_past)
+    for i in range(n):
+        np.testing.assert_array_equal(attention(np.ascontiguousarray(q[i:i + 1]), k, v, n_past + i), full[i:i + 1])
+    for pool in pools:
+        np.testing.assert_array_equal(attention(q, k, v, n_past, pool=pool), full)
+        np.testing.assert_array_equal(attention(np.ascontiguousarray(q[-1:]), k, v, n_past + n - 1, pool=pool),
+                                      full[-1:])
+
+
 def test_long_prefill_and_large_scores(pools) -> None:
     q, k, v = make(14, 2, 64, 200, 300, seed=3)
     q *= 30.0  # scores in the thousands: needs the max subtraction
