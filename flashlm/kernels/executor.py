@@ -580,6 +580,16 @@ def _fill_attention_batch_row(tab, t, q, caches, hkv, out, kernel):
     tab[t, HKV] = hkv
 
 
+@njit(nogil=True, cache=True)
+def up_task(gate_addr, gate_rows, gate_stride, up_addr, gate_task, task):
+    """An expert row's E_UP_TASK: 0 where the gate's task also does the up product (one product of
+    2F rows: the same task, the up rows right after the gate's, as in a store and an expert
+    slot), else the up product's ``task``."""
+    if task == gate_task and up_addr == gate_addr + gate_rows * gate_stride:
+        return 0
+    return task
+
+
 @njit(nogil=True, inline="always")
 def _fill_expert_row(tab, t, x, gate, up, down, tasks, out, scratch):
     f, d = gate.shape[0], x.shape[0]
@@ -593,8 +603,7 @@ def _fill_expert_row(tab, t, x, gate, up, down, tasks, out, scratch):
     tab[t, OUT_ADDR] = out.ctypes.data
     tab[t, KERNEL] = tasks[0]
     tab[t, E_GATE_TASK] = tasks[1]
-    joint = tasks[2] == tasks[1] and up.ctypes.data == gate.ctypes.data + f * gate.strides[0]
-    tab[t, E_UP_TASK] = 0 if joint else tasks[2]
+    tab[t, E_UP_TASK] = up_task(gate.ctypes.data, f, gate.strides[0], up.ctypes.data, tasks[1], tasks[2])
     tab[t, E_UP] = up.ctypes.data
     tab[t, E_UP_ROWLEN] = up.shape[1]
     tab[t, E_DOWN] = down.ctypes.data

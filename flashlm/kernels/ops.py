@@ -428,7 +428,9 @@ def rope(x: np.ndarray, positions: np.ndarray, theta: float, layout: str = "neox
 # fixed order. For one token at depth 4096 on the 2-core AVX2 VM (f16 cache, the three real
 # models' shapes, all layers, `/tmp`-style A/B in one process) these tiles took 0.69-0.82 of the
 # time of the 4x2 dots with a lane sum per dot and the scalar-coded p.v loop before them (1 and 2
-# threads); a software prefetch of the rows ahead measured no faster (0.93-1.05x) and was dropped.
+# threads); a software prefetch of the rows ahead measured no faster (0.93-1.05x) and was dropped,
+# and so were tiles of 4, 2 and 1 rows only (a group of 7 heads as 4 + 2 + 1: 0.83-0.93x of 4 + 3).
+# The tiles cost a first run 2-3 s more to compile the f16 attention task (6 -> 8-10 s, one process).
 
 _CONTRACT = {"contract": True}
 _V8F = ir.VectorType(ir.FloatType(), 8)

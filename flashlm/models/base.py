@@ -342,8 +342,8 @@ def program_experts(weights, i: int, n: int, d: int):
         template = template or arrs
         if g.shape != template[0].shape or u.shape != template[1].shape or dn.shape != template[2].shape:
             raise _NoProgram
-        joint = uk == gk and u.ctypes.data == g.ctypes.data + g.shape[0] * g.strides[0]
-        table[e] = (g.ctypes.data, u.ctypes.data, dn.ctypes.data, 0 if joint else uk)
+        table[e] = (g.ctypes.data, u.ctypes.data, dn.ctypes.data,
+                    executor.up_task(g.ctypes.data, g.shape[0], g.strides[0], u.ctypes.data, gk, uk))
     return template, keys, table, ex
 
 
