@@ -714,7 +714,7 @@ def _attention(q, k, v, n_past, out, h0, h1):
             continue
         ng = g1 - g0
         bq = max(1, 32 // ng)  # query tokens per row block: about 32 rows
-        rmax = bq * ng
+        rmax = min(bq, n) * ng  # (a decode step: one group's rows, not 32 of n_past + 1 scores)
         qs = np.empty((rmax, dd), np.float32)
         s = np.empty((rmax, n_past + n), np.float32)
         o = np.empty((rmax, dd), np.float32)
