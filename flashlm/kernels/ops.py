@@ -585,8 +585,8 @@ def _pv_tile(nr, nv):
     return intrinsic(pv)
 
 
-_pv1x1, _pv2x1, _pv3x1, _pv4x1 = (_pv_tile(nr, 1) for nr in (1, 2, 3, 4))
 _pv1x2, _pv2x2, _pv3x2, _pv4x2 = (_pv_tile(nr, 2) for nr in (1, 2, 3, 4))
+_pv1x1 = _pv_tile(1, 1)
 
 
 @jit(fastmath=_CONTRACT)
@@ -651,7 +651,7 @@ def _scores(qs, k, kvh, r0, nr, t0, t1, s):
 @jit(fastmath=_CONTRACT)
 def _pv_rows(s, v, kvh, r0, nr, t0, t1, o):
     # o[r] += s[r, t] * v[kvh, t] for rows r0..r0+nr-1 (nr <= 4), t0 <= t < t1, in key order:
-    # 16 elements per register tile, then 8, then the last D % 8 one by one (the same FMA)
+    # 16 elements per register tile of the nr rows, then 8 and the last D % 8 row by row (the same FMA)
     dd = o.shape[1]
     d16 = dd // 16 * 16
     for d0 in range(0, d16, 16):
@@ -664,16 +664,9 @@ def _pv_rows(s, v, kvh, r0, nr, t0, t1, o):
         else:
             _pv1x2(s, v, kvh, r0, t0, t1, o, d0)
     d8 = dd // 8 * 8
-    if d8 > d16:
-        if nr == 4:
-            _pv4x1(s, v, kvh, r0, t0, t1, o, d16)
-        elif nr == 3:
-            _pv3x1(s, v, kvh, r0, t0, t1, o, d16)
-        elif nr == 2:
-            _pv2x1(s, v, kvh, r0, t0, t1, o, d16)
-        else:
-            _pv1x1(s, v, kvh, r0, t0, t1, o, d16)
-    for r in range(r0, r0 + nr):
+    for r in range(r0, r0 + nr):  # (head dims of 8 mod 16 are rare: their 8-wide part row by row)
+        if d8 > d16:
+            _pv1x1(s, v, kvh, r, t0, t1, o, d16)
         for t in range(t0, t1):
             p = s[r, t]
             for d in range(d8, dd):
